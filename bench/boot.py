@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Boot-time benchmark: skiff against QEMU, interleaved runs, min/median/max and ratio.
+
+Measured from outside each VMM, the same way for both: process start to the guest's
+first console byte, to the guest's "ready" line (the default guest's /init, or the
+tiny kernel's hello), and to process exit after the guest powers off. skiff's own
+--boot-time figures (which include the /init marker port) are printed beside them.
+
+Guests:
+  tiny    guest/out/tiny.elf, skiff's own PVH test kernel (guest/tiny/build).
+  debian  the default guest (Debian's vmlinux + busybox initramfs); QEMU is tried once
+          and reported honestly if it cannot boot it on this host.
+
+Usage: bench/boot.py [--runs N] [--guest tiny|debian|all] [--qemu-timeout S]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
+SKIFF = os.path.join(ROOT, "target", "release", "skiff")
+
+
+def run_vmm(cmd, ready, send_after_ready=None, timeout=1800):
+    """Runs one VMM; returns dict of times (s) or an error string."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    times = {}
+    buf = bytearray()
+    err = []
+    threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True).start()
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    try:
+        while True:
+            chunk = p.stdout.read1(4096)
+            if not chunk:
+                break
+            now = time.monotonic() - t0
+            times.setdefault("first_byte", now)
+            buf += chunk
+            if "ready" not in times and ready.encode() in buf:
+                times["ready"] = now
+                if send_after_ready:
+                    p.stdin.write(send_after_ready.encode())
+                    p.stdin.flush()
+        p.wait()
+        times["exit"] = time.monotonic() - t0
+    finally:
+        killer.cancel()
+    times["status"] = p.returncode
+    times["stderr"] = b"".join(err).decode(errors="replace")
+    times["console"] = buf.decode(errors="replace")
+    return times
+
+
+def skiff_cmd(guest):
+    if guest == "tiny":
+        return [SKIFF, "run", "--kernel", os.path.join(GUEST, "tiny.elf"), "--boot", "pvh", "--boot-time"]
+    return [SKIFF, "run", "--boot-time"]
+
+
+def qemu_cmd(guest):
+    base = ["qemu-system-x86_64", "-enable-kvm", "-m", "256", "-nographic", "-nodefaults",
+            "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
+    if guest == "tiny":
+        return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "tiny.elf")]
+    cmdline = subprocess.run([SKIFF, "run", "--help"], capture_output=True, text=True).stdout
+    return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "vmlinux"),
+                   "-initrd", os.path.join(GUEST, "initrd.cpio.gz"),
+                   "-append", "console=ttyS0 reboot=k panic=-1 loglevel=4 cryptomgr.notests"]
+
+
+READY = {"tiny": "tiny: hello", "debian": "skiff-guest: ready"}
+
+
+def summary(name, values):
+    if not values:
+        return f"{name:<12} (no successful runs)"
+    return (f"{name:<12} min {min(values)*1e3:9.1f} ms  median {statistics.median(values)*1e3:9.1f} ms"
+            f"  max {max(values)*1e3:9.1f} ms  (n={len(values)})")
+
+
+def bench(guest, runs, qemu_timeout):
+    print(f"== guest: {guest} ==")
+    have_qemu = shutil.which("qemu-system-x86_64") is not None
+    results = {"skiff": {"first_byte": [], "ready": [], "exit": []},
+               "qemu": {"first_byte": [], "ready": [], "exit": []}}
+    qemu_note = None if have_qemu else "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+    send = "poweroff\n" if guest == "debian" else None
+    for i in range(runs):
+        r = run_vmm(skiff_cmd(guest), READY[guest], send)
+        if r["status"] == 0 and "ready" in r:
+            for k in results["skiff"]:
+                results["skiff"][k].append(r[k])
+            bt = [l for l in r["stderr"].splitlines() if l.startswith("boot:")]
+            print(f"  run {i+1} skiff: first byte {r['first_byte']*1e3:.1f} ms, ready {r['ready']*1e3:.1f} ms,"
+                  f" exit {r['exit']*1e3:.1f} ms; skiff says: {bt[0] if bt else '?'}")
+        else:
+            print(f"  run {i+1} skiff FAILED (status {r['status']}): {r['stderr'].strip()[-300:]}")
+        if qemu_note is None:
+            q = run_vmm(qemu_cmd(guest), READY[guest], send, timeout=qemu_timeout)
+            # isa-debug-exit makes QEMU exit with (value << 1) | 1 = 1.
+            ok = "ready" in q and q["status"] in (0, 1)
+            if ok:
+                for k in results["qemu"]:
+                    results["qemu"][k].append(q[k])
+                print(f"  run {i+1} qemu:  first byte {q['first_byte']*1e3:.1f} ms, ready {q['ready']*1e3:.1f} ms,"
+                      f" exit {q['exit']*1e3:.1f} ms")
+            else:
+                tail = (q["console"].strip()[-200:] + " | " + q["stderr"].strip()[-200:]).replace("\n", " / ")
+                qemu_note = (f"QEMU could not boot the {guest} guest here (status {q['status']},"
+                             f" {q['exit']:.0f} s): {tail}")
+                print("  " + qemu_note)
+    for what in ("first_byte", "ready", "exit"):
+        print(summary(f"skiff {what}", results["skiff"][what]))
+        print(summary(f"qemu  {what}", results["qemu"][what]))
+        s, q = results["skiff"][what], results["qemu"][what]
+        if s and q:
+            print(f"  ratio skiff/qemu ({what}): {statistics.median(s) / statistics.median(q):.3f}")
+    if qemu_note:
+        print("note: " + qemu_note)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--guest", choices=["tiny", "debian", "all"], default="all")
+    ap.add_argument("--qemu-timeout", type=float, default=300)
+    a = ap.parse_args()
+    if not os.path.exists(SKIFF):
+        sys.exit("build skiff first: cargo build --release")
+    if not os.path.exists(os.path.join(GUEST, "tiny.elf")):
+        subprocess.run([os.path.join(ROOT, "guest", "tiny", "build")], check=True)
+    for g in (["tiny", "debian"] if a.guest == "all" else [a.guest]):
+        bench(g, a.runs, a.qemu_timeout)
+
+
+if __name__ == "__main__":
+    main()

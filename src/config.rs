@@ -1,0 +1,170 @@
+//! Every user-settable knob of a machine, validated once, with errors that say what
+//! and where.
+
+use std::path::{Path, PathBuf};
+
+/// Smallest and largest guest memory skiff accepts.
+pub const MIN_MEMORY: u64 = 64 << 20;
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// vCPU count limit: APIC IDs are 8-bit in the MADT entries skiff writes (xAPIC).
+pub const MAX_CPUS: u8 = 254;
+/// Guest memory when the user does not say.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+
+/// The kernel command line skiff passes when the user gives none.
+///
+/// Why each item: the console is the 16550 at COM1 (earlyprintk too, so the first
+/// line comes early); `reboot=k` makes Linux reboot through the i8042 reset line;
+/// `panic=-1` turns a guest panic into a reboot skiff sees instead of a hang;
+/// `tsc=reliable`/`no_timer_check` skip checks that are slow when guest kernel mode is
+/// emulated; `i8042.*` skip probing the absent keyboard and AUX port; `pci=off`: the
+/// machine has no PCI bus; `cryptomgr.notests` skips the crypto self-tests;
+/// `initcall_blacklist=` skips two boot-time tracing set-ups that walk every kernel
+/// symbol (over two minutes where kernel mode is emulated; kprobe events and the
+/// ftrace weak-function check are not needed by the default guest); `loglevel=4`
+/// keeps the serial console (an exit a byte) short.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 \
+     tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.dumbkbd pci=off \
+     cryptomgr.notests random.trust_cpu=on loglevel=4 \
+     initcall_blacklist=init_kprobe_trace,ftrace_check_for_weak_functions,ftrace_check_sync";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("kernel {path}: {reason}")]
+    Kernel { path: PathBuf, reason: String },
+    #[error("initrd {path}: {reason}")]
+    Initrd { path: PathBuf, reason: String },
+    #[error("--memory {0}: {1}")]
+    Memory(String, String),
+    #[error("--cpus {0}: must be between 1 and {MAX_CPUS}")]
+    Cpus(u32),
+    #[error(
+        "no default guest in {0}: run scripts/fetch-guest first, or pass --kernel \
+         (and --initrd), or set SKIFF_GUEST_DIR"
+    )]
+    NoDefaultGuest(PathBuf),
+}
+
+/// What to do when the guest asks for a reboot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnReboot {
+    /// Stop the machine and exit with [`crate::vmm::EXIT_REBOOT`].
+    #[default]
+    Exit,
+}
+
+/// A validated machine description.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: u64,
+    pub stats: bool,
+    pub boot_time: bool,
+    pub on_reboot: OnReboot,
+    /// Boot an ELF kernel through its PVH entry instead of the 64-bit boot protocol.
+    pub pvh: bool,
+}
+
+/// Where the default guest lives: `$SKIFF_GUEST_DIR`, else `guest/out` in the source
+/// tree skiff was built from (scripts/fetch-guest writes it there).
+pub fn default_guest_dir() -> PathBuf {
+    match std::env::var_os("SKIFF_GUEST_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/out"),
+    }
+}
+
+/// Parses a memory size: a number of bytes with an optional K, M, G or T suffix
+/// (powers of 1024; a trailing "iB" or "B" is accepted). A bare number means MiB, as
+/// in QEMU and Firecracker.
+pub fn parse_memory(text: &str) -> Result<u64, ConfigError> {
+    let bad = |why: &str| ConfigError::Memory(text.to_string(), why.to_string());
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        Some(c) if c.is_ascii_digit() => (t, 20),
+        _ => return Err(bad("expected a size such as 512M or 2G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| bad("expected a size such as 512M or 2G"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| bad("too large"))?;
+    if bytes < MIN_MEMORY {
+        return Err(bad("must be at least 64M"));
+    }
+    if bytes > MAX_MEMORY {
+        return Err(bad("must be at most 1T"));
+    }
+    if bytes % 4096 != 0 {
+        return Err(bad("must be a multiple of 4K"));
+    }
+    Ok(bytes)
+}
+
+pub fn validate_cpus(n: u32) -> Result<u8, ConfigError> {
+    match u8::try_from(n) {
+        Ok(c) if (1..=MAX_CPUS).contains(&c) => Ok(c),
+        _ => Err(ConfigError::Cpus(n)),
+    }
+}
+
+/// Checks that a file exists, is a regular file and can be opened for reading.
+pub fn check_readable(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    std::fs::File::open(path).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Picks the default kernel from a guest directory: the uncompressed `vmlinux` (boots
+/// without a decompression pass, which matters where guest kernel mode is slow), else
+/// the `bzImage`.
+pub fn default_kernel(dir: &Path) -> Result<PathBuf, ConfigError> {
+    ["vmlinux", "bzImage"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ConfigError::NoDefaultGuest(dir.to_path_buf()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_memory("256").unwrap(), 256 << 20);
+        assert_eq!(parse_memory("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_memory("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_memory("131072K").unwrap(), 128 << 20);
+        assert!(parse_memory("1M").is_err());
+        assert!(parse_memory("2X").is_err());
+        assert!(parse_memory("").is_err());
+        assert!(parse_memory("99999999999999999999G").is_err());
+        assert!(parse_memory("2T").is_err());
+    }
+
+    #[test]
+    fn cpus() {
+        assert_eq!(validate_cpus(1).unwrap(), 1);
+        assert_eq!(validate_cpus(254).unwrap(), 254);
+        assert!(validate_cpus(0).is_err());
+        assert!(validate_cpus(255).is_err());
+        assert!(validate_cpus(100000).is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! The I/O bus: every port-I/O and MMIO exit goes from KVM's decoded exit through
+//! here to a device. A sorted range table, looked up by binary search; no allocation
+//! and no bus-wide lock on the exit path (devices are `Sync` and lock what they must
+//! themselves, so a hot device such as the PM timer needs no lock at all).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A device on a bus. `offset` is relative to the start of the range the device was
+/// inserted at; `data` is the access (1, 2, 4 or 8 bytes, little-endian).
+pub trait BusDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+
+    /// String I/O (`rep outs`): `data` holds `data.len() / size` accesses of `size`
+    /// bytes each, all to the same offset. Devices that can take a whole buffer at
+    /// once (the serial port) override this; the default is a bounded loop.
+    fn write_string(&self, offset: u64, size: usize, data: &[u8]) {
+        if size == 0 {
+            return;
+        }
+        for chunk in data.chunks(size) {
+            self.write(offset, chunk);
+        }
+    }
+
+    /// String input (`rep ins`): fills `data` with `data.len() / size` reads.
+    fn read_string(&self, offset: u64, size: usize, data: &mut [u8]) {
+        if size == 0 {
+            return;
+        }
+        for chunk in data.chunks_mut(size) {
+            self.read(offset, chunk);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("range {base:#x}+{len:#x} is empty or wraps around")]
+    BadRange { base: u64, len: u64 },
+    #[error("range {base:#x}+{len:#x} overlaps an existing device at {other:#x}")]
+    Overlap { base: u64, len: u64, other: u64 },
+}
+
+struct Entry {
+    base: u64,
+    /// Last address covered, inclusive (so a range may end at u64::MAX).
+    last: u64,
+    device: Arc<dyn BusDevice>,
+}
+
+/// One address space (port I/O or MMIO).
+#[derive(Default)]
+pub struct Bus {
+    /// Sorted by `base`, non-overlapping.
+    entries: Vec<Entry>,
+    /// Accesses no device claimed: reads return all ones, writes are dropped.
+    unclaimed_reads: AtomicU64,
+    unclaimed_writes: AtomicU64,
+}
+
+impl Bus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a device covering `[base, base + len)`.
+    pub fn insert(&mut self, device: Arc<dyn BusDevice>, base: u64, len: u64) -> Result<(), BusError> {
+        let last = len
+            .checked_sub(1)
+            .and_then(|l| base.checked_add(l))
+            .ok_or(BusError::BadRange { base, len })?;
+        let pos = self.entries.partition_point(|e| e.base < base);
+        let clash = |e: &Entry| e.base <= last && base <= e.last;
+        for neighbour in [pos.checked_sub(1), Some(pos)].into_iter().flatten() {
+            if let Some(e) = self.entries.get(neighbour).filter(|e| clash(e)) {
+                return Err(BusError::Overlap { base, len, other: e.base });
+            }
+        }
+        self.entries.insert(pos, Entry { base, last, device });
+        Ok(())
+    }
+
+    /// The device covering `addr` and the offset into it, if the whole access of
+    /// `len` bytes falls inside its range.
+    #[inline]
+    pub fn lookup(&self, addr: u64, len: usize) -> Option<(&Arc<dyn BusDevice>, u64)> {
+        let pos = self.entries.partition_point(|e| e.base <= addr);
+        let entry = self.entries.get(pos.checked_sub(1)?)?;
+        let end = addr.checked_add((len as u64).saturating_sub(1))?;
+        if end > entry.last {
+            return None;
+        }
+        Some((&entry.device, addr - entry.base))
+    }
+
+    /// Dispatches a read; returns whether a device claimed it.
+    #[inline]
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.lookup(addr, data.len()) {
+            Some((dev, offset)) => {
+                dev.read(offset, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                self.unclaimed_reads.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Dispatches a write; returns whether a device claimed it.
+    #[inline]
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.lookup(addr, data.len()) {
+            Some((dev, offset)) => {
+                dev.write(offset, data);
+                true
+            }
+            None => {
+                self.unclaimed_writes.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Port string output: `count` accesses of `size` bytes in one buffer.
+    pub fn write_string(&self, addr: u64, size: usize, data: &[u8]) -> bool {
+        match self.lookup(addr, size) {
+            Some((dev, offset)) => {
+                dev.write_string(offset, size, data);
+                true
+            }
+            None => {
+                self.unclaimed_writes.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Port string input.
+    pub fn read_string(&self, addr: u64, size: usize, data: &mut [u8]) -> bool {
+        match self.lookup(addr, size) {
+            Some((dev, offset)) => {
+                dev.read_string(offset, size, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                self.unclaimed_reads.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    pub fn unclaimed(&self) -> (u64, u64) {
+        (
+            self.unclaimed_reads.load(Ordering::Relaxed),
+            self.unclaimed_writes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Both address spaces of a machine.
+#[derive(Default)]
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder {
+        writes: Mutex<Vec<(u64, Vec<u8>)>>,
+    }
+    impl BusDevice for Recorder {
+        fn read(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&self, offset: u64, data: &[u8]) {
+            self.writes.lock().unwrap().push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn lookup_edges_and_overlaps() {
+        let mut bus = Bus::new();
+        let a = Arc::new(Recorder::default());
+        let b = Arc::new(Recorder::default());
+        bus.insert(a.clone(), 0x3f8, 8).unwrap();
+        bus.insert(b.clone(), 0x400, 0x10).unwrap();
+        // Overlaps on either side and containment are refused.
+        assert!(matches!(bus.insert(a.clone(), 0x3f0, 9), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(a.clone(), 0x3ff, 2), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(a.clone(), 0x3f9, 1), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(a.clone(), 0x300, 0x200), Err(BusError::Overlap { .. })));
+        assert_eq!(bus.insert(a.clone(), 0x10, 0), Err(BusError::BadRange { base: 0x10, len: 0 }));
+        assert!(bus.insert(a.clone(), u64::MAX, 2).is_err());
+        // Adjacent ranges are fine; a range may end at the top of the space.
+        bus.insert(a.clone(), 0x3f0, 8).unwrap();
+        bus.insert(a.clone(), u64::MAX, 1).unwrap();
+        assert!(bus.lookup(u64::MAX, 1).is_some());
+
+        assert_eq!(bus.lookup(0x3f8, 1).map(|(_, o)| o), Some(0));
+        assert_eq!(bus.lookup(0x3ff, 1).map(|(_, o)| o), Some(7));
+        assert!(bus.lookup(0x3ff, 2).is_none(), "access running off the end");
+        assert!(bus.lookup(0x3f7, 1).is_some());
+        assert!(bus.lookup(0x3e0, 1).is_none());
+        assert!(bus.lookup(0x410, 1).is_none());
+        assert_eq!(bus.lookup(0x40f, 1).map(|(_, o)| o), Some(0xf));
+        assert!(bus.lookup(0, 1).is_none());
+    }
+
+    #[test]
+    fn unclaimed_accesses() {
+        let bus = Bus::new();
+        let mut d = [0u8; 4];
+        assert!(!bus.read(0x1234, &mut d));
+        assert_eq!(d, [0xff; 4]);
+        assert!(!bus.write(0x1234, &[1]));
+        assert_eq!(bus.unclaimed(), (1, 1));
+    }
+
+    #[test]
+    fn string_io_splits_by_size() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Recorder::default());
+        bus.insert(dev.clone(), 0x80, 4).unwrap();
+        assert!(bus.write_string(0x81, 2, &[1, 2, 3, 4, 5, 6]));
+        let w = dev.writes.lock().unwrap();
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0], (1, vec![1, 2]));
+        assert_eq!(w[2], (1, vec![5, 6]));
+        drop(w);
+        let mut buf = [0u8; 4];
+        assert!(bus.read_string(0x83, 1, &mut buf));
+        assert_eq!(buf, [3; 4]);
+    }
+}

@@ -1,0 +1,153 @@
+//! Small PC devices: the i8042 (only its CPU-reset line matters), the 0xcf9 reset
+//! control register, the POST-code port 0x80, and skiff's boot-marker port.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use vm_superio::{I8042Device, Trigger};
+
+use super::BusDevice;
+use crate::vmm::control::{Control, StopReason};
+
+/// Turns a device's reset line into a machine reset request.
+pub struct ResetLine {
+    control: Arc<Control>,
+    source: &'static str,
+}
+
+impl Trigger for ResetLine {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.control.request_stop(StopReason::Reboot(self.source));
+        Ok(())
+    }
+}
+
+/// The i8042 keyboard controller at 0x60..0x64: command 0xfe to port 0x64 pulses the
+/// CPU reset line.
+pub struct I8042(Mutex<I8042Device<ResetLine>>);
+
+impl I8042 {
+    pub fn new(control: Arc<Control>) -> Self {
+        Self(Mutex::new(I8042Device::new(ResetLine { control, source: "i8042 reset line" })))
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let mut dev = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = dev.read(offset as u8);
+        }
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            let mut dev = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = dev.write(offset as u8, b);
+        }
+    }
+}
+
+/// The PCI reset control register at 0xcf9: writing bit 2 (RST_CPU) resets the
+/// machine; bit 1 (SYS_RST) picks hard over soft, which is the same thing here.
+pub struct ResetControl {
+    control: Arc<Control>,
+    value: AtomicU8,
+    source: &'static str,
+}
+
+impl ResetControl {
+    pub fn new(control: Arc<Control>, source: &'static str) -> Self {
+        Self { control, value: AtomicU8::new(0), source }
+    }
+}
+
+impl BusDevice for ResetControl {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = self.value.load(Ordering::Relaxed);
+        }
+    }
+    fn write(&self, _offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        self.value.store(v & !0x04, Ordering::Relaxed);
+        if v & 0x04 != 0 {
+            self.control.request_stop(StopReason::Reboot(self.source));
+        }
+    }
+}
+
+/// Port 0x80: firmware and kernels write progress codes (and Linux's `outb_p` writes
+/// it as a delay). The last code is kept for diagnostics.
+#[derive(Default)]
+pub struct PostPort {
+    pub last: AtomicU8,
+}
+
+impl BusDevice for PostPort {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(self.last.load(Ordering::Relaxed));
+    }
+    fn write(&self, _offset: u64, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            self.last.store(b, Ordering::Relaxed);
+        }
+    }
+}
+
+/// skiff's boot-marker port: the default guest's /init writes a byte here first
+/// thing, and skiff notes the time (the boot reached user space).
+#[derive(Default)]
+pub struct BootMarker {
+    pub reached: Arc<OnceLock<Instant>>,
+}
+
+impl BusDevice for BootMarker {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) {
+        self.reached.get_or_init(Instant::now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn i8042_reset_requests_reboot() {
+        let c = Arc::new(Control::new());
+        let dev = I8042::new(c.clone());
+        dev.write(4, &[0x20]);
+        assert!(!c.stopping());
+        dev.write(4, &[0xfe]);
+        assert_eq!(c.reason(), Some(StopReason::Reboot("i8042 reset line")));
+    }
+
+    #[test]
+    fn cf9_needs_rst_cpu_bit() {
+        let c = Arc::new(Control::new());
+        let dev = ResetControl::new(c.clone(), "0xcf9");
+        dev.write(0, &[0x02]);
+        let mut v = [0u8];
+        dev.read(0, &mut v);
+        assert_eq!(v[0], 0x02);
+        assert!(!c.stopping());
+        dev.write(0, &[0x06]);
+        assert_eq!(c.reason(), Some(StopReason::Reboot("0xcf9")));
+    }
+
+    #[test]
+    fn marker_records_first_write_only() {
+        let m = BootMarker::default();
+        assert!(m.reached.get().is_none());
+        m.write(0, &[0x7b]);
+        let t = *m.reached.get().unwrap();
+        m.write(0, &[0x7b]);
+        assert_eq!(*m.reached.get().unwrap(), t);
+    }
+}

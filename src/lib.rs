@@ -1,0 +1,15 @@
+//! skiff: a virtual machine monitor for Linux guests on KVM (x86_64).
+//!
+//! Rooms, one concern each (see DESIGN.md in the shared folder):
+//! - [`config`]: every user-settable knob, validated once.
+//! - [`vmm`]: the machine as a whole: build, run, stop.
+//! - [`vcpu`]: one vCPU: run loop, exit dispatch, CPUID, emulation-failure handling.
+//! - [`x86`]: architecture facts that need no KVM: boot protocol, paging, decode.
+//! - [`devices`]: the I/O bus and the devices on it.
+
+pub mod config;
+pub mod devices;
+pub mod stats;
+pub mod vcpu;
+pub mod vmm;
+pub mod x86;

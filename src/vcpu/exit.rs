@@ -1,0 +1,149 @@
+//! The run loop and exit dispatch. An exit is handled where KVM already decoded it:
+//! port I/O and MMIO go straight to the bus with the port/address, size and data KVM
+//! gives (no instruction emulator); string I/O reaches the device as one buffer.
+//! What KVM could not emulate goes to emulate.rs; anything else unexpected gets a
+//! diagnostic (registers and the instruction at CS:RIP) and stops the machine.
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::VcpuExit;
+
+use super::Vcpu;
+use super::emulate::{self, Emulated};
+use super::kick::RunPage;
+use crate::stats::ExitKind;
+use crate::vmm::control::StopReason;
+
+/// What the loop does after an exit was handled.
+enum Next {
+    Continue,
+    EmulationFailure,
+    Stop(StopReason),
+    Unexpected(String),
+}
+
+// KVM system-event types (include/uapi/linux/kvm.h).
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+// kvm_run.internal.suberror for an instruction KVM's emulator could not handle.
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+
+impl Vcpu {
+    /// Runs the vCPU until the machine stops. The stop reason goes to `Control`.
+    pub fn run(&mut self) {
+        let run_page: *mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: the kvm_run page belongs to `self.fd`, which outlives the guard (the
+        // guard is dropped at the end of this function, before `self` can be).
+        let _kick_target = unsafe { RunPage::enter(run_page) };
+        while !self.control.stopping() {
+            let next = self.run_once(run_page);
+            match next {
+                Next::Continue => {}
+                Next::EmulationFailure => match emulate::handle_failure(self) {
+                    Ok(Emulated::Done) => {}
+                    Ok(Emulated::Unhandled(diag)) => {
+                        self.control.request_stop(StopReason::Error(diag));
+                    }
+                    Err(e) => self.control.request_stop(StopReason::Error(e)),
+                },
+                Next::Stop(reason) => self.control.request_stop(reason),
+                Next::Unexpected(what) => {
+                    let diag = emulate::diagnose(self, &what);
+                    self.control.request_stop(StopReason::Error(diag));
+                }
+            }
+        }
+    }
+
+    fn run_once(&mut self, run_page: *mut kvm_run) -> Next {
+        let Vcpu { fd, buses, stats, .. } = self;
+        match fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => {
+                    stats.count(ExitKind::IoOut);
+                    stats.count_port(port);
+                    // SAFETY: KVM just filled the io member of the union for this exit.
+                    let size = unsafe { (*run_page).__bindgen_anon_1.io.size } as usize;
+                    if data.len() > size && size > 0 {
+                        buses.pio.write_string(port as u64, size, data);
+                    } else {
+                        buses.pio.write(port as u64, data);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::IoIn(port, data) => {
+                    stats.count(ExitKind::IoIn);
+                    stats.count_port(port);
+                    // SAFETY: as above.
+                    let size = unsafe { (*run_page).__bindgen_anon_1.io.size } as usize;
+                    if data.len() > size && size > 0 {
+                        buses.pio.read_string(port as u64, size, data);
+                    } else {
+                        buses.pio.read(port as u64, data);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    stats.count(ExitKind::MmioRead);
+                    stats.count_mmio(addr);
+                    buses.mmio.read(addr, data);
+                    Next::Continue
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    stats.count(ExitKind::MmioWrite);
+                    stats.count_mmio(addr);
+                    buses.mmio.write(addr, data);
+                    Next::Continue
+                }
+                VcpuExit::Hlt => {
+                    // Only without an in-kernel irqchip; nothing will wake this vCPU.
+                    stats.count(ExitKind::Hlt);
+                    Next::Stop(StopReason::Poweroff)
+                }
+                VcpuExit::Shutdown => {
+                    // A triple fault: on a PC the chipset resets the machine.
+                    stats.count(ExitKind::Shutdown);
+                    Next::Stop(StopReason::Reboot("triple fault"))
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    stats.count(ExitKind::SystemEvent);
+                    match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(StopReason::Poweroff),
+                        KVM_SYSTEM_EVENT_RESET => Next::Stop(StopReason::Reboot("KVM system reset")),
+                        KVM_SYSTEM_EVENT_CRASH => Next::Unexpected("guest crash (KVM system event)".into()),
+                        other => Next::Unexpected(format!("unknown KVM system event {other}")),
+                    }
+                }
+                VcpuExit::InternalError => {
+                    stats.count(ExitKind::InternalError);
+                    // SAFETY: KVM filled the internal member of the union for this exit.
+                    let suberror = unsafe { (*run_page).__bindgen_anon_1.internal.suberror };
+                    if suberror == KVM_INTERNAL_ERROR_EMULATION {
+                        Next::EmulationFailure
+                    } else {
+                        Next::Unexpected(format!("KVM internal error, suberror {suberror}"))
+                    }
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    stats.count(ExitKind::FailEntry);
+                    Next::Unexpected(format!(
+                        "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
+                    ))
+                }
+                other => {
+                    stats.count(ExitKind::Other);
+                    Next::Unexpected(format!("unexpected exit {other:?}"))
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR => {
+                // A kick: clear the flag the signal handler set and look at Control.
+                stats.count(ExitKind::Interrupted);
+                // SAFETY: this thread owns the vCPU and its kvm_run page.
+                unsafe { (*run_page).immediate_exit = 0 };
+                Next::Continue
+            }
+            Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) => Next::Unexpected(format!("KVM_RUN failed: {e}")),
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The instruction probe: before a machine is built, skiff runs each instruction
+//! behind a [`GatedFeature`] in a throw-away VM, in guest kernel mode (long mode,
+//! CPL 0), and watches what KVM does with it. Where guest kernel mode is emulated by
+//! KVM (nested PVM, for one), some of them fail emulation; those features are hidden
+//! from the guest's CPUID so the kernel never uses them. On ordinary hardware-assisted
+//! KVM they all run natively and nothing is hidden. Everything here is decided from
+//! what this host's KVM does at run time, never from the host's name.
+//!
+//! The probe also times a short loop at CPL 0, so `--stats` can say what a guest
+//! kernel instruction costs on this host.
+
+use std::time::Instant;
+
+use kvm_bindings::{CpuId, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::cpuid::{GATED, GatedFeature, has};
+use crate::x86::boot::{BOOT_GDT, SEL_CODE64, SEL_DATA, kvm_segment_from_gdt, write_identity_page_tables};
+
+const MEM_SIZE: usize = 2 << 20;
+const GDT: u64 = 0x500;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000; // four pages: 0x3000..0x7000
+const PDPT_HIGH: u64 = 0x8000;
+/// Where the probe's physical page 0 appears virtually: Linux's kernel text base.
+const KERNEL_BASE: u64 = 0xffff_ffff_8000_0000;
+const CODE: u64 = 0x10000;
+const DATA: u64 = 0x20000; // 4 KiB, page aligned (XSAVE needs 64-byte alignment)
+const DONE_PORT: u16 = 0x10;
+/// `out 0x10, al`: the end of every snippet.
+const DONE: [u8; 2] = [0xe6, DONE_PORT as u8];
+
+/// Marks the XSAVE snippets, whose EDX:EAX is the supported XCR0.
+const XSAVE_ALL: u64 = 0xffff_ffff;
+
+/// What one probed instruction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeResult {
+    Works,
+    /// KVM_EXIT_INTERNAL_ERROR: KVM's emulator cannot run it.
+    EmulationFailure,
+    /// It faulted (no IDT in the probe, so any exception ends as a triple fault).
+    Faults,
+    /// Some other exit or error; the text says which.
+    Other(&'static str),
+}
+
+/// What the probe learned about this host's KVM.
+#[derive(Clone, Debug, Default)]
+pub struct HostQuirks {
+    /// Features to hide, with what the probe saw.
+    pub hidden: Vec<(&'static GatedFeature, ProbeResult)>,
+    /// Nanoseconds per instruction of a simple loop at guest CPL 0.
+    pub cpl0_ns_per_insn: f64,
+    /// MSRs KVM_SET_MSRS refused although KVM lists them.
+    pub refused_msrs: Vec<u32>,
+    /// Hidden features the guest still sees (the host's bit passes through KVM): the
+    /// emulation-failure path handles them when the guest uses them.
+    pub unhideable: Vec<&'static GatedFeature>,
+    /// Whether the guest's `cpuid` returns what KVM_SET_CPUID2 set. Where it does
+    /// not (the guest sees the host's CPUID), hiding features cannot work, and the
+    /// emulation-failure path (vcpu/emulate.rs) must handle what the guest runs.
+    pub cpuid_honoured: bool,
+    pub probe_ms: f64,
+}
+
+impl HostQuirks {
+    /// A guest kernel instruction costing more than this means KVM emulates guest
+    /// kernel mode instead of running it on the CPU.
+    pub const EMULATED_NS: f64 = 50.0;
+
+    pub fn kernel_mode_emulated(&self) -> bool {
+        self.cpl0_ns_per_insn > Self::EMULATED_NS
+    }
+
+    /// Kernel command-line options that make a Linux guest avoid what KVM cannot run
+    /// in its kernel mode but CPUID cannot hide: `clearcpuid=` with the kernel's
+    /// feature names (Linux clears dependent features too, e.g. AVX with XSAVE).
+    pub fn linux_cmdline_extras(&self) -> Option<String> {
+        let names: Vec<&str> = self.unhideable.iter().map(|f| f.linux_name()).collect();
+        (!names.is_empty()).then(|| format!("clearcpuid={}", names.join(",")))
+    }
+
+    /// Lines for `--stats`.
+    pub fn report(&self) -> String {
+        let mut out = format!(
+            "host quirks (probed at run time in {:.1} ms):\n  guest kernel-mode instruction: {:.0} ns{}\n",
+            self.probe_ms,
+            self.cpl0_ns_per_insn,
+            if self.kernel_mode_emulated() { " (emulated by KVM, not run natively)" } else { "" }
+        );
+        if !self.cpuid_honoured {
+            out.push_str("  KVM_SET_CPUID2 is not honoured: the guest sees the host's CPUID\n");
+        }
+        if self.hidden.is_empty() {
+            out.push_str("  no CPUID features hidden\n");
+        }
+        for (f, r) in &self.hidden {
+            let fate = if self.unhideable.iter().any(|u| u.name == f.name) {
+                "cannot hide: the guest sees the host's bit; cleared through the kernel command line"
+            } else {
+                "hidden from CPUID"
+            };
+            out.push_str(&format!("  {:<11} fails in guest kernel mode ({r:?}; {}): {fate}\n", f.name, f.why));
+        }
+        for m in &self.refused_msrs {
+            out.push_str(&format!("  KVM_SET_MSRS refuses MSR {m:#x}\n"));
+        }
+        out
+    }
+}
+
+/// The instruction bytes that exercise each gated feature (64-bit mode, RDI = a
+/// page-aligned scratch buffer, RAX/RCX/RDX set per snippet).
+fn snippet(name: &str) -> Option<(&'static [u8], u64 /* rax */)> {
+    Some(match name {
+        // What the kernel does at boot: xsetbv (XCR0 = EDX:EAX = every supported
+        // component), xrstor64 [rdi] from a zeroed header (load init state), xsave64
+        // [rdi], xgetbv.
+        "xsave" => (
+            &[0x0f, 0x01, 0xd1, 0x48, 0x0f, 0xae, 0x2f, 0x48, 0x0f, 0xae, 0x27, 0x0f, 0x01, 0xd0],
+            XSAVE_ALL,
+        ),
+        "xsaveopt" => (&[0x48, 0x0f, 0xae, 0x37], XSAVE_ALL),
+        "xsavec" => (&[0x48, 0x0f, 0xc7, 0x27], XSAVE_ALL),
+        // xsaves64 [rdi], xrstors64 [rdi]
+        "xsaves" => (&[0x48, 0x0f, 0xc7, 0x2f, 0x48, 0x0f, 0xc7, 0x1f], XSAVE_ALL),
+        "cx16" => (&[0xf0, 0x48, 0x0f, 0xc7, 0x0f], 0),
+        // pshufb xmm0, xmm1
+        "ssse3" => (&[0x66, 0x0f, 0x38, 0x00, 0xc1], 0),
+        // aesenc xmm0, xmm1
+        "aes" => (&[0x66, 0x0f, 0x38, 0xdc, 0xc1], 0),
+        // pclmulqdq xmm0, xmm1, 0
+        "pclmulqdq" => (&[0x66, 0x0f, 0x3a, 0x44, 0xc1, 0x00], 0),
+        "movbe" => (&[0x0f, 0x38, 0xf0, 0x07], 0),
+        "popcnt" => (&[0xf3, 0x48, 0x0f, 0xb8, 0xc0], 0),
+        "rdrand" => (&[0x48, 0x0f, 0xc7, 0xf0], 0),
+        "rdseed" => (&[0x48, 0x0f, 0xc7, 0xf8], 0),
+        // clac; stac
+        "smap" => (&[0x0f, 0x01, 0xca, 0x0f, 0x01, 0xcb], 0),
+        // invpcid rax,[rdi] with type 2 (all contexts, globals included)
+        "invpcid" => (&[0x66, 0x0f, 0x38, 0x82, 0x07], 2),
+        "clwb" => (&[0x66, 0x0f, 0xae, 0x37], 0),
+        "clflushopt" => (&[0x66, 0x0f, 0xae, 0x3f], 0),
+        "fsgsbase" => (&[0xf3, 0x48, 0x0f, 0xae, 0xc0], 0),
+        "rdpid" => (&[0xf3, 0x0f, 0xc7, 0xf8], 0),
+        "rdtscp" => (&[0x0f, 0x01, 0xf9], 0),
+        "rdpru" => (&[0x0f, 0x01, 0xfd], 0),
+        // andn rax,rax,rax
+        "bmi1" => (&[0xc4, 0xe2, 0xf8, 0xf2, 0xc0], 0),
+        // shlx rax,rax,rax
+        "bmi2" => (&[0xc4, 0xe2, 0xf9, 0xf7, 0xc0], 0),
+        "lzcnt" => (&[0xf3, 0x48, 0x0f, 0xbd, 0xc0], 0),
+        _ => return None,
+    })
+}
+
+struct ProbeVm {
+    _vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    xcr0: u64,
+}
+
+// CR and EFER bits for the probe's long mode.
+const CR0_PE: u64 = 1;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const CR4_FSGSBASE: u64 = 1 << 16;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const CR4_PGE: u64 = 1 << 7;
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+impl ProbeVm {
+    fn new(kvm: &Kvm, cpuid: &CpuId) -> Result<Self, String> {
+        let vm = kvm.create_vm().map_err(|e| format!("probe: KVM_CREATE_VM: {e}"))?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+            .map_err(|e| format!("probe: guest memory: {e}"))?;
+        let host = mem.get_host_address(GuestAddress(0)).map_err(|e| format!("probe: {e}"))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region maps `mem`, which lives as long as the VM (both are owned
+        // by the ProbeVm and dropped together, the VM first).
+        unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("probe: KVM_SET_USER_MEMORY_REGION: {e}"))?;
+        let vcpu = vm.create_vcpu(0).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
+        vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
+
+        for (i, e) in BOOT_GDT.iter().enumerate() {
+            mem.write_obj(*e, GuestAddress(GDT + i as u64 * 8)).map_err(|e| format!("probe: {e}"))?;
+        }
+        write_identity_page_tables(&mem, PML4, PDPT, PD).map_err(|e| format!("probe: {e}"))?;
+        // Also map the first GiB at the kernel's text address (PML4 511, PDPT 510), where
+        // the probe runs: the emulator may treat kernel-half addresses differently.
+        mem.write_obj(PDPT_HIGH | 3, GuestAddress(PML4 + 511 * 8)).map_err(|e| format!("probe: {e}"))?;
+        mem.write_obj(PD | 3, GuestAddress(PDPT_HIGH + 510 * 8)).map_err(|e| format!("probe: {e}"))?;
+        let mut sregs = vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
+        sregs.gdt.base = GDT;
+        sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+        sregs.cs = kvm_segment_from_gdt(BOOT_GDT[1], SEL_CODE64);
+        let data = kvm_segment_from_gdt(BOOT_GDT[2], SEL_DATA);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.ss = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.cr3 = PML4;
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG;
+        // The control bits a Linux kernel runs with (SMEP/SMAP/UMIP only if offered).
+        sregs.cr4 = CR4_PAE | CR4_PGE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+        for (leaf_bit, cr4_bit) in [(7u8, CR4_SMEP), (20, CR4_SMAP)] {
+            if has(cpuid, super::cpuid::FeatureBit { leaf: 7, subleaf: 0, reg: super::cpuid::Reg::Ebx, bit: leaf_bit }) {
+                sregs.cr4 |= cr4_bit;
+            }
+        }
+        if has(cpuid, super::cpuid::GATED[0].gate) {
+            sregs.cr4 |= CR4_OSXSAVE;
+        }
+        if has(cpuid, super::cpuid::FeatureBit { leaf: 7, subleaf: 0, reg: super::cpuid::Reg::Ebx, bit: 0 }) {
+            sregs.cr4 |= CR4_FSGSBASE;
+        }
+        sregs.efer = EFER_LME | EFER_LMA;
+        vcpu.set_sregs(&sregs).map_err(|e| format!("probe: KVM_SET_SREGS: {e}"))?;
+        if sregs.cr4 & CR4_OSXSAVE != 0 {
+            // Enable every state component KVM supports, as the guest kernel will: the
+            // emulator may handle x87/SSE state and still fail on AVX-512 state.
+            let mut xcrs = vcpu.get_xcrs().map_err(|e| format!("probe: KVM_GET_XCRS: {e}"))?;
+            xcrs.nr_xcrs = 1;
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = supported_xcr0(cpuid);
+            vcpu.set_xcrs(&xcrs).map_err(|e| format!("probe: KVM_SET_XCRS: {e}"))?;
+        }
+        Ok(Self { _vm: vm, vcpu, mem, xcr0: supported_xcr0(cpuid) })
+    }
+
+    /// Runs `code` (followed by the done marker) once.
+    fn run(&mut self, code: &[u8], rax: u64) -> ProbeResult {
+        self.run_with(code, rax, 0)
+    }
+
+    /// Runs `code` with RAX and RCX set (RCX for CPUID subleaves).
+    fn run_with(&mut self, code: &[u8], rax: u64, rcx: u64) -> ProbeResult {
+        let mut bytes = code.to_vec();
+        bytes.extend_from_slice(&DONE);
+        if self.mem.write_slice(&bytes, GuestAddress(CODE)).is_err()
+            || self.mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).is_err()
+        {
+            return ProbeResult::Other("guest memory write");
+        }
+        let Ok(mut regs) = self.vcpu.get_regs() else { return ProbeResult::Other("KVM_GET_REGS") };
+        regs.rip = KERNEL_BASE + CODE;
+        regs.rflags = 2;
+        regs.rcx = rcx;
+        // XSAVE-family snippets take their component mask in EDX:EAX: every component
+        // KVM supports (xsetbv refuses bits it does not).
+        (regs.rax, regs.rdx) = if rax == XSAVE_ALL { (self.xcr0 & 0xffff_ffff, self.xcr0 >> 32) } else { (rax, 0) };
+        regs.rdi = KERNEL_BASE + DATA;
+        regs.rsp = KERNEL_BASE + DATA + 0x1000;
+        if self.vcpu.set_regs(&regs).is_err() {
+            return ProbeResult::Other("KVM_SET_REGS");
+        }
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(DONE_PORT, _)) => ProbeResult::Works,
+            Ok(VcpuExit::InternalError) => ProbeResult::EmulationFailure,
+            Ok(VcpuExit::Shutdown) => ProbeResult::Faults,
+            Ok(_) => ProbeResult::Other("unexpected exit"),
+            Err(_) => ProbeResult::Other("KVM_RUN error"),
+        }
+    }
+}
+
+/// Sets a marker APIC ID in leaf 1 and clears a feature bit KVM offers (CX16, else
+/// x2APIC), then checks that guest `cpuid` reports both changes. Some KVMs return
+/// the host's feature bits whatever KVM_SET_CPUID2 said.
+fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
+    const MARKER: u32 = 0x5a;
+    let mut marked = cpuid.clone();
+    let feature = [13u32, 21].into_iter().find(|b| super::cpuid::find_entry(cpuid, 1, 0).is_some_and(|e| e.ecx & (1 << b) != 0));
+    for e in marked.as_mut_slice() {
+        if e.function == 1 {
+            e.ebx = (e.ebx & 0x00ff_ffff) | (MARKER << 24);
+            if let Some(b) = feature {
+                e.ecx &= !(1 << b);
+            }
+        }
+    }
+    let mut vm = ProbeVm::new(kvm, &marked)?;
+    // cpuid with EAX=1
+    if vm.run(&[0x0f, 0xa2], 1) != ProbeResult::Works {
+        return Ok(false);
+    }
+    let regs = vm.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
+    let marker_seen = (regs.rbx >> 24) & 0xff == MARKER as u64;
+    let feature_hidden = feature.is_none_or(|b| regs.rcx & (1 << b) == 0);
+    Ok(marker_seen && feature_hidden)
+}
+
+/// The XCR0 bits KVM supports (CPUID leaf 0xD, subleaf 0: EDX:EAX).
+fn supported_xcr0(cpuid: &CpuId) -> u64 {
+    super::cpuid::find_entry(cpuid, 0xd, 0).map_or(1, |e| (e.edx as u64) << 32 | e.eax as u64) | 1
+}
+
+/// Probes this host. `cpuid` is what KVM supports; features it does not advertise are
+/// not probed (the guest will not see them anyway).
+pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
+    let start = Instant::now();
+    let mut quirks = HostQuirks::default();
+    let mut vm = ProbeVm::new(kvm, cpuid)?;
+    for feature in GATED {
+        // Probed whether or not KVM advertises it: some KVMs pass host feature bits
+        // through to the guest regardless, and then the guest may use it.
+        // A feature implied away by an earlier one (xsaveopt after xsave) needs no probe.
+        if quirks.hidden.iter().any(|(h, _)| h.implied.contains(&feature.gate)) {
+            continue;
+        }
+        let Some((code, rax)) = snippet(feature.name) else { continue };
+        let result = vm.run(code, rax);
+        if result != ProbeResult::Works {
+            quirks.hidden.push((feature, result));
+        }
+        // After an emulation failure the vCPU is still usable (its registers are set
+        // afresh for every snippet); after a triple fault it is shut down.
+        if !matches!(result, ProbeResult::Works | ProbeResult::EmulationFailure) {
+            vm = ProbeVm::new(kvm, cpuid)?;
+        }
+    }
+    quirks.cpuid_honoured = cpuid_honoured(kvm, cpuid)?;
+    // Check which hidden features the guest really stops seeing.
+    let mut hidden_cpuid = cpuid.clone();
+    for (f, _) in &quirks.hidden {
+        super::cpuid::hide(&mut hidden_cpuid, f);
+    }
+    let mut check = ProbeVm::new(kvm, &hidden_cpuid)?;
+    for (f, _) in &quirks.hidden {
+        let g = f.gate;
+        if check.run_with(&[0x0f, 0xa2], g.leaf as u64, g.subleaf as u64) == ProbeResult::Works {
+            let regs = check.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
+            let value = match g.reg {
+                super::cpuid::Reg::Eax => regs.rax,
+                super::cpuid::Reg::Ebx => regs.rbx,
+                super::cpuid::Reg::Ecx => regs.rcx,
+                super::cpuid::Reg::Edx => regs.rdx,
+            };
+            if value & (1 << g.bit) != 0 {
+                quirks.unhideable.push(f);
+            }
+        }
+    }
+    // Time 2 x 2000 instructions: `mov ecx, 2000; 1: dec ecx; jnz 1b`.
+    let loop_code = [0xb9, 0xd0, 0x07, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
+    let t = Instant::now();
+    let r = vm.run(&loop_code, 0);
+    let ns = t.elapsed().as_nanos() as f64;
+    if r == ProbeResult::Works {
+        quirks.cpl0_ns_per_insn = ns / 4000.0;
+    }
+    quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(quirks)
+}

@@ -1,0 +1,901 @@
+//! ACPI tables for a skiff guest: RSDP, XSDT, FADT, FACS, MADT and DSDT.
+//!
+//! The machine is a (non-hardware-reduced) legacy PC as far as ACPI is concerned: a
+//! fixed-hardware PM1a event/control block and PM timer in port I/O, an SCI on ISA
+//! IRQ 9, a reset register, one local APIC per vCPU plus one I/O APIC, and a DSDT that
+//! names the soft-off sleep state (`\_S5_`) and the legacy ISA devices (COM1, RTC,
+//! PS/2 controller).
+//!
+//! Everything is written into guest memory in `[ACPI_START, ACPI_END)`, the RSDP first,
+//! at [`ACPI_START`] (16-byte aligned, inside the BIOS area that Linux scans for the
+//! `"RSD PTR "` signature). Field layouts and flag bits follow the ACPI specification
+//! (6.x); the `acpi_tables` crate provides the table encoders and the AML builders.
+
+use acpi_tables::aml;
+use acpi_tables::facs::FACS;
+use acpi_tables::fadt::{FADTBuilder, Flags as FadtFlags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+
+use super::layout::{
+    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_START, COM1_IRQ, COM1_PORT, I8042_PORT,
+    IOAPIC_ADDR, LAPIC_ADDR, PM_TMR_LEN, PM_TMR_PORT, PM1A_CNT_LEN, PM1A_CNT_PORT, PM1A_EVT_LEN,
+    PM1A_EVT_PORT, RTC_PORT, SCI_IRQ, SLP_TYP_S5,
+};
+
+/// Frequency of the ACPI PM timer (`PM_TMR_BLK`), fixed by the ACPI specification.
+pub const ACPI_PM_TIMER_HZ: u64 = 3_579_545;
+
+/// Most vCPUs the MADT can describe. Local APIC IDs are the vCPU indices
+/// `0..num_cpus` and the I/O APIC takes ID `num_cpus`; all must be valid xAPIC IDs,
+/// i.e. below 0xFF (the broadcast ID), so `num_cpus <= 254`.
+pub const MAX_CPUS: u8 = 254;
+
+/// Errors from building or writing the ACPI tables.
+#[derive(Debug, Error)]
+pub enum AcpiError {
+    /// A machine needs at least one vCPU (and one local APIC entry).
+    #[error("cannot build ACPI tables for a machine with no vCPUs")]
+    NoCpus,
+    /// More vCPUs than xAPIC IDs (one of which the I/O APIC takes).
+    #[error("{0} vCPUs requested, but the MADT can describe at most {MAX_CPUS}")]
+    TooManyCpus(u8),
+    /// The tables do not fit in the ACPI area.
+    #[error("ACPI tables need {needed:#x} bytes but only {available:#x} are reserved for them")]
+    TablesTooLarge { needed: u64, available: u64 },
+    /// A table that must be reachable through a 32-bit pointer was placed above 4 GiB.
+    #[error("ACPI table at {0:#x} is not addressable by a 32-bit table pointer")]
+    AddressAbove4Gib(u64),
+    /// Writing a table into guest memory failed (e.g. the ACPI area is not guest RAM).
+    #[error("failed to write the {table} table to guest memory at {addr:#x}")]
+    GuestMemory {
+        table: &'static str,
+        addr: u64,
+        #[source]
+        source: GuestMemoryError,
+    },
+}
+
+/// Guest-physical address of the RSDP, the root the guest finds the other tables from.
+pub fn rsdp_addr() -> GuestAddress {
+    GuestAddress(ACPI_START)
+}
+
+/// Writes the ACPI tables for a machine with `num_cpus` vCPUs into `mem` and returns
+/// the address of the RSDP (which is always [`rsdp_addr()`]).
+///
+/// Fails, without writing anything, if `num_cpus` is 0 or above [`MAX_CPUS`] or the
+/// tables would not fit in `[ACPI_START, ACPI_END)`. Fails with
+/// [`AcpiError::GuestMemory`] if that range is not backed by guest memory, in which
+/// case the tables before the failing one may already have been written.
+///
+/// The `acpi_tables` builders used here assert on malformed input (AML name segments
+/// that are not 4 characters, malformed EISA IDs, table lengths below the header size);
+/// every such input is a constant in this module and covered by the unit tests.
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap<()>,
+    num_cpus: u8,
+) -> Result<GuestAddress, AcpiError> {
+    let tables = build_tables(num_cpus, ACPI_START, ACPI_END)?;
+    for table in &tables.tables {
+        mem.write_slice(&table.bytes, GuestAddress(table.addr))
+            .map_err(|source| AcpiError::GuestMemory {
+                table: table.name,
+                addr: table.addr,
+                source,
+            })?;
+    }
+    Ok(GuestAddress(tables.rsdp))
+}
+
+// ---------------------------------------------------------------------------------
+// Identification and compile-time checks of the layout constants used below.
+
+const OEM_ID: [u8; 6] = *b"SKIFF ";
+const OEM_TABLE_ID: [u8; 8] = *b"SKIFFVM ";
+const OEM_REVISION: u32 = 1;
+
+/// The RSDP must sit on a 16-byte boundary to be found by the BIOS-area scan.
+const _: () = assert!(ACPI_START.is_multiple_of(16));
+/// The FADT's legacy FIRMWARE_CTRL/DSDT fields and the MADT's local APIC address are
+/// 32-bit; the ACPI area (and the APICs) must lie below 4 GiB.
+const _: () = assert!(ACPI_START < ACPI_END && ACPI_END <= 1 << 32);
+
+/// Local APIC address, checked at compile time to fit the MADT's 32-bit field.
+const LAPIC_ADDR_32: u32 = {
+    assert!(LAPIC_ADDR <= u32::MAX as u64);
+    LAPIC_ADDR as u32
+};
+/// I/O APIC address, checked at compile time to fit the MADT's 32-bit field.
+const IOAPIC_ADDR_32: u32 = {
+    assert!(IOAPIC_ADDR <= u32::MAX as u64);
+    IOAPIC_ADDR as u32
+};
+/// SCI interrupt as the FADT's 16-bit SCI_INT and as an ISA IRQ (MADT override source).
+const SCI_INT: u16 = {
+    assert!(SCI_IRQ < 16);
+    SCI_IRQ as u16
+};
+const SCI_ISA_IRQ: u8 = SCI_INT as u8;
+
+/// ISA IRQs of the legacy devices that layout.rs does not name: the PC-standard RTC
+/// and i8042 keyboard lines.
+const RTC_IRQ: u32 = 8;
+const I8042_KBD_IRQ: u32 = 1;
+/// The i8042 command/status port is 4 above the data port (0x60/0x64).
+const I8042_CMD_PORT: u16 = I8042_PORT + 4;
+/// The RTC/CMOS occupies an index and a data port.
+const RTC_PORT_LEN: u8 = 2;
+/// A 16550 UART decodes eight consecutive ports.
+const UART_PORT_LEN: u8 = 8;
+
+// ---------------------------------------------------------------------------------
+// Table building.
+
+/// Alignment of the tables (other than the RSDP and FACS); generous, not required.
+const TABLE_ALIGN: u64 = 16;
+/// The FACS must be 64-byte aligned (ACPI spec, FACS).
+const FACS_ALIGN: u64 = 64;
+
+/// MADT revision (ACPI 6.3 and later use 5; the structures used here are unchanged).
+const MADT_REVISION: u8 = 5;
+/// MADT flag: the system also has a PC-AT-compatible dual 8259 setup.
+const MADT_PCAT_COMPAT: u32 = 1 << 0;
+/// MADT structure types and lengths (ACPI spec, MADT interrupt controller structures).
+const MADT_TYPE_INT_SRC_OVERRIDE: u8 = 2;
+const MADT_LEN_INT_SRC_OVERRIDE: u8 = 10;
+const MADT_TYPE_LAPIC_NMI: u8 = 4;
+const MADT_LEN_LAPIC_NMI: u8 = 6;
+/// MPS INTI flags: polarity in bits 1:0 (01 = active high), trigger mode in bits 3:2
+/// (11 = level). Zero means "conforms to the bus" (ISA: edge, active high).
+const MPS_INTI_CONFORMS: u16 = 0;
+const MPS_INTI_ACTIVE_HIGH: u16 = 0b01;
+const MPS_INTI_LEVEL: u16 = 0b11 << 2;
+/// Processor UID meaning "all processors" in a Local APIC NMI structure.
+const ALL_PROCESSORS_UID: u8 = 0xff;
+
+/// DSDT revision 2 selects 64-bit AML integers.
+const DSDT_REVISION: u8 = 2;
+
+/// FADT IAPC_BOOT_ARCH bits: legacy (ISA) devices present; an 8042 is present.
+const IAPC_BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// FADT P_LVL2_LAT above 100 and P_LVL3_LAT above 1000 mean "C2/C3 not supported".
+const P_LVL2_LAT_UNSUPPORTED: u16 = 101;
+const P_LVL3_LAT_UNSUPPORTED: u16 = 1001;
+
+/// One table ready to be written: a name for errors, its address and its bytes.
+#[derive(Debug)]
+struct Table {
+    name: &'static str,
+    addr: u64,
+    bytes: Vec<u8>,
+}
+
+/// All tables with their placement, and the RSDP address.
+#[derive(Debug)]
+struct AcpiTables {
+    rsdp: u64,
+    tables: Vec<Table>,
+}
+
+/// Bump allocator for table placement in `[start, end)`.
+struct Placer {
+    start: u64,
+    next: u64,
+    end: u64,
+}
+
+impl Placer {
+    fn new(start: u64, end: u64) -> Self {
+        Placer {
+            start,
+            next: start,
+            end,
+        }
+    }
+
+    /// Reserves `len` bytes aligned to `align` (a power of two) and returns their address.
+    fn place(&mut self, len: usize, align: u64) -> Result<u64, AcpiError> {
+        let too_large = |needed: Option<u64>| AcpiError::TablesTooLarge {
+            needed: needed.unwrap_or(u64::MAX),
+            available: self.end.saturating_sub(self.start),
+        };
+        let addr = self
+            .next
+            .checked_next_multiple_of(align)
+            .ok_or_else(|| too_large(None))?;
+        let end = u64::try_from(len)
+            .ok()
+            .and_then(|len| addr.checked_add(len))
+            .ok_or_else(|| too_large(None))?;
+        if end > self.end {
+            return Err(too_large(Some(end - self.start)));
+        }
+        self.next = end;
+        Ok(addr)
+    }
+}
+
+fn addr32(addr: u64) -> Result<u32, AcpiError> {
+    u32::try_from(addr).map_err(|_| AcpiError::AddressAbove4Gib(addr))
+}
+
+fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    aml.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Builds and places all tables in `[start, end)`, RSDP at `start`.
+fn build_tables(num_cpus: u8, start: u64, end: u64) -> Result<AcpiTables, AcpiError> {
+    if num_cpus == 0 {
+        return Err(AcpiError::NoCpus);
+    }
+    if num_cpus > MAX_CPUS {
+        return Err(AcpiError::TooManyCpus(num_cpus));
+    }
+
+    // Tables whose contents do not depend on where the others are.
+    let dsdt = build_dsdt();
+    let madt = build_madt(num_cpus);
+    let facs = aml_bytes(&FACS::new());
+
+    // Place everything (sizes of the pointer tables are fixed), then fill pointers in.
+    let mut placer = Placer::new(start, end);
+    let rsdp_addr = placer.place(Rsdp::len(), 16)?;
+    // XSDT: header plus two 64-bit entries (FADT, MADT).
+    let xsdt_len = 36 + 2 * core::mem::size_of::<u64>();
+    let xsdt_addr = placer.place(xsdt_len, TABLE_ALIGN)?;
+    let fadt_addr = placer.place(acpi_tables::fadt::FADT::len(), TABLE_ALIGN)?;
+    let facs_addr = placer.place(facs.len(), FACS_ALIGN)?;
+    let dsdt_addr = placer.place(dsdt.len(), TABLE_ALIGN)?;
+    let madt_addr = placer.place(madt.len(), TABLE_ALIGN)?;
+
+    let fadt = build_fadt(addr32(dsdt_addr)?, addr32(facs_addr)?);
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = aml_bytes(&xsdt);
+    debug_assert_eq!(xsdt.len(), xsdt_len);
+
+    let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+
+    let table = |name, addr, bytes| Table { name, addr, bytes };
+    Ok(AcpiTables {
+        rsdp: rsdp_addr,
+        tables: vec![
+            table("RSDP", rsdp_addr, rsdp),
+            table("XSDT", xsdt_addr, xsdt),
+            table("FADT", fadt_addr, fadt),
+            table("FACS", facs_addr, facs),
+            table("DSDT", dsdt_addr, dsdt),
+            table("MADT", madt_addr, madt),
+        ],
+    })
+}
+
+/// Register widths in bits for the X_ GAS fields (8 x the legacy byte lengths;
+/// overflow would fail the build).
+const PM1A_EVT_BITS: u8 = PM1A_EVT_LEN * 8;
+const PM1A_CNT_BITS: u8 = PM1A_CNT_LEN * 8;
+const PM_TMR_BITS: u8 = PM_TMR_LEN * 8;
+const RESET_REG_BITS: u8 = 8;
+
+/// A port-I/O Generic Address Structure for a register block of `bits` bits.
+fn io_gas(port: u16, bits: u8, access: AccessSize) -> GAS {
+    GAS::new(AddressSpace::SystemIo, bits, 0, access, u64::from(port))
+}
+
+/// FADT for a non-hardware-reduced PC with the PM1a blocks and PM timer from layout.rs.
+fn build_fadt(dsdt_addr: u32, facs_addr: u32) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        // WBINVD works; C1 (HLT) is supported on all processors.
+        .flag(FadtFlags::Wbinvd)
+        .flag(FadtFlags::ProcC1)
+        // No fixed-feature power or sleep button.
+        .flag(FadtFlags::PwrButton)
+        .flag(FadtFlags::SlpButton)
+        // RESET_REG is valid. TMR_VAL_EXT stays clear: the PM timer is 24 bits.
+        .flag(FadtFlags::ResetRegSup);
+
+    // The FACS is below 4 GiB: name it in FIRMWARE_CTRL only, X_FIRMWARE_CTRL stays 0
+    // (the spec has OSPM ignore FIRMWARE_CTRL when X_FIRMWARE_CTRL is usable; leaving
+    // one of them zero avoids any ambiguity).
+    fadt.firmware_ctrl = facs_addr.into();
+    // The DSDT is given both ways, with the same address.
+    fadt.dsdt = dsdt_addr.into();
+    fadt.x_dsdt = u64::from(dsdt_addr).into();
+
+    fadt.sci_int = SCI_INT.into();
+    // No SMI command port: the machine is always in ACPI mode.
+    fadt.smi_cmd = 0.into();
+    fadt.acpi_enable = 0;
+    fadt.acpi_disable = 0;
+
+    fadt.pm1a_evt_blk = u32::from(PM1A_EVT_PORT).into();
+    fadt.pm1a_cnt_blk = u32::from(PM1A_CNT_PORT).into();
+    fadt.pm_tmr_blk = u32::from(PM_TMR_PORT).into();
+    fadt.pm1_evt_len = PM1A_EVT_LEN;
+    fadt.pm1_cnt_len = PM1A_CNT_LEN;
+    fadt.pm_tmr_len = PM_TMR_LEN;
+    // PM1 status/enable and PM1 control are 16-bit registers; the timer is 32-bit.
+    fadt.x_pm1a_evt_blk = io_gas(PM1A_EVT_PORT, PM1A_EVT_BITS, AccessSize::WordAccess);
+    fadt.x_pm1a_cnt_blk = io_gas(PM1A_CNT_PORT, PM1A_CNT_BITS, AccessSize::WordAccess);
+    fadt.x_pm_tmr_blk = io_gas(PM_TMR_PORT, PM_TMR_BITS, AccessSize::DwordAccess);
+
+    fadt.p_lvl2_lat = P_LVL2_LAT_UNSUPPORTED.into();
+    fadt.p_lvl3_lat = P_LVL3_LAT_UNSUPPORTED.into();
+
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_8042).into();
+
+    fadt.reset_reg = io_gas(ACPI_RESET_PORT, RESET_REG_BITS, AccessSize::ByteAccess);
+    fadt.reset_value = ACPI_RESET_VALUE;
+
+    aml_bytes(&fadt.finalize())
+}
+
+/// MADT Interrupt Source Override for an ISA (bus 0) IRQ.
+fn madt_int_src_override(isa_irq: u8, gsi: u32, flags: u16) -> [u8; 10] {
+    let mut s = [0u8; MADT_LEN_INT_SRC_OVERRIDE as usize];
+    s[0] = MADT_TYPE_INT_SRC_OVERRIDE;
+    s[1] = MADT_LEN_INT_SRC_OVERRIDE;
+    s[2] = 0; // bus: ISA
+    s[3] = isa_irq;
+    s[4..8].copy_from_slice(&gsi.to_le_bytes());
+    s[8..10].copy_from_slice(&flags.to_le_bytes());
+    s
+}
+
+/// MADT Local APIC NMI structure.
+fn madt_lapic_nmi(processor_uid: u8, flags: u16, lint: u8) -> [u8; 6] {
+    let mut s = [0u8; MADT_LEN_LAPIC_NMI as usize];
+    s[0] = MADT_TYPE_LAPIC_NMI;
+    s[1] = MADT_LEN_LAPIC_NMI;
+    s[2] = processor_uid;
+    s[3..5].copy_from_slice(&flags.to_le_bytes());
+    s[5] = lint;
+    s
+}
+
+/// MADT: one enabled local APIC per vCPU (UID = APIC ID = index), the I/O APIC
+/// (ID `num_cpus`, GSI base 0), the PC interrupt overrides and LINT1 as NMI.
+fn build_madt(num_cpus: u8) -> Vec<u8> {
+    let mut body = Vec::new();
+    for cpu in 0..num_cpus {
+        ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled).to_aml_bytes(&mut body);
+    }
+    IoApic::new(num_cpus, IOAPIC_ADDR_32, 0).to_aml_bytes(&mut body);
+    // No IRQ 0 -> GSI 2 override: KVM's default routing (and its in-kernel PIT)
+    // wires ISA IRQ n to I/O APIC input n, so identity is what the guest must assume.
+    // The SCI is level-triggered, active high.
+    body.extend_from_slice(&madt_int_src_override(
+        SCI_ISA_IRQ,
+        SCI_IRQ,
+        MPS_INTI_ACTIVE_HIGH | MPS_INTI_LEVEL,
+    ));
+    body.extend_from_slice(&madt_lapic_nmi(ALL_PROCESSORS_UID, MPS_INTI_CONFORMS, 1));
+
+    // Header (36) + local interrupt controller address (4) + flags (4).
+    let mut madt = Sdt::new(
+        *b"APIC",
+        44,
+        MADT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    madt.write_u32(36, LAPIC_ADDR_32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    madt.append_slice(&body);
+    madt.as_slice().to_vec()
+}
+
+/// Small "IRQNoFlags" resource descriptor: one ISA IRQ, edge-triggered, active high.
+struct IrqNoFlags {
+    mask: u16,
+}
+
+impl IrqNoFlags {
+    /// `mask` has one bit per ISA IRQ; build it with [`isa_irq_mask`].
+    const fn new(mask: u16) -> Self {
+        IrqNoFlags { mask }
+    }
+}
+
+/// The IRQ-descriptor bit mask for an ISA IRQ, rejecting (at compile time, when used
+/// in a constant) anything that is not one.
+const fn isa_irq_mask(irq: u32) -> u16 {
+    assert!(irq < 16);
+    1 << irq
+}
+
+impl Aml for IrqNoFlags {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        // Small resource: type 0x04 (IRQ) in bits 6:3, length 2 in bits 2:0.
+        sink.byte((0x04 << 3) | 2);
+        sink.word(self.mask);
+    }
+}
+
+const COM1_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(COM1_IRQ));
+const RTC_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(RTC_IRQ));
+const I8042_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(I8042_KBD_IRQ));
+
+/// A fixed 16-bit-decoded I/O port range.
+fn io_range(port: u16, len: u8) -> aml::IO {
+    aml::IO::new(port, port, 1, len)
+}
+
+/// An ISA device: `Device (name) { _HID EisaId(hid), [_UID uid,] _CRS resources }`.
+fn isa_device(name: &str, hid: &str, uid: Option<u8>, resources: Vec<&dyn Aml>) -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new(hid));
+    let uid = uid.map(|uid| aml::Name::new("_UID".into(), &uid));
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources));
+    let mut children: Vec<&dyn Aml> = vec![&hid];
+    if let Some(uid) = &uid {
+        children.push(uid);
+    }
+    children.push(&crs);
+    aml_bytes(&aml::Device::new(name.into(), children))
+}
+
+/// The DSDT's AML: `\_S5_` and the legacy ISA devices under `\_SB_`.
+fn dsdt_aml() -> Vec<u8> {
+    // \_S5_: { SLP_TYPa, SLP_TYPb, reserved, reserved }.
+    let s5_package = aml::Package::new(vec![&SLP_TYP_S5, &SLP_TYP_S5, &0u8, &0u8]);
+    let mut bytes = aml_bytes(&aml::Name::new("\\_S5_".into(), &s5_package));
+
+    // COM1: 16550 UART.
+    let com1 = isa_device(
+        "COM1",
+        "PNP0501",
+        Some(0),
+        vec![&io_range(COM1_PORT, UART_PORT_LEN), &COM1_IRQ_NO_FLAGS],
+    );
+    // RTC: AT real-time clock / CMOS.
+    let rtc = isa_device(
+        "RTC_",
+        "PNP0B00",
+        None,
+        vec![&io_range(RTC_PORT, RTC_PORT_LEN), &RTC_IRQ_NO_FLAGS],
+    );
+    // PS/2 keyboard controller (i8042): data and command/status ports.
+    let kbd = isa_device(
+        "KBD_",
+        "PNP0303",
+        None,
+        vec![
+            &io_range(I8042_PORT, 1),
+            &io_range(I8042_CMD_PORT, 1),
+            &I8042_IRQ_NO_FLAGS,
+        ],
+    );
+
+    bytes.extend(aml::Scope::raw("\\_SB_".into(), [com1, rtc, kbd].concat()));
+    bytes
+}
+
+fn build_dsdt() -> Vec<u8> {
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    dsdt.append_slice(&dsdt_aml());
+    dsdt.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM_SIZE: usize = 0x10_0000; // 1 MiB: covers the whole ACPI area.
+
+    fn guest_mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+    }
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |acc, x| acc.wrapping_add(*x))
+    }
+
+    /// Reads a whole system description table (header length tells its size).
+    fn read_table(mem: &GuestMemoryMmap<()>, addr: u64) -> Vec<u8> {
+        let header = read(mem, addr, 36);
+        read(mem, addr, u32_at(&header, 4) as usize)
+    }
+
+    /// The tables of a machine, read back from guest memory via the RSDP.
+    struct Guest {
+        rsdp: Vec<u8>,
+        xsdt: Vec<u8>,
+        fadt: Vec<u8>,
+        madt: Vec<u8>,
+        dsdt: Vec<u8>,
+        facs: Vec<u8>,
+        fadt_addr: u64,
+        madt_addr: u64,
+    }
+
+    fn tables_for(num_cpus: u8) -> Guest {
+        let mem = guest_mem();
+        let rsdp_at = create_acpi_tables(&mem, num_cpus).unwrap();
+        assert_eq!(rsdp_at, rsdp_addr());
+        let rsdp = read(&mem, rsdp_at.0, 36);
+        let xsdt = read_table(&mem, u64_at(&rsdp, 24));
+        let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
+        assert_eq!(entries.len(), 2);
+        let fadt = read_table(&mem, entries[0]);
+        let madt = read_table(&mem, entries[1]);
+        let dsdt = read_table(&mem, u64_at(&fadt, 140));
+        let facs = read(&mem, u32_at(&fadt, 36) as u64, 64);
+        Guest {
+            rsdp,
+            xsdt,
+            fadt,
+            madt,
+            dsdt,
+            facs,
+            fadt_addr: entries[0],
+            madt_addr: entries[1],
+        }
+    }
+
+    /// MADT interrupt controller structures as (type, bytes).
+    fn madt_structures(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut off = 44;
+        while off < madt.len() {
+            let len = madt[off + 1] as usize;
+            assert!(len >= 2, "zero-length MADT structure at {off}");
+            out.push((madt[off], madt[off..off + len].to_vec()));
+            off += len;
+        }
+        assert_eq!(off, madt.len(), "MADT structures overrun the table");
+        out
+    }
+
+    #[test]
+    fn all_checksums_are_zero() {
+        for cpus in [1, 2, 64, MAX_CPUS] {
+            let g = tables_for(cpus);
+            assert_eq!(sum(&g.rsdp[..20]), 0, "RSDP v1 checksum");
+            assert_eq!(sum(&g.rsdp), 0, "RSDP extended checksum");
+            for (name, t) in [
+                ("XSDT", &g.xsdt),
+                ("FACP", &g.fadt),
+                ("APIC", &g.madt),
+                ("DSDT", &g.dsdt),
+            ] {
+                assert_eq!(&t[..4], name.as_bytes());
+                assert_eq!(sum(t), 0, "{name} checksum ({cpus} cpus)");
+            }
+        }
+    }
+
+    #[test]
+    fn rsdp_fields() {
+        let g = tables_for(1);
+        assert_eq!(&g.rsdp[..8], b"RSD PTR ");
+        assert_eq!(g.rsdp[15], 2, "revision");
+        assert_eq!(u32_at(&g.rsdp, 20), 36, "length");
+        assert_eq!(&g.rsdp[9..15], &OEM_ID);
+        let xsdt_addr = u64_at(&g.rsdp, 24);
+        assert!((ACPI_START..ACPI_END).contains(&xsdt_addr));
+        assert_eq!(rsdp_addr(), GuestAddress(ACPI_START));
+        assert_eq!(ACPI_START % 16, 0);
+    }
+
+    #[test]
+    fn xsdt_lists_fadt_and_madt() {
+        let g = tables_for(2);
+        assert_eq!(&g.xsdt[..4], b"XSDT");
+        assert_eq!(u32_at(&g.xsdt, 4), 36 + 16);
+        assert_eq!(&g.fadt[..4], b"FACP");
+        assert_eq!(&g.madt[..4], b"APIC");
+        for addr in [g.fadt_addr, g.madt_addr] {
+            assert!((ACPI_START..ACPI_END).contains(&addr));
+        }
+    }
+
+    #[test]
+    fn all_tables_lie_in_the_acpi_area_without_overlap() {
+        let t = build_tables(MAX_CPUS, ACPI_START, ACPI_END).unwrap();
+        assert_eq!(t.rsdp, ACPI_START);
+        let mut spans: Vec<(u64, u64)> = t
+            .tables
+            .iter()
+            .map(|t| (t.addr, t.addr + t.bytes.len() as u64))
+            .collect();
+        spans.sort();
+        for (start, end) in &spans {
+            assert!(*start >= ACPI_START && *end <= ACPI_END);
+        }
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "tables overlap: {spans:x?}");
+        }
+    }
+
+    #[test]
+    fn fadt_fields() {
+        let g = tables_for(1);
+        let f = &g.fadt;
+        assert_eq!(f.len(), 276, "ACPI 6.x FADT length");
+        assert_eq!(f[8], 6, "FADT major revision");
+        // FIRMWARE_CTRL -> 64-byte aligned FACS; X_FIRMWARE_CTRL unused.
+        let facs_addr = u32_at(f, 36) as u64;
+        assert_eq!(facs_addr % 64, 0);
+        assert_eq!(u64_at(f, 132), 0);
+        assert_eq!(&g.facs[..4], b"FACS");
+        assert_eq!(u32_at(&g.facs, 4), 64);
+        // DSDT and X_DSDT agree.
+        let dsdt = u32_at(f, 40) as u64;
+        assert_ne!(dsdt, 0);
+        assert_eq!(u64_at(f, 140), dsdt);
+        assert_eq!(&g.dsdt[..4], b"DSDT");
+        // SCI_INT, SMI_CMD, ACPI_ENABLE/DISABLE.
+        assert_eq!(u16_at(f, 46) as u32, SCI_IRQ);
+        assert_eq!(u32_at(f, 48), 0);
+        assert_eq!((f[52], f[53]), (0, 0));
+        // Legacy port fields and lengths.
+        assert_eq!(u32_at(f, 56), PM1A_EVT_PORT as u32);
+        assert_eq!(u32_at(f, 60), 0, "no PM1b event block");
+        assert_eq!(u32_at(f, 64), PM1A_CNT_PORT as u32);
+        assert_eq!(u32_at(f, 68), 0, "no PM1b control block");
+        assert_eq!(u32_at(f, 76), PM_TMR_PORT as u32);
+        assert_eq!(u32_at(f, 80), 0, "no GPE0 block");
+        assert_eq!(
+            (f[88], f[89], f[91]),
+            (PM1A_EVT_LEN, PM1A_CNT_LEN, PM_TMR_LEN)
+        );
+        // IAPC_BOOT_ARCH: legacy devices + 8042, nothing else.
+        assert_eq!(u16_at(f, 109), 0b11);
+        // Flags.
+        let flags = u32_at(f, 112);
+        let expected = (1 << 0) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 10);
+        assert_eq!(flags, expected);
+        assert_eq!(
+            flags & (1 << 8),
+            0,
+            "TMR_VAL_EXT must be clear (24-bit timer)"
+        );
+        assert_eq!(flags & (1 << 20), 0, "not hardware-reduced");
+        // RESET_REG: SystemIO, 8 bits, offset 0, byte access, ACPI_RESET_PORT.
+        assert_eq!(&f[116..120], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(f, 120), ACPI_RESET_PORT as u64);
+        assert_eq!(f[128], ACPI_RESET_VALUE);
+        // X_ GAS blocks (SystemIO, bit width = 8 * legacy length).
+        let gas = |off: usize| (f[off], f[off + 1], f[off + 2], u64_at(f, off + 4));
+        assert_eq!(gas(148), (1, PM1A_EVT_LEN * 8, 0, PM1A_EVT_PORT as u64));
+        assert_eq!(gas(172), (1, PM1A_CNT_LEN * 8, 0, PM1A_CNT_PORT as u64));
+        assert_eq!(gas(208), (1, PM_TMR_LEN * 8, 0, PM_TMR_PORT as u64));
+        assert_eq!(gas(160).3, 0, "no X_PM1b event block");
+        assert_eq!(gas(184).3, 0, "no X_PM1b control block");
+    }
+
+    #[test]
+    fn madt_has_one_lapic_per_cpu_and_the_ioapic() {
+        for cpus in [1u8, 2, 64, MAX_CPUS] {
+            let g = tables_for(cpus);
+            let m = &g.madt;
+            assert_eq!(m[8], MADT_REVISION);
+            assert_eq!(u32_at(m, 36) as u64, LAPIC_ADDR);
+            assert_eq!(u32_at(m, 40), 1, "PCAT_COMPAT");
+            let s = madt_structures(m);
+
+            let lapics: Vec<_> = s.iter().filter(|(t, _)| *t == 0).collect();
+            assert_eq!(lapics.len(), cpus as usize);
+            for (i, (_, l)) in lapics.iter().enumerate() {
+                assert_eq!(l.len(), 8);
+                assert_eq!(l[2] as usize, i, "processor UID");
+                assert_eq!(l[3] as usize, i, "APIC ID");
+                assert_eq!(u32_at(l, 4), 1, "enabled");
+            }
+
+            let ioapics: Vec<_> = s.iter().filter(|(t, _)| *t == 1).collect();
+            assert_eq!(ioapics.len(), 1);
+            let io = &ioapics[0].1;
+            assert_eq!(io.len(), 12);
+            assert_eq!(io[2], cpus, "I/O APIC ID distinct from the CPUs'");
+            assert_eq!(u32_at(io, 4) as u64, IOAPIC_ADDR);
+            assert_eq!(u32_at(io, 8), 0, "GSI base");
+        }
+    }
+
+    #[test]
+    fn madt_overrides_and_nmi() {
+        let g = tables_for(2);
+        let s = madt_structures(&g.madt);
+        let isos: Vec<_> = s.iter().filter(|(t, _)| *t == 2).map(|(_, b)| b).collect();
+        // Only the SCI: ISA IRQ 9 -> GSI 9, active high (01), level (11 << 2).
+        assert_eq!(isos.len(), 1);
+        assert_eq!(isos[0][2..4], [0, SCI_IRQ as u8]);
+        assert_eq!(u32_at(isos[0], 4), SCI_IRQ);
+        assert_eq!(u16_at(isos[0], 8), 0b1101);
+        let nmis: Vec<_> = s.iter().filter(|(t, _)| *t == 4).map(|(_, b)| b).collect();
+        assert_eq!(nmis.len(), 1);
+        assert_eq!(nmis[0].as_slice(), &[4, 6, 0xff, 0, 0, 1]);
+    }
+
+    #[test]
+    fn dsdt_contains_s5_and_devices() {
+        let g = tables_for(1);
+        let d = &g.dsdt;
+        assert_eq!(d[8], DSDT_REVISION);
+        let aml = &d[36..];
+        // NameOp '\' "_S5_" PackageOp PkgLength(8) NumElements(4)
+        //   BytePrefix SLP_TYP, BytePrefix SLP_TYP, ZeroOp, ZeroOp
+        let s5 = [
+            0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, SLP_TYP_S5, 0x0a,
+            SLP_TYP_S5, 0x00, 0x00,
+        ];
+        assert!(aml.windows(s5.len()).any(|w| w == s5), "no \\_S5_ package");
+        let contains = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"_SB_"));
+        for dev in [b"COM1", b"RTC_", b"KBD_"] {
+            assert!(contains(dev));
+        }
+        // EISA IDs, compressed: PNP0501, PNP0B00, PNP0303.
+        for id in [0x0105_d041u32, 0x000b_d041, 0x0303_d041] {
+            assert!(contains(&id.to_le_bytes()), "missing EISA id {id:#x}");
+        }
+        // COM1 I/O descriptor and IRQ 4.
+        let [lo, hi] = COM1_PORT.to_le_bytes();
+        assert!(contains(&[0x47, 1, lo, hi, lo, hi, 1, 8, 0x22, 0x10, 0x00]));
+    }
+
+    #[test]
+    fn cpu_count_is_validated() {
+        let mem = guest_mem();
+        assert!(matches!(
+            create_acpi_tables(&mem, 0),
+            Err(AcpiError::NoCpus)
+        ));
+        assert!(matches!(
+            create_acpi_tables(&mem, 255),
+            Err(AcpiError::TooManyCpus(255))
+        ));
+        // Nothing was written for a rejected request.
+        assert_eq!(read(&mem, ACPI_START, 8), vec![0u8; 8]);
+    }
+
+    #[test]
+    fn tables_that_do_not_fit_are_an_error() {
+        // The full ACPI area always fits 254 CPUs; a smaller window must fail cleanly.
+        let fits = build_tables(64, ACPI_START, ACPI_END).unwrap();
+        let used = fits
+            .tables
+            .iter()
+            .map(|t| t.addr + t.bytes.len() as u64)
+            .max()
+            .unwrap()
+            - ACPI_START;
+        let err = build_tables(64, ACPI_START, ACPI_START + used - 1).unwrap_err();
+        match err {
+            AcpiError::TablesTooLarge { needed, available } => {
+                assert_eq!(needed, used);
+                assert_eq!(available, used - 1);
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert!(matches!(
+            build_tables(MAX_CPUS, ACPI_START, ACPI_START + 0x100),
+            Err(AcpiError::TablesTooLarge { .. })
+        ));
+        // Placement near the top of the address space does not overflow.
+        assert!(matches!(
+            build_tables(1, u64::MAX - 0x40, u64::MAX),
+            Err(AcpiError::TablesTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_guest_memory_is_an_error() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
+        assert!(matches!(
+            create_acpi_tables(&mem, 1),
+            Err(AcpiError::GuestMemory { table: "RSDP", .. })
+        ));
+    }
+
+    #[test]
+    fn pm_timer_frequency() {
+        assert_eq!(ACPI_PM_TIMER_HZ, 3_579_545);
+    }
+
+    /// Runs ACPICA's `iasl` (package acpica-tools), when it is installed, on every
+    /// table: it must disassemble without errors or checksum complaints, and compiling
+    /// the disassembly back (without optimizations) must give the same bytes, apart from
+    /// the checksum and the creator (compiler) fields iasl stamps. For the DSDT this
+    /// means iasl parsed exactly the AML we wrote. Skipped when iasl is absent.
+    #[test]
+    fn iasl_round_trips_tables() {
+        use std::process::{Command, Output};
+        if Command::new("iasl").arg("-v").output().is_err() {
+            eprintln!("iasl not installed; skipping AML validation");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("skiff-acpi-iasl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = |args: &[&std::ffi::OsStr]| -> (Output, String) {
+            let out = Command::new("iasl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out, text)
+        };
+
+        let tables = build_tables(4, ACPI_START, ACPI_END).unwrap();
+        // iasl does not take a bare RSDP; it is checked by the other tests.
+        for t in tables.tables.iter().filter(|t| t.name != "RSDP") {
+            let name = t.name.to_lowercase();
+            let dat = dir.join(format!("{name}.dat"));
+            let dsl = dir.join(format!("{name}.dsl"));
+            let recompiled = dir.join(format!("re_{name}"));
+            std::fs::write(&dat, &t.bytes).unwrap();
+
+            let (out, text) = run(&["-d".as_ref(), dat.as_os_str()]);
+            assert!(
+                out.status.success() && !text.contains("Error"),
+                "iasl -d {name}:\n{text}"
+            );
+            let source = std::fs::read_to_string(&dsl).unwrap();
+            assert!(
+                !source.contains("Incorrect"),
+                "iasl flags {name}:\n{source}"
+            );
+
+            let (out, text) = run(&[
+                "-oa".as_ref(),
+                "-p".as_ref(),
+                recompiled.as_os_str(),
+                dsl.as_os_str(),
+            ]);
+            assert!(out.status.success(), "recompiling {name} failed:\n{text}");
+            let again = std::fs::read(recompiled.with_extension("aml")).unwrap();
+            assert_eq!(again.len(), t.bytes.len(), "{name} length after round trip");
+            let stamped = |i: usize| t.name != "FACS" && (i == 9 || (28..36).contains(&i));
+            for (i, (a, b)) in t.bytes.iter().zip(&again).enumerate() {
+                assert!(
+                    stamped(i) || a == b,
+                    "{name} differs at byte {i}: {a:#x} vs {b:#x}"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

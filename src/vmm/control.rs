@@ -1,0 +1,90 @@
+//! How anything in the machine (a device, a vCPU) asks the machine to stop, and how
+//! the vCPUs are told. The first request wins; later ones are ignored.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Why the machine stops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered off (ACPI S5, or KVM's system-event shutdown).
+    Poweroff,
+    /// The guest asked for a reset; the string names the path (i8042, 0xcf9, ...).
+    Reboot(&'static str),
+    /// Something went wrong that skiff cannot continue from; the text says what.
+    Error(String),
+}
+
+#[derive(Default)]
+pub struct Control {
+    stopping: AtomicBool,
+    reason: Mutex<Option<StopReason>>,
+    /// Called once when the first stop request arrives, to kick the vCPUs out of
+    /// KVM_RUN. Set by the VMM after the vCPU threads exist.
+    kicker: Mutex<Option<Box<dyn Fn() + Send>>>,
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cheap check for the vCPU loop.
+    #[inline]
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub fn request_stop(&self, reason: StopReason) {
+        {
+            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason);
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    pub fn kick(&self) {
+        if let Some(kick) = self.kicker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            kick();
+        }
+    }
+
+    pub fn set_kicker(&self, kicker: Box<dyn Fn() + Send>) {
+        *self.kicker.lock().unwrap_or_else(|e| e.into_inner()) = Some(kicker);
+        // A stop may have been requested before the kicker existed.
+        if self.stopping() {
+            self.kick();
+        }
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn first_request_wins_and_kicks_once() {
+        let c = Control::new();
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let k = kicks.clone();
+        c.set_kicker(Box::new(move || {
+            k.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert!(!c.stopping());
+        c.request_stop(StopReason::Poweroff);
+        c.request_stop(StopReason::Reboot("i8042"));
+        assert!(c.stopping());
+        assert_eq!(c.reason(), Some(StopReason::Poweroff));
+        assert_eq!(kicks.load(Ordering::SeqCst), 1);
+    }
+}

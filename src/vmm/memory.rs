@@ -1,0 +1,83 @@
+//! Guest RAM: anonymous host memory through vm-memory, split around the 32-bit MMIO
+//! hole, and registered with KVM as one memory slot per region.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory of {size} bytes: {reason}")]
+    Create { size: u64, reason: String },
+    #[error("KVM_SET_USER_MEMORY_REGION for {base:#x}+{size:#x}: {err}")]
+    Register { base: u64, size: u64, err: kvm_ioctls::Error },
+}
+
+/// The RAM regions for `size` bytes: below the hole, and the rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > MMIO_HOLE_START {
+        ranges.push((GuestAddress(MMIO_HOLE_END), (size - MMIO_HOLE_START) as usize));
+    }
+    ranges
+}
+
+pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(size))
+        .map_err(|e| MemoryError::Create { size, reason: e.to_string() })
+}
+
+pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let base = region.start_addr().0;
+        let size = region.len();
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| MemoryError::Create { size, reason: e.to_string() })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: base,
+            memory_size: size,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the host range is a live mapping owned by `mem`, which the Vmm keeps
+        // for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|err| MemoryError::Register { base, size, err })?;
+    }
+    Ok(())
+}
+
+/// How much of guest RAM is resident in host memory, in KiB (mincore).
+pub fn resident_kib(mem: &GuestMemoryMmap) -> u64 {
+    const PAGE: usize = 4096;
+    let mut pages = 0u64;
+    for region in mem.iter() {
+        let Ok(host) = mem.get_host_address(region.start_addr()) else { continue };
+        let len = region.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(PAGE)];
+        // SAFETY: `host..host+len` is one mapping owned by `mem`; `vec` has one byte
+        // per page of it, as mincore requires.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            pages += vec.iter().filter(|b| *b & 1 != 0).count() as u64;
+        }
+    }
+    pages * (PAGE as u64 / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_around_hole() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(r[1], (GuestAddress(1 << 32), (1 << 30) as usize));
+    }
+}

@@ -1,0 +1,175 @@
+//! Shared helpers for integration tests: run skiff on the default guest, talk to the
+//! guest shell over the serial console, and collect what it says.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+pub const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+
+/// How long a boot of the default guest may take. Guest kernel mode can be emulated
+/// (minutes per boot); this bounds a hang, it does not measure anything.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
+
+/// Fails loudly when /dev/kvm cannot be used: these tests never skip.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("integration tests need a usable /dev/kvm and cannot open it: {e}");
+    }
+}
+
+pub fn guest_dir() -> PathBuf {
+    match std::env::var_os("SKIFF_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest/out"),
+    }
+}
+
+pub fn require_guest() {
+    let dir = guest_dir();
+    for f in ["vmlinux", "initrd.cpio.gz"] {
+        assert!(dir.join(f).is_file(), "default guest missing {}: run scripts/fetch-guest", dir.join(f).display());
+    }
+}
+
+/// A running skiff with its console on pipes.
+pub struct Guest {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Everything the console printed so far.
+    pub transcript: String,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Guest {
+    pub fn boot(args: &[&str]) -> Guest {
+        require_kvm();
+        require_guest();
+        let mut child = Command::new(SKIFF)
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn skiff");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                if tx.send(text).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let stdin = child.stdin.take();
+        Guest { child, stdin, lines: rx, transcript: String::new(), stderr: Some(stderr) }
+    }
+
+    /// Waits for a console line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.transcript.push_str(&line);
+                    self.transcript.push('\n');
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("timed out waiting for {needle:?}; console so far:\n{}", self.tail())
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().ok();
+                    let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+                    panic!(
+                        "skiff ended ({status:?}) before {needle:?}; stderr:\n{err}\nconsole:\n{}",
+                        self.tail()
+                    )
+                }
+            }
+        }
+    }
+
+    fn tail(&self) -> String {
+        let lines: Vec<&str> = self.transcript.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(text.as_bytes()).expect("write to guest");
+        stdin.flush().expect("flush");
+    }
+
+    /// Runs a shell command in the guest and returns its output lines (between markers
+    /// the command itself cannot print by accident).
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> Vec<String> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let tag = format!("{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        // The markers are split in the typed text so the echoed command line never
+        // matches them.
+        self.send(&format!("echo BEGIN''-{tag}; {cmd}; echo END''-{tag}\n"));
+        self.wait_for(&format!("BEGIN-{tag}"), timeout);
+        let mut out = Vec::new();
+        loop {
+            let line = self.wait_for("", timeout);
+            if line.contains(&format!("END-{tag}")) {
+                return out;
+            }
+            out.push(line);
+        }
+    }
+
+    /// Waits for skiff to exit; returns its status and stderr.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Keep draining the console so skiff never blocks on a full pipe.
+            while let Ok(line) = self.lines.try_recv() {
+                self.transcript.push_str(&line);
+                self.transcript.push('\n');
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+                return (status, err);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("skiff did not exit in time; console:\n{}", self.tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs skiff to completion with the given arguments (for bad-input cases).
+pub fn skiff(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(SKIFF).args(args).stdin(Stdio::null()).output().expect("run skiff");
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
