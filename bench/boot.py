@@ -74,7 +74,7 @@ def qemu_cmd(guest):
         return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "tiny.elf")]
     cmdline = subprocess.run([SKIFF, "run", "--help"], capture_output=True, text=True).stdout
     return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "vmlinux"),
-                   "-initrd", os.path.join(GUEST, "initrd.cpio.gz"),
+                   "-initrd", os.path.join(GUEST, "initrd.cpio"),
                    "-append", "console=ttyS0 reboot=k panic=-1 loglevel=4 cryptomgr.notests"]
 
 

@@ -17,14 +17,15 @@ pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// line comes early); `reboot=k` makes Linux reboot through the i8042 reset line;
 /// `panic=-1` turns a guest panic into a reboot skiff sees instead of a hang;
 /// `tsc=reliable`/`no_timer_check` skip checks that are slow when guest kernel mode is
-/// emulated; `i8042.*` skip probing the absent keyboard and AUX port; `pci=off`: the
+/// emulated; `acpi_pm_good` skips Linux's PM-timer sanity loop (100,000 port reads;
+/// skiff's PM timer is monotonic by construction); `i8042.*` skip probing the absent keyboard and AUX port; `pci=off`: the
 /// machine has no PCI bus; `cryptomgr.notests` skips the crypto self-tests;
 /// `initcall_blacklist=` skips two boot-time tracing set-ups that walk every kernel
 /// symbol (over two minutes where kernel mode is emulated; kprobe events and the
 /// ftrace weak-function check are not needed by the default guest); `loglevel=4`
 /// keeps the serial console (an exit a byte) short.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 \
-     tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.dumbkbd pci=off \
+     tsc=reliable no_timer_check acpi_pm_good i8042.noaux i8042.nomux i8042.dumbkbd pci=off \
      cryptomgr.notests random.trust_cpu=on loglevel=4 \
      initcall_blacklist=init_kprobe_trace,ftrace_check_for_weak_functions,ftrace_check_sync";
 

@@ -111,7 +111,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         None => {
             let dir = config::default_guest_dir();
             let k = config::default_kernel(&dir).map_err(|e| e.to_string())?;
-            let initrd = args.initrd.or_else(|| Some(dir.join("initrd.cpio.gz")).filter(|p| p.is_file()));
+            let initrd = args.initrd.or_else(|| Some(dir.join("initrd.cpio")).filter(|p| p.is_file()));
             (k, initrd)
         }
     };

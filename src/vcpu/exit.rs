@@ -16,6 +16,8 @@ use crate::vmm::control::StopReason;
 /// What the loop does after an exit was handled.
 enum Next {
     Continue,
+    /// Interrupted by a kick: record where the guest was, if profiling.
+    Sample,
     EmulationFailure,
     Stop(StopReason),
     Unexpected(String),
@@ -39,6 +41,13 @@ impl Vcpu {
             let next = self.run_once(run_page);
             match next {
                 Next::Continue => {}
+                Next::Sample => {
+                    if let Some(samples) = self.rip_samples.as_mut()
+                        && let Ok(regs) = self.fd.get_regs()
+                    {
+                        *samples.entry(regs.rip).or_insert(0) += 1;
+                    }
+                }
                 Next::EmulationFailure => match emulate::handle_failure(self) {
                     Ok(Emulated::Done) => {}
                     Ok(Emulated::Unhandled(diag)) => {
@@ -140,7 +149,7 @@ impl Vcpu {
                 stats.count(ExitKind::Interrupted);
                 // SAFETY: this thread owns the vCPU and its kvm_run page.
                 unsafe { (*run_page).immediate_exit = 0 };
-                Next::Continue
+                Next::Sample
             }
             Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
             Err(e) => Next::Unexpected(format!("KVM_RUN failed: {e}")),

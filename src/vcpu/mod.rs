@@ -65,6 +65,8 @@ pub struct Vcpu {
     pub failure_repeats: u32,
     /// Where XSAVE components live, for emulating the XSAVE family.
     pub xsave_layout: Arc<xsave::XsaveLayout>,
+    /// Guest RIPs seen at kicks, when profiling (`SKIFF_PROFILE`).
+    pub rip_samples: Option<std::collections::HashMap<u64, u64>>,
 }
 
 impl Vcpu {
@@ -86,6 +88,7 @@ impl Vcpu {
             last_failure: None,
             failure_repeats: 0,
             xsave_layout,
+            rip_samples: None,
         }
     }
 

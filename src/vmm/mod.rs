@@ -253,13 +253,19 @@ impl Vmm {
         kick::install_handler().map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
         let _stdin = spawn_stdin_pump(self.serial.clone()).map_err(VmmError::Thread)?;
 
+        // A sampling profiler for diagnosing slow guests: SKIFF_PROFILE=FILE kicks every
+        // vCPU 100 times a second and writes "rip count" lines to FILE at exit.
+        let profile = std::env::var_os("SKIFF_PROFILE").map(std::path::PathBuf::from);
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for mut vcpu in self.vcpus {
+            if profile.is_some() {
+                vcpu.rip_samples = Some(Default::default());
+            }
             let h = std::thread::Builder::new()
                 .name(format!("skiff-vcpu{}", vcpu.index))
                 .spawn(move || {
                     vcpu.run();
-                    vcpu.stats
+                    (vcpu.stats, vcpu.rip_samples)
                 })
                 .map_err(VmmError::Thread)?;
             handles.push(h);
@@ -276,11 +282,35 @@ impl Vmm {
             }
         }));
 
+        if profile.is_some() {
+            let control = self.control.clone();
+            let _ = std::thread::Builder::new().name("skiff-profile".into()).spawn(move || {
+                while !control.stopping() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    control.kick();
+                }
+            });
+        }
+
         let mut stats = ExitStats::default();
+        let mut samples: std::collections::HashMap<u64, u64> = Default::default();
         for h in handles {
             match h.join() {
-                Ok(s) => stats.merge(&s),
+                Ok((s, rips)) => {
+                    stats.merge(&s);
+                    for (rip, n) in rips.into_iter().flatten() {
+                        *samples.entry(rip).or_insert(0) += n;
+                    }
+                }
                 Err(_) => self.control.request_stop(StopReason::Error("a vCPU thread panicked".into())),
+            }
+        }
+        if let Some(path) = profile {
+            let mut lines: Vec<(u64, u64)> = samples.into_iter().collect();
+            lines.sort_by_key(|l| std::cmp::Reverse(l.1));
+            let text: String = lines.iter().map(|(rip, n)| format!("{rip:#x} {n}\n")).collect();
+            if let Err(e) = std::fs::write(&path, text) {
+                eprintln!("skiff: writing the profile to {}: {e}", path.display());
             }
         }
         let rss = rss_report(&self.mem);

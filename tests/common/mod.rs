@@ -32,7 +32,7 @@ pub fn guest_dir() -> PathBuf {
 
 pub fn require_guest() {
     let dir = guest_dir();
-    for f in ["vmlinux", "initrd.cpio.gz"] {
+    for f in ["vmlinux", "initrd.cpio"] {
         assert!(dir.join(f).is_file(), "default guest missing {}: run scripts/fetch-guest", dir.join(f).display());
     }
 }
