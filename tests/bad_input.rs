@@ -52,15 +52,23 @@ fn initrd_that_does_not_fit() {
     common::require_guest();
     let dir = tempdir();
     let p = dir.join("huge-initrd");
-    // Sparse: 200 MiB of nothing, larger than 64 MiB of guest memory.
+    // Sparse: 200 MiB of nothing, larger than 128 MiB of guest memory.
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(200 << 20).unwrap();
     let kernel = common::guest_dir().join("vmlinux");
     let ps = p.to_str().unwrap();
     assert_one_line_error(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--initrd", ps, "--memory", "64M"],
+        &["run", "--kernel", kernel.to_str().unwrap(), "--initrd", ps, "--memory", "128M"],
         &[ps, "do not fit"],
     );
+}
+
+#[test]
+fn kernel_larger_than_memory() {
+    common::require_guest();
+    let kernel = common::guest_dir().join("vmlinux");
+    let k = kernel.to_str().unwrap();
+    assert_one_line_error(&["run", "--kernel", k, "--memory", "64M"], &[k, "does not fit in 64 MiB"]);
 }
 
 #[test]

@@ -58,13 +58,24 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoadError> {
     let err = |reason: String| LoadError::Kernel { path: path.to_path_buf(), reason };
+    let mib = (mem.last_addr().0 + 1) >> 20;
+    // linux-loader reports a segment that does not fit in guest memory as a read
+    // failure; say what it most likely is.
+    let load_err = |kind: &str, e: linux_loader::loader::Error| {
+        let text = e.to_string();
+        if text.contains("Unable to read kernel image") {
+            err(format!("does not fit in {mib} MiB of guest memory, or the file is truncated ({kind})"))
+        } else {
+            err(format!("not a loadable {kind}: {text}"))
+        }
+    };
     let mut file = File::open(path).map_err(|e| err(e.to_string()))?;
     let mut head = [0u8; 0x210];
     let n = read_up_to(&mut file, &mut head).map_err(|e| err(e.to_string()))?;
     let head = &head[..n];
     if head.starts_with(&ELF_MAGIC) {
         let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| err(format!("not a loadable x86-64 vmlinux: {e}")))?;
+            .map_err(|e| load_err("x86-64 vmlinux", e))?;
         let pvh_entry = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
             _ => None,
@@ -72,7 +83,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
         Ok(LoadedKernel { format: KernelFormat::Elf, entry: r.kernel_load.0, pvh_entry, end: r.kernel_end, header: None })
     } else if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(&BZIMAGE_MAGIC[..]) {
         let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| err(format!("not a loadable bzImage: {e}")))?;
+            .map_err(|e| load_err("bzImage", e))?;
         let hdr = r.setup_header.ok_or_else(|| err("bzImage without a setup header".into()))?;
         if hdr.xloadflags & XLF_KERNEL_64 == 0 {
             return Err(err("bzImage has no 64-bit entry point (boot protocol 2.12+ needed)".into()));
