@@ -136,6 +136,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
 
 fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
     let config = build_config(args)?;
+    terminal::install_stop_signals();
     let vmm = Vmm::build(&config, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
     let report = {
         // Raw mode only while the guest runs; the guard restores it on every path out.

@@ -1,5 +1,5 @@
-//! Raw terminal mode for the guest console, restored when the guard drops and also
-//! when skiff is ended by a signal.
+//! Raw terminal mode for the guest console, restored when the guard drops, and the
+//! signals that stop skiff cleanly.
 
 use std::sync::Mutex;
 
@@ -30,7 +30,6 @@ impl RawMode {
         raw.c_oflag |= libc::OPOST | libc::ONLCR;
         // SAFETY: valid fd and a fully initialized termios.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
-        install_restore_on_signal();
         Some(RawMode)
     }
 }
@@ -50,20 +49,28 @@ impl Drop for RawMode {
     }
 }
 
-extern "C" fn on_fatal_signal(sig: libc::c_int) {
-    restore();
-    // SAFETY: resetting to the default action and re-raising ends the process with the
-    // signal's usual status.
-    unsafe {
-        libc::signal(sig, libc::SIG_DFL);
-        libc::raise(sig);
+/// First SIGTERM/SIGHUP/SIGINT: ask the machine to stop cleanly (skiff's stop watcher
+/// sees it), so statistics and profiles are still written and the terminal restored
+/// on the normal path. A second one: restore the terminal and die at once.
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    use std::sync::atomic::Ordering;
+    if skiff::vmm::control::STOP_SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
+        restore();
+        // SAFETY: resetting to the default action and re-raising ends the process with
+        // the signal's usual status.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
     }
 }
 
-fn install_restore_on_signal() {
-    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
-        // SAFETY: the handler only calls async-signal-safe functions (tcsetattr,
-        // signal, raise) plus an uncontended try_lock.
-        unsafe { libc::signal(sig, on_fatal_signal as *const () as libc::sighandler_t) };
+/// Installs the stop-signal handlers (Ctrl-C reaches the guest instead when the
+/// console is in raw mode, since the terminal then sends no SIGINT).
+pub fn install_stop_signals() {
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: the handler only uses an atomic swap and async-signal-safe calls
+        // (tcsetattr, signal, raise) plus an uncontended try_lock.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
     }
 }

@@ -15,6 +15,10 @@ pub enum StopReason {
     Error(String),
 }
 
+/// The signal number that asked skiff to stop (0: none), set from a signal handler
+/// and turned into a stop request by the VMM's watcher.
+pub static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 #[derive(Default)]
 pub struct Control {
     stopping: AtomicBool,

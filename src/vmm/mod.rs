@@ -282,14 +282,24 @@ impl Vmm {
             }
         }));
 
-        if profile.is_some() {
+        // The watcher: turns a stop signal into a clean stop, and drives the profiler.
+        {
             let control = self.control.clone();
-            let _ = std::thread::Builder::new().name("skiff-profile".into()).spawn(move || {
-                while !control.stopping() {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                    control.kick();
-                }
-            });
+            let profiling = profile.is_some();
+            std::thread::Builder::new()
+                .name("skiff-watch".into())
+                .spawn(move || {
+                    while !control.stopping() {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        let sig = control::STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+                        if sig != 0 {
+                            control.request_stop(StopReason::Error(format!("stopped by signal {sig}")));
+                        } else if profiling {
+                            control.kick();
+                        }
+                    }
+                })
+                .map_err(VmmError::Thread)?;
         }
 
         let mut stats = ExitStats::default();
