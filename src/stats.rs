@@ -17,11 +17,15 @@ pub enum ExitKind {
     InternalError,
     FailEntry,
     Interrupted,
+    /// KVM_EXIT_DEBUG (the SYSCALL fix-up's breakpoint).
+    Debug,
+    /// KVM_EXIT_X86_WRMSR (a filtered MSR write).
+    MsrWrite,
     Other,
 }
 
 impl ExitKind {
-    pub const ALL: [ExitKind; 11] = [
+    pub const ALL: [ExitKind; 13] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
@@ -32,6 +36,8 @@ impl ExitKind {
         ExitKind::InternalError,
         ExitKind::FailEntry,
         ExitKind::Interrupted,
+        ExitKind::Debug,
+        ExitKind::MsrWrite,
         ExitKind::Other,
     ];
 
@@ -47,6 +53,8 @@ impl ExitKind {
             ExitKind::InternalError => "internal-error (emulation failure)",
             ExitKind::FailEntry => "fail-entry",
             ExitKind::Interrupted => "interrupted (kick)",
+            ExitKind::Debug => "debug (syscall fix-up breakpoint)",
+            ExitKind::MsrWrite => "msr-write (filtered)",
             ExitKind::Other => "other",
         }
     }

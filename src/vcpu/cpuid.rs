@@ -45,10 +45,11 @@ pub struct GatedFeature {
 
 impl GatedFeature {
     /// The kernel's name for the feature (as in /proc/cpuinfo and `clearcpuid=`).
-    pub fn linux_name(&self) -> &'static str {
+    pub fn linux_names(&self) -> Vec<&'static str> {
         match self.name {
-            "lzcnt" => "abm",
-            n => n,
+            "lzcnt" => vec!["abm"],
+            "erms" => vec!["erms", "fsrm"],
+            n => vec![n],
         }
     }
 }
@@ -178,6 +179,14 @@ pub const GATED: &[GatedFeature] = &[
     },
     GatedFeature { name: "bmi1", gate: bit(7, 0, Ebx, 3), implied: &[], why: "andn/tzcnt in compiled code" },
     GatedFeature { name: "bmi2", gate: bit(7, 0, Ebx, 8), implied: &[], why: "shlx/rorx in compiled code" },
+    GatedFeature {
+        name: "erms",
+        gate: bit(7, 0, Ebx, 9),
+        // FSRM (fast short rep movsb) steers memmove and user copies to rep movsb too.
+        implied: &[bit(7, 0, Edx, 4)],
+        why: "rep stosb/movsb run byte by byte through KVM's emulator: a page cleared with \
+              rep stosb costs several times rep stosq",
+    },
     GatedFeature {
         name: "lzcnt",
         gate: bit(0x8000_0001, 0, Ecx, 5),
@@ -392,5 +401,16 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), GATED.len());
+    }
+
+    #[test]
+    fn linux_names_for_clearcpuid() {
+        let by = |n: &str| GATED.iter().find(|g| g.name == n).unwrap().linux_names();
+        assert_eq!(by("erms"), vec!["erms", "fsrm"]);
+        assert_eq!(by("lzcnt"), vec!["abm"]);
+        assert_eq!(by("smap"), vec!["smap"]);
+        let erms = GATED.iter().find(|g| g.name == "erms").unwrap();
+        assert_eq!((erms.gate.leaf, erms.gate.reg, erms.gate.bit), (7, Ebx, 9));
+        assert_eq!(erms.implied, &[bit(7, 0, Edx, 4)], "FSRM goes with ERMS");
     }
 }

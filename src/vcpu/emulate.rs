@@ -38,6 +38,8 @@ const RFLAGS_AC: u64 = 1 << 18;
 /// Emulation failures in a row at the same RIP after which skiff gives up (a guest
 /// that keeps failing at one place would otherwise spin forever).
 const MAX_REPEATS: u32 = 1000;
+/// Exits between two failures at one RIP that still count as "the same failure again".
+const REPEAT_WINDOW: u64 = 4;
 
 /// Handles one emulation failure on `vcpu`.
 pub fn handle_failure(vcpu: &mut Vcpu) -> Result<Emulated, String> {
@@ -57,7 +59,11 @@ pub fn handle_failure(vcpu: &mut Vcpu) -> Result<Emulated, String> {
             )));
         }
     };
-    if vcpu.last_failure == Some(regs.rip) {
+    // A repeat is a failure at the same RIP with (almost) no other exit in between.
+    let now = vcpu.stats.total();
+    let repeat = vcpu.last_failure == Some(regs.rip) && now.saturating_sub(vcpu.last_failure_exit) <= REPEAT_WINDOW;
+    vcpu.last_failure_exit = now;
+    if repeat {
         vcpu.failure_repeats += 1;
         if vcpu.failure_repeats > MAX_REPEATS {
             return Ok(Emulated::Unhandled(diagnostic_text(
@@ -177,8 +183,15 @@ impl Cx<'_> {
             }
             Mnemonic::Xsavec | Mnemonic::Xsavec64 => self.xsave_family(len, XsaveOp::Save { compact: true })?,
             Mnemonic::Movbe => self.movbe(len)?,
+            _ if self.vcpu.failure_repeats == 0 => {
+                // An instruction KVM's emulator normally handles. The bytes KVM saw may
+                // not be the ones here now: another vCPU patching kernel text (jump
+                // labels, alternatives: int3 first, then the new instruction) races
+                // with KVM's fetch. Run it again once before calling it unsupported.
+                self.count("re-executed (code changed under KVM's emulator)");
+            }
             _ => {
-                // Anything else: what a CPU without the instruction does.
+                // Anything else, failing again: what a CPU without the instruction does.
                 let name = format!("{} -> #UD", self.insn.disasm());
                 self.fault(VEC_UD, None, &name)?;
             }

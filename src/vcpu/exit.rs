@@ -10,6 +10,7 @@ use kvm_ioctls::VcpuExit;
 use super::Vcpu;
 use super::emulate::{self, Emulated};
 use super::kick::RunPage;
+use super::syscall_fixup::{MSR_LSTAR, SyscallFixup};
 use crate::stats::ExitKind;
 use crate::vmm::control::StopReason;
 
@@ -19,6 +20,10 @@ enum Next {
     /// Interrupted by a kick: record where the guest was, if profiling.
     Sample,
     EmulationFailure,
+    /// A breakpoint or single step of the SYSCALL fix-up.
+    Debug,
+    /// The guest wrote a filtered MSR (LSTAR): the value.
+    LstarWrite(u64),
     Stop(StopReason),
     Unexpected(String),
 }
@@ -42,10 +47,10 @@ impl Vcpu {
             match next {
                 Next::Continue => {}
                 Next::Sample => {
-                    if let Some(samples) = self.rip_samples.as_mut()
+                    if let Some((start, samples)) = self.rip_samples.as_mut()
                         && let Ok(regs) = self.fd.get_regs()
                     {
-                        *samples.entry(regs.rip).or_insert(0) += 1;
+                        samples.push((start.elapsed().as_millis() as u32, regs.rip));
                     }
                 }
                 Next::EmulationFailure => match emulate::handle_failure(self) {
@@ -55,6 +60,16 @@ impl Vcpu {
                     }
                     Err(e) => self.control.request_stop(StopReason::Error(e)),
                 },
+                Next::Debug => {
+                    if let Err(e) = SyscallFixup::on_debug(self) {
+                        self.control.request_stop(StopReason::Error(e));
+                    }
+                }
+                Next::LstarWrite(value) => {
+                    if let Err(e) = SyscallFixup::on_lstar_write(self, value) {
+                        self.control.request_stop(StopReason::Error(e));
+                    }
+                }
                 Next::Stop(reason) => self.control.request_stop(reason),
                 Next::Unexpected(what) => {
                     let diag = emulate::diagnose(self, &what);
@@ -138,6 +153,22 @@ impl Vcpu {
                     Next::Unexpected(format!(
                         "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
                     ))
+                }
+                VcpuExit::Debug(_) => {
+                    stats.count(ExitKind::Debug);
+                    Next::Debug
+                }
+                VcpuExit::X86Wrmsr(exit) => {
+                    stats.count(ExitKind::MsrWrite);
+                    if exit.index == MSR_LSTAR {
+                        // Handled: skiff writes the value itself.
+                        *exit.error = 0;
+                        Next::LstarWrite(exit.data)
+                    } else {
+                        // Only LSTAR is filtered; anything else is refused (#GP).
+                        *exit.error = 1;
+                        Next::Continue
+                    }
                 }
                 other => {
                     stats.count(ExitKind::Other);

@@ -6,6 +6,7 @@ pub mod emulate;
 pub mod exit;
 pub mod kick;
 pub mod probe;
+pub mod syscall_fixup;
 pub mod xsave;
 
 use std::sync::Arc;
@@ -60,13 +61,19 @@ pub struct Vcpu {
     pub buses: Arc<Buses>,
     pub control: Arc<Control>,
     pub stats: ExitStats,
-    /// RIP of the last emulation failure and how often it repeated there.
+    /// RIP of the last emulation failure, the exit count when it happened, and how
+    /// often it repeated there back to back.
     pub last_failure: Option<u64>,
+    pub last_failure_exit: u64,
     pub failure_repeats: u32,
     /// Where XSAVE components live, for emulating the XSAVE family.
     pub xsave_layout: Arc<xsave::XsaveLayout>,
-    /// Guest RIPs seen at kicks, when profiling (`SKIFF_PROFILE`).
-    pub rip_samples: Option<std::collections::HashMap<u64, u64>>,
+    /// Completes guest SYSCALLs that KVM leaves half done (armed only where the probe
+    /// found that quirk).
+    pub syscall_fixup: Option<syscall_fixup::SyscallFixup>,
+    /// Guest RIPs seen at kicks, with milliseconds since the machine started, when
+    /// profiling (`SKIFF_PROFILE`).
+    pub rip_samples: Option<(std::time::Instant, Vec<(u32, u64)>)>,
 }
 
 impl Vcpu {
@@ -86,8 +93,10 @@ impl Vcpu {
             control,
             stats: ExitStats::default(),
             last_failure: None,
+            last_failure_exit: 0,
             failure_repeats: 0,
             xsave_layout,
+            syscall_fixup: None,
             rip_samples: None,
         }
     }

@@ -16,7 +16,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::cpuid::{GATED, GatedFeature, has};
-use crate::x86::boot::{BOOT_GDT, SEL_CODE64, SEL_DATA, kvm_segment_from_gdt, write_identity_page_tables};
+use crate::x86::boot::{BOOT_GDT, SEL_CODE64, SEL_DATA, gdt_entry, kvm_segment_from_gdt, write_identity_page_tables};
 
 const MEM_SIZE: usize = 2 << 20;
 const GDT: u64 = 0x500;
@@ -45,6 +45,8 @@ pub enum ProbeResult {
     Faults,
     /// Some other exit or error; the text says which.
     Other(&'static str),
+    /// It runs, but this many times slower than the kernel's alternative.
+    Slow(u32),
 }
 
 /// What the probe learned about this host's KVM.
@@ -63,6 +65,9 @@ pub struct HostQuirks {
     /// not (the guest sees the host's CPUID), hiding features cannot work, and the
     /// emulation-failure path (vcpu/emulate.rs) must handle what the guest runs.
     pub cpuid_honoured: bool,
+    /// A user-mode SYSCALL does not enter kernel mode at an upper-half LSTAR (see
+    /// vcpu/syscall_fixup.rs, which then completes it).
+    pub user_syscall_broken: bool,
     pub probe_ms: f64,
 }
 
@@ -79,7 +84,7 @@ impl HostQuirks {
     /// in its kernel mode but CPUID cannot hide: `clearcpuid=` with the kernel's
     /// feature names (Linux clears dependent features too, e.g. AVX with XSAVE).
     pub fn linux_cmdline_extras(&self) -> Option<String> {
-        let names: Vec<&str> = self.unhideable.iter().map(|f| f.linux_name()).collect();
+        let names: Vec<&str> = self.unhideable.iter().flat_map(|f| f.linux_names()).collect();
         (!names.is_empty()).then(|| format!("clearcpuid={}", names.join(",")))
     }
 
@@ -103,7 +108,17 @@ impl HostQuirks {
             } else {
                 "hidden from CPUID"
             };
-            out.push_str(&format!("  {:<11} fails in guest kernel mode ({r:?}; {}): {fate}\n", f.name, f.why));
+            let what = match r {
+                ProbeResult::Slow(x) => format!("is {x}x slower than the alternative in guest kernel mode"),
+                r => format!("fails in guest kernel mode ({r:?})"),
+            };
+            out.push_str(&format!("  {:<11} {what} ({}): {fate}\n", f.name, f.why));
+        }
+        if self.user_syscall_broken {
+            out.push_str(
+                "  syscall     from user mode stays at CPL 3 at an upper-half LSTAR: completed by skiff \
+                 (breakpoint on the guest's #PF handler)\n",
+            );
         }
         for m in &self.refused_msrs {
             out.push_str(&format!("  KVM_SET_MSRS refuses MSR {m:#x}\n"));
@@ -178,6 +193,7 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 const CR4_PGE: u64 = 1 << 7;
 const CR4_SMEP: u64 = 1 << 20;
 const CR4_SMAP: u64 = 1 << 21;
+const EFER_SCE: u64 = 1 << 0;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
@@ -309,6 +325,83 @@ fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
     Ok(marker_seen && feature_hidden)
 }
 
+/// Whether byte-granular `rep stosb` (what ERMS makes Linux use for clearing pages
+/// and memset) costs much more than `rep stosq` over the same 4 KiB. Where KVM's
+/// emulator runs guest kernel mode, each iteration costs about one emulated
+/// instruction, so the byte form is up to 8 times slower.
+fn rep_string_cost(vm: &mut ProbeVm) -> ProbeResult {
+    const STOSB: [u8; 2] = [0xf3, 0xaa]; // rep stosb (rcx bytes at rdi)
+    const STOSQ: [u8; 3] = [0xf3, 0x48, 0xab]; // rep stosq (rcx quadwords at rdi)
+    // Below this a page clear is cheap whatever the form (native KVM: well under a
+    // microsecond; the exit around it dominates).
+    const CHEAP_NS: u128 = 50_000;
+    let mut best = [u128::MAX; 2];
+    for _ in 0..3 {
+        for (i, (code, count)) in [(&STOSB[..], 4096u64), (&STOSQ[..], 512)].into_iter().enumerate() {
+            let t = Instant::now();
+            let r = vm.run_with(code, 0, count);
+            if r != ProbeResult::Works {
+                return r;
+            }
+            best[i] = best[i].min(t.elapsed().as_nanos());
+        }
+    }
+    let ratio = best[0] / best[1].max(1);
+    if best[0] > CHEAP_NS && ratio >= 3 { ProbeResult::Slow(ratio as u32) } else { ProbeResult::Works }
+}
+
+/// Whether SYSCALL from 64-bit user mode enters kernel mode at an LSTAR in the upper
+/// half, on a supervisor-only page, as Linux's entry is. The probe VM runs user
+/// code (CPL 3, user pages) that executes `syscall`; LSTAR points at `out` on a
+/// kernel-only page. Right: the `out` runs (CPL 0). Wrong: the fetch at LSTAR faults
+/// as a user access (no IDT here, so a triple fault).
+fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
+    use kvm_bindings::{Msrs, kvm_msr_entry};
+    let mut vm = ProbeVm::new(kvm, cpuid)?;
+    let m = vm.mem.clone();
+    let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
+    // User bit on the low identity map (PML4[0], PDPT[0], every PD entry); the
+    // kernel-half map (PML4[511]) stays supervisor-only.
+    let set_user = |a: u64| -> Result<(), String> {
+        let v: u64 = m.read_obj(GuestAddress(a)).map_err(err)?;
+        m.write_obj(v | 4, GuestAddress(a)).map_err(err)
+    };
+    set_user(PML4)?;
+    set_user(PDPT)?;
+    for i in 0..512 {
+        set_user(PD + i * 8)?;
+    }
+    // GDT: user data at 0x28, 64-bit user code at 0x30 (STAR's user base 0x20).
+    let user_data = gdt_entry(0xc0f3, 0, 0xfffff);
+    let user_code = gdt_entry(0xa0fb, 0, 0xfffff);
+    m.write_obj(user_data, GuestAddress(GDT + 5 * 8)).map_err(err)?;
+    m.write_obj(user_code, GuestAddress(GDT + 6 * 8)).map_err(err)?;
+    // User code: syscall. Kernel entry (at CODE + 0x100 through the kernel half): the done marker.
+    m.write_slice(&[0x0f, 0x05], GuestAddress(CODE)).map_err(err)?;
+    m.write_slice(&DONE, GuestAddress(CODE + 0x100)).map_err(err)?;
+    let mut sregs = vm.vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
+    sregs.gdt.limit = 7 * 8 - 1;
+    sregs.cr4 &= !(CR4_SMEP | CR4_SMAP);
+    sregs.efer |= EFER_SCE;
+    sregs.cs = kvm_segment_from_gdt(user_code, 0x33);
+    let ds = kvm_segment_from_gdt(user_data, 0x2b);
+    (sregs.ss, sregs.ds, sregs.es) = (ds, ds, ds);
+    vm.vcpu.set_sregs(&sregs).map_err(|e| format!("probe: KVM_SET_SREGS: {e}"))?;
+    let msrs = Msrs::from_entries(&[
+        kvm_msr_entry { index: 0xc000_0081, data: (0x20 << 48) | (0x08 << 32), ..Default::default() },
+        kvm_msr_entry { index: 0xc000_0082, data: KERNEL_BASE + CODE + 0x100, ..Default::default() },
+        kvm_msr_entry { index: 0xc000_0084, data: 0x200, ..Default::default() },
+    ])
+    .map_err(|e| format!("probe: {e:?}"))?;
+    vm.vcpu.set_msrs(&msrs).map_err(|e| format!("probe: KVM_SET_MSRS: {e}"))?;
+    let mut regs = vm.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
+    regs.rip = CODE;
+    regs.rflags = 0x202;
+    regs.rsp = DATA + 0x800;
+    vm.vcpu.set_regs(&regs).map_err(|e| format!("probe: KVM_SET_REGS: {e}"))?;
+    Ok(matches!(vm.vcpu.run(), Ok(VcpuExit::IoOut(DONE_PORT, _))))
+}
+
 /// The XCR0 bits KVM supports (CPUID leaf 0xD, subleaf 0: EDX:EAX).
 fn supported_xcr0(cpuid: &CpuId) -> u64 {
     super::cpuid::find_entry(cpuid, 0xd, 0).map_or(1, |e| (e.edx as u64) << 32 | e.eax as u64) | 1
@@ -327,8 +420,12 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
         if quirks.hidden.iter().any(|(h, _)| h.implied.contains(&feature.gate)) {
             continue;
         }
-        let Some((code, rax)) = snippet(feature.name) else { continue };
-        let result = vm.run(code, rax);
+        let result = if feature.name == "erms" {
+            rep_string_cost(&mut vm)
+        } else {
+            let Some((code, rax)) = snippet(feature.name) else { continue };
+            vm.run(code, rax)
+        };
         if result != ProbeResult::Works {
             quirks.hidden.push((feature, result));
         }
@@ -360,6 +457,7 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
             }
         }
     }
+    quirks.user_syscall_broken = !user_syscall_enters_kernel(kvm, cpuid)?;
     // Time 2 x 2000 instructions: `mov ecx, 2000; 1: dec ecx; jnz 1b`.
     let loop_code = [0xb9, 0xd0, 0x07, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
     let t = Instant::now();
@@ -371,3 +469,5 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
     Ok(quirks)
 }
+
+

@@ -219,13 +219,19 @@ impl Vmm {
         }
         let buses = Arc::new(buses);
 
+        if quirks.user_syscall_broken {
+            filter_lstar_writes(&vm)?;
+        }
         let xsave_layout = Arc::new(crate::vcpu::xsave::XsaveLayout::from_cpuid(&supported));
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for index in 0..config.cpus {
             let fd = vm.create_vcpu(index as u64).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
             let cpuid: CpuId = cpuid::normalize(&base_cpuid, index, config.cpus);
             fd.set_cpuid2(&cpuid).map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
-            let vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone());
+            let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone());
+            if quirks.user_syscall_broken {
+                vcpu.syscall_fixup = Some(Default::default());
+            }
             vcpu.set_initial_state()?;
             if index == 0 {
                 vcpu.set_boot_state(entry)?;
@@ -254,18 +260,19 @@ impl Vmm {
         let _stdin = spawn_stdin_pump(self.serial.clone()).map_err(VmmError::Thread)?;
 
         // A sampling profiler for diagnosing slow guests: SKIFF_PROFILE=FILE kicks every
-        // vCPU 100 times a second and writes "rip count" lines to FILE at exit.
+        // vCPU 100 times a second and writes "ms vcpu rip" lines to FILE at exit
+        // (scripts/symbolize-profile turns them into guest functions).
         let profile = std::env::var_os("SKIFF_PROFILE").map(std::path::PathBuf::from);
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for mut vcpu in self.vcpus {
             if profile.is_some() {
-                vcpu.rip_samples = Some(Default::default());
+                vcpu.rip_samples = Some((started, Vec::new()));
             }
             let h = std::thread::Builder::new()
                 .name(format!("skiff-vcpu{}", vcpu.index))
                 .spawn(move || {
                     vcpu.run();
-                    (vcpu.stats, vcpu.rip_samples)
+                    (vcpu.index, vcpu.stats, vcpu.rip_samples)
                 })
                 .map_err(VmmError::Thread)?;
             handles.push(h);
@@ -303,22 +310,19 @@ impl Vmm {
         }
 
         let mut stats = ExitStats::default();
-        let mut samples: std::collections::HashMap<u64, u64> = Default::default();
+        let mut samples: Vec<(u32, u8, u64)> = Vec::new();
         for h in handles {
             match h.join() {
-                Ok((s, rips)) => {
+                Ok((index, s, rips)) => {
                     stats.merge(&s);
-                    for (rip, n) in rips.into_iter().flatten() {
-                        *samples.entry(rip).or_insert(0) += n;
-                    }
+                    samples.extend(rips.into_iter().flat_map(|(_, v)| v).map(|(ms, rip)| (ms, index, rip)));
                 }
                 Err(_) => self.control.request_stop(StopReason::Error("a vCPU thread panicked".into())),
             }
         }
         if let Some(path) = profile {
-            let mut lines: Vec<(u64, u64)> = samples.into_iter().collect();
-            lines.sort_by_key(|l| std::cmp::Reverse(l.1));
-            let text: String = lines.iter().map(|(rip, n)| format!("{rip:#x} {n}\n")).collect();
+            samples.sort_unstable();
+            let text: String = samples.iter().map(|(ms, cpu, rip)| format!("{ms} {cpu} {rip:#x}\n")).collect();
             if let Err(e) = std::fs::write(&path, text) {
                 eprintln!("skiff: writing the profile to {}: {e}", path.display());
             }
@@ -341,6 +345,27 @@ impl Vmm {
             cmdline: self.cmdline,
         })
     }
+}
+
+/// Makes guest writes of LSTAR exit to skiff (KVM_CAP_X86_USER_SPACE_MSR with an
+/// MSR filter), so the SYSCALL fix-up (vcpu/syscall_fixup.rs) learns the entry point.
+fn filter_lstar_writes(vm: &VmFd) -> Result<(), VmmError> {
+    use kvm_ioctls::{MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [MsrExitReason::Filter.bits() as u64, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(|e| VmmError::Kvm("KVM_ENABLE_CAP (X86_USER_SPACE_MSR)", e))?;
+    // One MSR, its bit clear: writes are denied in the kernel and come to skiff.
+    let bitmap = [0u8; 1];
+    let range = MsrFilterRange {
+        flags: MsrFilterRangeFlags::WRITE,
+        base: crate::vcpu::syscall_fixup::MSR_LSTAR,
+        msr_count: 1,
+        bitmap: &bitmap,
+    };
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range]).map_err(|e| VmmError::Kvm("KVM_X86_SET_MSR_FILTER", e))
 }
 
 /// skiff's resident memory, and how much of it is guest RAM (resident guest pages,
