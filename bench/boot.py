@@ -16,6 +16,7 @@ Usage: bench/boot.py [--runs N] [--guest tiny|debian|all] [--qemu-timeout S]
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -63,8 +64,8 @@ def run_vmm(cmd, ready, send_after_ready=None, timeout=1800):
 
 def skiff_cmd(guest):
     if guest == "tiny":
-        return [SKIFF, "run", "--kernel", os.path.join(GUEST, "tiny.elf"), "--boot", "pvh", "--boot-time"]
-    return [SKIFF, "run", "--boot-time"]
+        return [SKIFF, "run", "--kernel", os.path.join(GUEST, "tiny.elf"), "--boot", "pvh", "--boot-time", "--stats"]
+    return [SKIFF, "run", "--boot-time", "--stats"]
 
 
 def qemu_cmd(guest):
@@ -72,13 +73,25 @@ def qemu_cmd(guest):
             "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
     if guest == "tiny":
         return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "tiny.elf")]
-    cmdline = subprocess.run([SKIFF, "run", "--help"], capture_output=True, text=True).stdout
     return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "vmlinux"),
                    "-initrd", os.path.join(GUEST, "initrd.cpio"),
                    "-append", "console=ttyS0 reboot=k panic=-1 loglevel=4 cryptomgr.notests"]
 
 
 READY = {"tiny": "tiny: hello", "debian": "skiff-guest: ready"}
+
+
+def skiff_figures(stderr):
+    """skiff's own RSS without guest memory (KiB) and emulated-instruction count, from --stats."""
+    rss = emulated = None
+    for line in stderr.splitlines():
+        m = re.match(r"memory: skiff RSS (\d+) KiB", line)
+        if m:
+            rss = int(m.group(1))
+        m = re.match(r"emulated after KVM emulation failure: (\d+)", line)
+        if m:
+            emulated = int(m.group(1))
+    return rss, 0 if emulated is None else emulated
 
 
 def summary(name, values):
@@ -91,6 +104,7 @@ def summary(name, values):
 def bench(guest, runs, qemu_timeout):
     print(f"== guest: {guest} ==")
     have_qemu = shutil.which("qemu-system-x86_64") is not None
+    rss, emulated = [], []
     results = {"skiff": {"first_byte": [], "ready": [], "exit": []},
                "qemu": {"first_byte": [], "ready": [], "exit": []}}
     qemu_note = None if have_qemu else "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
@@ -101,6 +115,10 @@ def bench(guest, runs, qemu_timeout):
             for k in results["skiff"]:
                 results["skiff"][k].append(r[k])
             bt = [l for l in r["stderr"].splitlines() if l.startswith("boot:")]
+            r_rss, r_emu = skiff_figures(r["stderr"])
+            if r_rss is not None:
+                rss.append(r_rss)
+            emulated.append(r_emu)
             print(f"  run {i+1} skiff: first byte {r['first_byte']*1e3:.1f} ms, ready {r['ready']*1e3:.1f} ms,"
                   f" exit {r['exit']*1e3:.1f} ms; skiff says: {bt[0] if bt else '?'}")
         else:
@@ -125,6 +143,11 @@ def bench(guest, runs, qemu_timeout):
         s, q = results["skiff"][what], results["qemu"][what]
         if s and q:
             print(f"  ratio skiff/qemu ({what}): {statistics.median(s) / statistics.median(q):.3f}")
+    if rss:
+        print(f"skiff RSS excluding guest memory: min {min(rss)} KiB, median {statistics.median(rss):.0f} KiB,"
+              f" max {max(rss)} KiB (goal: under 5120 KiB)")
+    if emulated:
+        print(f"instructions skiff emulated per boot (after KVM's emulator gave up): median {statistics.median(emulated):.0f}")
     if qemu_note:
         print("note: " + qemu_note)
 

@@ -18,16 +18,15 @@ pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// `panic=-1` turns a guest panic into a reboot skiff sees instead of a hang;
 /// `tsc=reliable`/`no_timer_check` skip checks that are slow when guest kernel mode is
 /// emulated; `acpi_pm_good` skips Linux's PM-timer sanity loop (100,000 port reads;
-/// skiff's PM timer is monotonic by construction); `i8042.*` skip probing the absent keyboard and AUX port; `pci=off`: the
-/// machine has no PCI bus; `cryptomgr.notests` skips the crypto self-tests;
-/// `initcall_blacklist=` skips two boot-time tracing set-ups that walk every kernel
-/// symbol (over two minutes where kernel mode is emulated; kprobe events and the
-/// ftrace weak-function check are not needed by the default guest); `loglevel=4`
-/// keeps the serial console (an exit a byte) short.
+/// skiff's PM timer is monotonic by construction); `pci=off`: the machine has no PCI bus; `8250.nr_uarts=1`:
+/// there is one UART, so do not probe for three more; `cryptomgr.notests` skips the
+/// crypto self-tests; `loglevel=4` keeps the serial console (an exit a byte) short.
+/// Where the probe finds host quirks, skiff appends what they need (`clearcpuid=`,
+/// and `initcall_blacklist=` where guest kernel mode is emulated: see
+/// vcpu/probe.rs, `SLOW_WHEN_EMULATED`).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 \
-     tsc=reliable no_timer_check acpi_pm_good i8042.noaux i8042.nomux i8042.dumbkbd pci=off \
-     cryptomgr.notests random.trust_cpu=on loglevel=4 \
-     initcall_blacklist=init_kprobe_trace,ftrace_check_for_weak_functions,ftrace_check_sync";
+     tsc=reliable no_timer_check acpi_pm_good pci=off \
+     8250.nr_uarts=1 cryptomgr.notests random.trust_cpu=on loglevel=4";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

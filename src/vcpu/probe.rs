@@ -49,6 +49,36 @@ pub enum ProbeResult {
     Slow(u32),
 }
 
+/// Linux initcalls skipped where guest kernel mode is emulated: each costs tens of
+/// seconds to minutes there (measured with `initcall_debug` on Debian's 6.1 kernel at
+/// ~600 ns an instruction), and a guest on a serial console does without it.
+pub const SLOW_WHEN_EMULATED: &[(&str, &str)] = &[
+    ("slab_sysfs_init", "120 s: a sysfs directory per slab cache (/sys/kernel/slab stays empty)"),
+    // Each of these registers BPF kfuncs, and the first to run parses the whole vmlinux
+    // BTF (250 s). TCP falls back to Reno without CUBIC.
+    ("cubictcp_register", "BTF parse for CUBIC's kfuncs"),
+    ("bpf_tcp_ca_kfunc_init", "BTF parse for TCP congestion-control kfuncs"),
+    ("bpf_prog_test_run_init", "BTF parse for BPF test-run kfuncs"),
+    ("bpf_key_sig_kfuncs_init", "BTF parse for key and signature kfuncs"),
+    ("bpf_rstat_kfunc_init", "BTF parse for cgroup rstat kfuncs"),
+    ("kfunc_init", "BTF parse for generic BPF kfuncs"),
+    ("init_kprobe_trace", "140 s: kprobe events and their self-checks"),
+    ("init_blk_tracer", "40 s: the blktrace tracer"),
+    ("ftrace_check_for_weak_functions", "ftrace self-checks"),
+    ("ftrace_check_sync", "ftrace self-checks"),
+    ("crypto_kdf108_init", "10 s: the SP800-108 KDF self-test"),
+    ("blake2s_mod_init", "10 s: the BLAKE2s self-test (the library works without it)"),
+    ("load_system_certificate_list", "11 s: Debian's built-in X.509 keys (modules then load unverified, tainted)"),
+];
+
+/// Kernel options added where guest kernel mode is emulated, and what each costs.
+pub const OPTIONS_WHEN_EMULATED: &[(&str, &str)] = &[(
+    "rodata=off",
+    "skips write-protecting kernel text and rodata and, with it, the W+X check that \
+     walks every kernel page table (espfix's thousands of aliases included): minutes \
+     here. The guest kernel's text and rodata stay writable.",
+)];
+
 /// What the probe learned about this host's KVM.
 #[derive(Clone, Debug, Default)]
 pub struct HostQuirks {
@@ -68,6 +98,9 @@ pub struct HostQuirks {
     /// A user-mode SYSCALL does not enter kernel mode at an upper-half LSTAR (see
     /// vcpu/syscall_fixup.rs, which then completes it).
     pub user_syscall_broken: bool,
+    /// A KVM hypercall at CPL 0 never comes back from KVM_RUN: the paravirtual
+    /// features that make hypercalls are hidden (see [`HYPERCALL_FEATURES`]).
+    pub hypercall_hangs: bool,
     pub probe_ms: f64,
 }
 
@@ -83,9 +116,20 @@ impl HostQuirks {
     /// Kernel command-line options that make a Linux guest avoid what KVM cannot run
     /// in its kernel mode but CPUID cannot hide: `clearcpuid=` with the kernel's
     /// feature names (Linux clears dependent features too, e.g. AVX with XSAVE).
+    /// Where guest kernel mode is emulated, also `initcall_blacklist=` with the
+    /// initcalls that take tens of seconds there and that a console guest does without.
     pub fn linux_cmdline_extras(&self) -> Option<String> {
+        let mut extras = Vec::new();
         let names: Vec<&str> = self.unhideable.iter().flat_map(|f| f.linux_names()).collect();
-        (!names.is_empty()).then(|| format!("clearcpuid={}", names.join(",")))
+        if !names.is_empty() {
+            extras.push(format!("clearcpuid={}", names.join(",")));
+        }
+        if self.kernel_mode_emulated() {
+            let calls: Vec<&str> = SLOW_WHEN_EMULATED.iter().map(|(name, _)| *name).collect();
+            extras.push(format!("initcall_blacklist={}", calls.join(",")));
+            extras.extend(OPTIONS_WHEN_EMULATED.iter().map(|(opt, _)| opt.to_string()));
+        }
+        (!extras.is_empty()).then(|| extras.join(" "))
     }
 
     /// Lines for `--stats`.
@@ -113,6 +157,12 @@ impl HostQuirks {
                 r => format!("fails in guest kernel mode ({r:?})"),
             };
             out.push_str(&format!("  {:<11} {what} ({}): {fate}\n", f.name, f.why));
+        }
+        if self.hypercall_hangs {
+            out.push_str(
+                "  hypercall   at CPL 0 never returns from KVM_RUN: PV_UNHALT, PV_SEND_IPI and \
+                 PV_SCHED_YIELD hidden from CPUID leaf 0x40000001\n",
+            );
         }
         if self.user_syscall_broken {
             out.push_str(
@@ -402,6 +452,41 @@ fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> 
     Ok(matches!(vm.vcpu.run(), Ok(VcpuExit::IoOut(DONE_PORT, _))))
 }
 
+/// KVM paravirtual features (CPUID 0x4000_0001 EAX) that make hypercalls: Linux
+/// kicks a waiting vCPU out of a PV spinlock (PV_UNHALT, bit 7), sends IPIs (bit 11)
+/// and yields to a preempted vCPU (bit 13) with them.
+pub const HYPERCALL_FEATURES: [u8; 3] = [7, 11, 13];
+
+/// Whether a hypercall at CPL 0 (`vmmcall` on AMD, `vmcall` on Intel; an unknown
+/// number, which KVM answers with -KVM_ENOSYS) returns. Run on its own thread and
+/// interrupted with the kick signal after a while: where it hangs, KVM_RUN would
+/// otherwise never come back.
+fn hypercall_returns(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
+    use std::os::unix::thread::JoinHandleExt;
+    super::kick::install_handler().map_err(|e| format!("probe: signal handler: {e}"))?;
+    let amd = super::cpuid::find_entry(cpuid, 0, 0).is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth") || e.ebx == u32::from_le_bytes(*b"Hygo"));
+    let code: &'static [u8] = if amd { &[0x0f, 0x01, 0xd9] } else { &[0x0f, 0x01, 0xc1] };
+    let mut vm = ProbeVm::new(kvm, cpuid)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runner = std::thread::Builder::new()
+        .name("skiff-probe-hc".into())
+        .spawn(move || {
+            let r = vm.run(code, 0xffff);
+            let _ = tx.send(());
+            r
+        })
+        .map_err(|e| format!("probe: thread: {e}"))?;
+    // A hypercall takes microseconds, even emulated; a false "hangs" only hides PV features.
+    let returned = rx.recv_timeout(std::time::Duration::from_millis(20)).is_ok();
+    if !returned {
+        // SAFETY: the thread is alive until joined below; the kick signal has a handler
+        // (installed above), so it only interrupts KVM_RUN with EINTR.
+        unsafe { libc::pthread_kill(runner.as_pthread_t(), super::kick::kick_signal()) };
+    }
+    let result = runner.join().map_err(|_| "probe: hypercall thread panicked".to_string())?;
+    Ok(returned && result == ProbeResult::Works)
+}
+
 /// The XCR0 bits KVM supports (CPUID leaf 0xD, subleaf 0: EDX:EAX).
 fn supported_xcr0(cpuid: &CpuId) -> u64 {
     super::cpuid::find_entry(cpuid, 0xd, 0).map_or(1, |e| (e.edx as u64) << 32 | e.eax as u64) | 1
@@ -458,6 +543,7 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
         }
     }
     quirks.user_syscall_broken = !user_syscall_enters_kernel(kvm, cpuid)?;
+    quirks.hypercall_hangs = !hypercall_returns(kvm, cpuid)?;
     // Time 2 x 2000 instructions: `mov ecx, 2000; 1: dec ecx; jnz 1b`.
     let loop_code = [0xb9, 0xd0, 0x07, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
     let t = Instant::now();
@@ -470,4 +556,26 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     Ok(quirks)
 }
 
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_extras_follow_the_quirks() {
+        let native = HostQuirks { cpl0_ns_per_insn: 0.5, ..Default::default() };
+        assert_eq!(native.linux_cmdline_extras(), None, "nothing to add on hardware-assisted KVM");
+
+        let erms = GATED.iter().find(|g| g.name == "erms").unwrap();
+        let emulated = HostQuirks { cpl0_ns_per_insn: 600.0, unhideable: vec![erms], ..Default::default() };
+        let extras = emulated.linux_cmdline_extras().unwrap();
+        assert!(extras.starts_with("clearcpuid=erms,fsrm "), "{extras}");
+        let blacklist = extras.split(' ').find_map(|w| w.strip_prefix("initcall_blacklist=")).unwrap();
+        assert!(blacklist.split(',').any(|c| c == "slab_sysfs_init"), "{blacklist}");
+        assert_eq!(blacklist.split(',').count(), SLOW_WHEN_EMULATED.len());
+        assert!(SLOW_WHEN_EMULATED.iter().all(|(name, why)| !name.contains(',') && !why.is_empty()));
+        assert!(extras.split(' ').any(|w| w == "rodata=off"), "{extras}");
+    }
+}
 

@@ -24,7 +24,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::layout::{
-    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_START, COM1_IRQ, COM1_PORT, I8042_PORT,
+    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_START, COM1_IRQ, COM1_PORT,
     IOAPIC_ADDR, LAPIC_ADDR, PM_TMR_LEN, PM_TMR_PORT, PM1A_CNT_LEN, PM1A_CNT_PORT, PM1A_EVT_LEN,
     PM1A_EVT_PORT, RTC_PORT, SCI_IRQ, SLP_TYP_S5,
 };
@@ -124,12 +124,8 @@ const SCI_INT: u16 = {
 };
 const SCI_ISA_IRQ: u8 = SCI_INT as u8;
 
-/// ISA IRQs of the legacy devices that layout.rs does not name: the PC-standard RTC
-/// and i8042 keyboard lines.
+/// ISA IRQ of the PC-standard RTC (layout.rs does not name it).
 const RTC_IRQ: u32 = 8;
-const I8042_KBD_IRQ: u32 = 1;
-/// The i8042 command/status port is 4 above the data port (0x60/0x64).
-const I8042_CMD_PORT: u16 = I8042_PORT + 4;
 /// The RTC/CMOS occupies an index and a data port.
 const RTC_PORT_LEN: u8 = 2;
 /// A 16550 UART decodes eight consecutive ports.
@@ -163,9 +159,9 @@ const ALL_PROCESSORS_UID: u8 = 0xff;
 /// DSDT revision 2 selects 64-bit AML integers.
 const DSDT_REVISION: u8 = 2;
 
-/// FADT IAPC_BOOT_ARCH bits: legacy (ISA) devices present; an 8042 is present.
+/// FADT IAPC_BOOT_ARCH bit: legacy (ISA) devices present. (Bit 1, an 8042 the OS
+/// may drive, stays clear.)
 const IAPC_BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
-const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
 /// FADT P_LVL2_LAT above 100 and P_LVL3_LAT above 1000 mean "C2/C3 not supported".
 const P_LVL2_LAT_UNSUPPORTED: u16 = 101;
 const P_LVL3_LAT_UNSUPPORTED: u16 = 1001;
@@ -334,7 +330,10 @@ fn build_fadt(dsdt_addr: u32, facs_addr: u32) -> Vec<u8> {
     fadt.p_lvl2_lat = P_LVL2_LAT_UNSUPPORTED.into();
     fadt.p_lvl3_lat = P_LVL3_LAT_UNSUPPORTED.into();
 
-    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_LEGACY_DEVICES | IAPC_BOOT_ARCH_8042).into();
+    // No 8042 to the OS: skiff's i8042 is only the reset line (port 0x64, command
+    // 0xfe), which Linux's reboot=k drives without a driver. Advertising one makes the
+    // driver wait out its controller timeouts.
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_LEGACY_DEVICES.into();
 
     fadt.reset_reg = io_gas(ACPI_RESET_PORT, RESET_REG_BITS, AccessSize::ByteAccess);
     fadt.reset_value = ACPI_RESET_VALUE;
@@ -427,7 +426,6 @@ impl Aml for IrqNoFlags {
 
 const COM1_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(COM1_IRQ));
 const RTC_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(RTC_IRQ));
-const I8042_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(I8042_KBD_IRQ));
 
 /// A fixed 16-bit-decoded I/O port range.
 fn io_range(port: u16, len: u8) -> aml::IO {
@@ -467,19 +465,7 @@ fn dsdt_aml() -> Vec<u8> {
         None,
         vec![&io_range(RTC_PORT, RTC_PORT_LEN), &RTC_IRQ_NO_FLAGS],
     );
-    // PS/2 keyboard controller (i8042): data and command/status ports.
-    let kbd = isa_device(
-        "KBD_",
-        "PNP0303",
-        None,
-        vec![
-            &io_range(I8042_PORT, 1),
-            &io_range(I8042_CMD_PORT, 1),
-            &I8042_IRQ_NO_FLAGS,
-        ],
-    );
-
-    bytes.extend(aml::Scope::raw("\\_SB_".into(), [com1, rtc, kbd].concat()));
+    bytes.extend(aml::Scope::raw("\\_SB_".into(), [com1, rtc].concat()));
     bytes
 }
 
@@ -675,8 +661,8 @@ mod tests {
             (f[88], f[89], f[91]),
             (PM1A_EVT_LEN, PM1A_CNT_LEN, PM_TMR_LEN)
         );
-        // IAPC_BOOT_ARCH: legacy devices + 8042, nothing else.
-        assert_eq!(u16_at(f, 109), 0b11);
+        // IAPC_BOOT_ARCH: legacy devices, no 8042 for the OS to drive.
+        assert_eq!(u16_at(f, 109), 0b01);
         // Flags.
         let flags = u32_at(f, 112);
         let expected = (1 << 0) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 10);
@@ -759,11 +745,12 @@ mod tests {
         assert!(aml.windows(s5.len()).any(|w| w == s5), "no \\_S5_ package");
         let contains = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
         assert!(contains(b"_SB_"));
-        for dev in [b"COM1", b"RTC_", b"KBD_"] {
+        for dev in [b"COM1", b"RTC_"] {
             assert!(contains(dev));
         }
-        // EISA IDs, compressed: PNP0501, PNP0B00, PNP0303.
-        for id in [0x0105_d041u32, 0x000b_d041, 0x0303_d041] {
+        assert!(!contains(b"KBD_"), "no keyboard controller for the OS");
+        // EISA IDs, compressed: PNP0501, PNP0B00.
+        for id in [0x0105_d041u32, 0x000b_d041] {
             assert!(contains(&id.to_le_bytes()), "missing EISA id {id:#x}");
         }
         // COM1 I/O descriptor and IRQ 4.

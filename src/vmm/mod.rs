@@ -186,6 +186,11 @@ impl Vmm {
         for (feature, _) in &quirks.hidden {
             cpuid::hide(&mut base_cpuid, feature);
         }
+        if quirks.hypercall_hangs {
+            for bit in crate::vcpu::probe::HYPERCALL_FEATURES {
+                cpuid::clear(&mut base_cpuid, cpuid::FeatureBit { leaf: 0x4000_0001, subleaf: 0, reg: cpuid::Reg::Eax, bit });
+            }
+        }
         let cmdline = match quirks.linux_cmdline_extras() {
             Some(extra) => format!("{} {extra}", config.cmdline),
             None => config.cmdline.clone(),
