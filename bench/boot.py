@@ -36,7 +36,8 @@ def run_vmm(cmd, ready, send_after_ready=None, timeout=1800):
     times = {}
     buf = bytearray()
     err = []
-    threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True).start()
+    reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    reader.start()
     killer = threading.Timer(timeout, p.kill)
     killer.start()
     try:
@@ -54,6 +55,7 @@ def run_vmm(cmd, ready, send_after_ready=None, timeout=1800):
                     p.stdin.flush()
         p.wait()
         times["exit"] = time.monotonic() - t0
+        reader.join(10)
     finally:
         killer.cancel()
     times["status"] = p.returncode

@@ -48,8 +48,11 @@ pub enum ConfigError {
 /// What to do when the guest asks for a reboot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OnReboot {
-    /// Stop the machine and exit with [`crate::vmm::EXIT_REBOOT`].
+    /// Reset the machine in place (vCPUs to their RESET state, devices reset, RAM
+    /// cleared, the kernel loaded again) and boot again, in the same process.
     #[default]
+    Reset,
+    /// Stop the machine and exit with [`crate::vmm::EXIT_REBOOT`].
     Exit,
 }
 

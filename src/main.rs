@@ -61,8 +61,10 @@ struct RunArgs {
     /// Boot protocol for an ELF kernel: the Linux 64-bit entry, or PVH.
     #[arg(long, value_enum, default_value_t = BootProtocol::Linux64)]
     boot: BootProtocol,
-    /// What a guest reboot does: exit skiff with status 3.
-    #[arg(long, value_enum, default_value_t = RebootAction::Exit)]
+    /// What a guest reboot (i8042 reset line, ACPI reset register, port 0xcf9, triple
+    /// fault) does: `reset` resets the machine in place and boots again; `exit` stops
+    /// skiff with status 3.
+    #[arg(long, value_enum, default_value_t = RebootAction::Reset)]
     on_reboot: RebootAction,
 }
 
@@ -75,6 +77,7 @@ enum BootProtocol {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum RebootAction {
+    Reset,
     Exit,
 }
 
@@ -128,6 +131,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         stats: args.stats,
         boot_time: args.boot_time,
         on_reboot: match args.on_reboot {
+            RebootAction::Reset => OnReboot::Reset,
             RebootAction::Exit => OnReboot::Exit,
         },
         pvh: matches!(args.boot, BootProtocol::Pvh),
@@ -164,6 +168,19 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
             r.boot.exit_ms
         );
     }
+    if (config.boot_time || config.stats) && !r.reboots.is_empty() {
+        for (i, rb) in r.reboots.iter().enumerate() {
+            eprintln!("{}", rb.describe(i + 1));
+        }
+        let mut reset: Vec<f64> = r.reboots.iter().map(|x| x.reset_ms).collect();
+        let mut marker: Vec<f64> = r.reboots.iter().filter_map(|x| x.marker_ms).collect();
+        eprintln!(
+            "reboots: {} in place; reset median {}, reboot request to /init marker median {}",
+            r.reboots.len(),
+            median_ms(&mut reset),
+            median_ms(&mut marker)
+        );
+    }
     if config.stats {
         eprint!("{}", r.stats.report());
         eprintln!("unclaimed port I/O: {} reads, {} writes", r.unclaimed.0, r.unclaimed.1);
@@ -178,4 +195,15 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         }
         eprintln!("kernel command line: {}", r.cmdline);
     }
+}
+
+/// The median of `v` as "N.N ms", or "n/a" when empty.
+fn median_ms(v: &mut [f64]) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let m = if v.len().is_multiple_of(2) { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] };
+    format!("{m:.1} ms")
 }

@@ -33,14 +33,78 @@ fn boot_and_check(cpus: u32) {
     let rtc = g.run("cat /sys/class/rtc/rtc0/name 2>&1 || true", CMD_TIMEOUT);
     assert!(rtc.iter().any(|l| l.contains("rtc_cmos")), "RTC driver: {rtc:?}");
 
+    if cpus == 2 {
+        mtrrs_are_reset_by_reboot(&mut g, cpus);
+    }
+
     g.send("poweroff\n");
     let (status, stderr) = g.wait_exit(CMD_TIMEOUT);
     assert_eq!(status.code(), Some(0), "poweroff exits 0; stderr:\n{stderr}");
     assert!(stderr.contains("boot: first console byte"), "{stderr}");
     assert!(stderr.contains("exits:"), "{stderr}");
     assert!(stderr.contains("host quirks"), "{stderr}");
+    if cpus == 2 {
+        assert!(stderr.contains("reboots: 1 in place"), "{stderr}");
+    }
     // Print what the boot cost, for the log.
     eprintln!("--- {cpus} vCPU(s) ---\n{stderr}");
+}
+
+/// Reads MSR `index` on `cpu` through the msr driver (one 8-byte read at offset
+/// `index`).
+fn read_msr(g: &mut Guest, cpu: u32, index: u32) -> u64 {
+    let out = g.run(
+        &format!("dd if=/dev/cpu/{cpu}/msr bs=8 count=1 skip={index} iflag=skip_bytes 2>/dev/null | od -An -tx8"),
+        CMD_TIMEOUT,
+    );
+    let text = out.concat();
+    u64::from_str_radix(text.trim(), 16).unwrap_or_else(|_| panic!("reading MSR {index:#x} on cpu {cpu}: {out:?}"))
+}
+
+fn write_msr(g: &mut Guest, cpu: u32, index: u32, value: u64) {
+    let bytes: String = value.to_le_bytes().iter().map(|b| format!("\\{b:03o}")).collect();
+    g.run(
+        &format!("printf '{bytes}' | dd of=/dev/cpu/{cpu}/msr bs=8 count=1 seek={index} oflag=seek_bytes conv=notrunc 2>/dev/null"),
+        CMD_TIMEOUT,
+    );
+}
+
+const MTRRCAP: u32 = 0xfe;
+const MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_PHYSBASE0: u32 = 0x200;
+const DEF_TYPE_E: u64 = 1 << 11;
+const PHYSMASK_VALID: u64 = 1 << 11;
+
+/// Seed 004, proven in the guest: program the MTRRs on every vCPU through
+/// /dev/cpu/N/msr, reboot in place, and check after the reboot that on every vCPU
+/// IA32_MTRR_DEF_TYPE.E is clear and no variable range is valid.
+fn mtrrs_are_reset_by_reboot(g: &mut Guest, cpus: u32) {
+    let loaded = g.run("modprobe msr; ls /dev/cpu/0/msr", CMD_TIMEOUT);
+    assert_eq!(loaded, vec!["/dev/cpu/0/msr".to_string()], "msr driver");
+    let vcnt = (read_msr(g, 0, MTRRCAP) & 0xff) as u32;
+    assert!(vcnt >= 1, "MTRRcap.VCNT = {vcnt}");
+    for cpu in 0..cpus {
+        write_msr(g, cpu, MTRR_PHYSBASE0, 0x6);
+        write_msr(g, cpu, MTRR_PHYSBASE0 + 1, 0xf000_0800);
+        write_msr(g, cpu, MTRR_DEF_TYPE, 0xc06);
+        assert_eq!(read_msr(g, cpu, MTRR_DEF_TYPE), 0xc06, "cpu {cpu}: DEF_TYPE programmed");
+        assert_eq!(read_msr(g, cpu, MTRR_PHYSBASE0 + 1), 0xf000_0800, "cpu {cpu}: PHYSMASK0 programmed");
+    }
+
+    g.send("reboot\n");
+    g.wait_for("skiff-guest: ready", BOOT_TIMEOUT);
+    let nproc = g.run("nproc", CMD_TIMEOUT);
+    assert_eq!(nproc, vec![cpus.to_string()], "every vCPU came back after the reboot");
+    g.run("modprobe msr", CMD_TIMEOUT);
+    for cpu in 0..cpus {
+        let def = read_msr(g, cpu, MTRR_DEF_TYPE);
+        assert_eq!(def & DEF_TYPE_E, 0, "cpu {cpu}: IA32_MTRR_DEF_TYPE = {def:#x} after reboot");
+        for n in 0..vcnt {
+            let mask = read_msr(g, cpu, MTRR_PHYSBASE0 + 2 * n + 1);
+            assert_eq!(mask & PHYSMASK_VALID, 0, "cpu {cpu}: PHYSMASK{n} = {mask:#x} after reboot");
+        }
+    }
+    eprintln!("MTRRs after an in-place reboot: DEF_TYPE.E and all {vcnt} PHYSMASK valid bits clear on {cpus} vCPUs");
 }
 
 #[test]

@@ -24,6 +24,10 @@ pub trait BusDevice: Send + Sync {
         }
     }
 
+    /// The machine is being reset (an in-place reboot): go back to power-up state.
+    /// Battery-backed state (the CMOS RAM and clock) survives, as on a PC.
+    fn reset(&self) {}
+
     /// String input (`rep ins`): fills `data` with `data.len() / size` reads.
     fn read_string(&self, offset: u64, size: usize, data: &mut [u8]) {
         if size == 0 {
@@ -80,6 +84,13 @@ impl Bus {
         }
         self.entries.insert(pos, Entry { base, last, device });
         Ok(())
+    }
+
+    /// Resets every device on the bus.
+    pub fn reset_devices(&self) {
+        for e in &self.entries {
+            e.device.reset();
+        }
     }
 
     /// The device covering `addr` and the offset into it, if the whole access of

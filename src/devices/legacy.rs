@@ -11,6 +11,7 @@ use super::BusDevice;
 use crate::vmm::control::{Control, StopReason};
 
 /// Turns a device's reset line into a machine reset request.
+#[derive(Clone)]
 pub struct ResetLine {
     control: Arc<Control>,
     source: &'static str,
@@ -26,17 +27,24 @@ impl Trigger for ResetLine {
 
 /// The i8042 keyboard controller at 0x60..0x64: command 0xfe to port 0x64 pulses the
 /// CPU reset line.
-pub struct I8042(Mutex<I8042Device<ResetLine>>);
+pub struct I8042 {
+    dev: Mutex<I8042Device<ResetLine>>,
+    line: ResetLine,
+}
 
 impl I8042 {
     pub fn new(control: Arc<Control>) -> Self {
-        Self(Mutex::new(I8042Device::new(ResetLine { control, source: "i8042 reset line" })))
+        let line = ResetLine { control, source: "i8042 reset line" };
+        Self { dev: Mutex::new(I8042Device::new(line.clone())), line }
     }
 }
 
 impl BusDevice for I8042 {
+    fn reset(&self) {
+        *self.dev.lock().unwrap_or_else(|e| e.into_inner()) = I8042Device::new(self.line.clone());
+    }
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let mut dev = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
         data.fill(0);
         if let Some(b) = data.first_mut() {
             *b = dev.read(offset as u8);
@@ -44,7 +52,7 @@ impl BusDevice for I8042 {
     }
     fn write(&self, offset: u64, data: &[u8]) {
         if let Some(&b) = data.first() {
-            let mut dev = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
             let _ = dev.write(offset as u8, b);
         }
     }
@@ -65,6 +73,9 @@ impl ResetControl {
 }
 
 impl BusDevice for ResetControl {
+    fn reset(&self) {
+        self.value.store(0, Ordering::Relaxed);
+    }
     fn read(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
         if let Some(b) = data.first_mut() {
@@ -88,6 +99,9 @@ pub struct PostPort {
 }
 
 impl BusDevice for PostPort {
+    fn reset(&self) {
+        self.last.store(0, Ordering::Relaxed);
+    }
     fn read(&self, _offset: u64, data: &mut [u8]) {
         data.fill(self.last.load(Ordering::Relaxed));
     }
@@ -99,10 +113,12 @@ impl BusDevice for PostPort {
 }
 
 /// skiff's boot-marker port: the default guest's /init writes a byte here first
-/// thing, and skiff notes the time (the boot reached user space).
+/// thing, and skiff notes the time (the boot reached user space): the first boot's
+/// time, and the latest boot's (cleared at every in-place reset).
 #[derive(Default)]
 pub struct BootMarker {
     pub reached: Arc<OnceLock<Instant>>,
+    pub this_boot: Mutex<Option<Instant>>,
 }
 
 impl BusDevice for BootMarker {
@@ -110,7 +126,19 @@ impl BusDevice for BootMarker {
         data.fill(0);
     }
     fn write(&self, _offset: u64, _data: &[u8]) {
-        self.reached.get_or_init(Instant::now);
+        let now = Instant::now();
+        self.reached.get_or_init(|| now);
+        self.this_boot.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(now);
+    }
+    fn reset(&self) {
+        *self.this_boot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl BootMarker {
+    /// When the current boot reached the marker, if it has.
+    pub fn this_boot(&self) -> Option<Instant> {
+        *self.this_boot.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -149,5 +177,11 @@ mod tests {
         let t = *m.reached.get().unwrap();
         m.write(0, &[0x7b]);
         assert_eq!(*m.reached.get().unwrap(), t);
+        assert_eq!(m.this_boot(), Some(t));
+        m.reset();
+        assert_eq!(m.this_boot(), None, "a reset starts a new boot");
+        m.write(0, &[0x7b]);
+        assert!(m.this_boot().is_some_and(|b| b >= t));
+        assert_eq!(*m.reached.get().unwrap(), t, "the first boot's time stays");
     }
 }

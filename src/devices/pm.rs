@@ -68,6 +68,11 @@ fn get(data: &[u8]) -> u32 {
 }
 
 impl BusDevice for PmBlock {
+    fn reset(&self) {
+        self.status.store(0, Ordering::Relaxed);
+        self.enable.store(0, Ordering::Relaxed);
+        self.pm1_control.store(SCI_EN, Ordering::Relaxed);
+    }
     fn read(&self, offset: u64, data: &mut [u8]) {
         match offset {
             0..=3 => {

@@ -33,6 +33,13 @@ impl ConsoleOut {
     pub fn new(sink: Box<dyn Write + Send>) -> Self {
         Self { sink, first_byte: Arc::default(), bytes: Arc::default() }
     }
+
+    /// Moves the output out, leaving one that discards (used while the UART model is
+    /// rebuilt at a reset).
+    fn take(&mut self) -> Self {
+        let sink = std::mem::replace(&mut self.sink, Box::new(io::sink()));
+        Self { sink, first_byte: self.first_byte.clone(), bytes: self.bytes.clone() }
+    }
 }
 
 impl Write for ConsoleOut {
@@ -50,11 +57,14 @@ impl Write for ConsoleOut {
 
 pub struct SerialDevice {
     uart: Mutex<Serial<IrqTrigger, NoEvents, ConsoleOut>>,
+    /// The interrupt line, for rebuilding the UART at a reset.
+    irq: EventFd,
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
-        Self { uart: Mutex::new(Serial::new(IrqTrigger(irq), out)) }
+    pub fn new(irq: EventFd, out: ConsoleOut) -> io::Result<Self> {
+        let line = irq.try_clone()?;
+        Ok(Self { uart: Mutex::new(Serial::new(IrqTrigger(line), out)), irq })
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the receive
@@ -71,6 +81,17 @@ impl SerialDevice {
 }
 
 impl BusDevice for SerialDevice {
+    /// Back to the UART's power-up registers (and an empty FIFO); output continues to
+    /// the same place.
+    fn reset(&self) {
+        let Ok(line) = self.irq.try_clone() else { return };
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let out = uart.writer_mut().take();
+        // The default state is always valid, so this cannot fail.
+        if let Ok(fresh) = Serial::from_state(&Default::default(), IrqTrigger(line), NoEvents, out) {
+            *uart = fresh;
+        }
+    }
     fn read(&self, offset: u64, data: &mut [u8]) {
         let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
         let v = uart.read(Self::offset(offset));
@@ -144,7 +165,7 @@ mod tests {
         let out = ConsoleOut::new(Box::new(Shared(buf.clone())));
         let first = out.first_byte.clone();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = SerialDevice::new(evt.try_clone().unwrap(), out);
+        let dev = SerialDevice::new(evt.try_clone().unwrap(), out).unwrap();
         dev.write_string(0, 1, b"hello");
         dev.write(0, b"!");
         assert_eq!(&*buf.lock().unwrap(), b"hello!");
@@ -159,5 +180,15 @@ mod tests {
         let mut rx = [0u8];
         dev.read(0, &mut rx);
         assert_eq!(rx[0], b'a');
+
+        // A reset empties the FIFO and clears IER; output still reaches the console.
+        dev.reset();
+        let mut ier = [0xffu8];
+        dev.read(1, &mut ier);
+        assert_eq!(ier[0], 0);
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 0, "no data after reset");
+        dev.write(0, b"?");
+        assert_eq!(&*buf.lock().unwrap(), b"hello!?");
     }
 }

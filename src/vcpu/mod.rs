@@ -5,13 +5,15 @@ pub mod cpuid;
 pub mod emulate;
 pub mod exit;
 pub mod kick;
+pub mod msr;
 pub mod probe;
+pub mod reset;
+pub mod state;
 pub mod syscall_fixup;
 pub mod xsave;
 
 use std::sync::Arc;
 
-use kvm_bindings::{Msrs, kvm_fpu, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -28,6 +30,21 @@ pub enum VcpuError {
     Kvm(u8, &'static str, kvm_ioctls::Error),
     #[error("vCPU {0}: writing boot tables to guest memory failed")]
     GuestMemory(u8),
+    #[error("vCPU {0}: state {1}")]
+    State(u8, state::StateError),
+}
+
+/// What every vCPU of a machine shares about its state: which MSRs it is made of and
+/// which KVM interfaces carry it (found at run time), and the reset table's inputs.
+pub struct StateSpec {
+    pub msrs: msr::MsrSet,
+    /// KVM_CAP_XSAVE2's size (0 when only the 4 KiB KVM_GET_XSAVE exists).
+    pub xsave_size: usize,
+    pub sregs2: bool,
+    pub tsc_khz: bool,
+    pub vendor: reset::Vendor,
+    /// CPUID leaf 1 EAX: what RESET leaves in EDX.
+    pub signature: u32,
 }
 
 /// Where and how the boot vCPU starts.
@@ -47,12 +64,6 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// MSR numbers the boot state sets.
-pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MISC_ENABLE_FAST_STRING: u64 = 1;
-/// MTRRs enabled, default type write-back: firmware would have done this.
-const MTRR_DEF_TYPE_WB_ENABLED: u64 = (1 << 11) | 6;
 
 pub struct Vcpu {
     pub index: u8,
@@ -74,6 +85,12 @@ pub struct Vcpu {
     /// Guest RIPs seen at kicks, with milliseconds since the machine started, when
     /// profiling (`SKIFF_PROFILE`).
     pub rip_samples: Option<(std::time::Instant, Vec<(u32, u64)>)>,
+    /// The machine's state layout (shared by every vCPU).
+    pub spec: Arc<StateSpec>,
+    /// The state KVM gave this vCPU at creation (with its CPUID set): the base that
+    /// RESET's table is applied to, so state outside the table gets KVM's power-up
+    /// value at every reset, not whatever the last guest left.
+    pub pristine: Option<state::VcpuState>,
 }
 
 impl Vcpu {
@@ -84,6 +101,7 @@ impl Vcpu {
         buses: Arc<Buses>,
         control: Arc<Control>,
         xsave_layout: Arc<xsave::XsaveLayout>,
+        spec: Arc<StateSpec>,
     ) -> Self {
         Self {
             index,
@@ -98,7 +116,54 @@ impl Vcpu {
             xsave_layout,
             syscall_fixup: None,
             rip_samples: None,
+            spec,
+            pristine: None,
         }
+    }
+
+    /// How to read this vCPU's state.
+    pub fn state_ctx(&self) -> state::VcpuCtx<'_> {
+        state::VcpuCtx {
+            fd: &self.fd,
+            msrs: &self.spec.msrs.saved,
+            xsave_size: self.spec.xsave_size,
+            sregs2: self.spec.sregs2,
+            tsc_khz: self.spec.tsc_khz,
+        }
+    }
+
+    pub fn get_state(&self) -> Result<state::VcpuState, VcpuError> {
+        state::VcpuState::get(&self.state_ctx()).map_err(|e| VcpuError::State(self.index, e))
+    }
+
+    pub fn put_state(&self, s: &state::VcpuState) -> Result<(), VcpuError> {
+        s.put(&self.state_ctx()).map_err(|e| VcpuError::State(self.index, e))
+    }
+
+    /// Records KVM's creation state; call once, after KVM_SET_CPUID2, before running.
+    pub fn capture_pristine(&mut self) -> Result<(), VcpuError> {
+        self.pristine = Some(self.get_state()?);
+        Ok(())
+    }
+
+    /// Puts the vCPU into its architectural state after `kind` (vcpu/reset.rs).
+    pub fn reset(&mut self, kind: reset::ResetKind) -> Result<(), VcpuError> {
+        let mut s = match (kind, &self.pristine) {
+            (reset::ResetKind::Power, Some(p)) => p.clone(),
+            _ => self.get_state()?,
+        };
+        reset::apply(kind, self.spec.vendor, &mut s, self.index, self.spec.signature);
+        self.put_state(&s)?;
+        // Nothing of the last boot's guest debugging survives (the SYSCALL fix-up
+        // arms its breakpoint again when the new kernel writes LSTAR).
+        let off = kvm_bindings::kvm_guest_debug::default();
+        self.fd.set_guest_debug(&off).map_err(self.kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        if let Some(f) = self.syscall_fixup.as_mut() {
+            *f = Default::default();
+        }
+        self.last_failure = None;
+        self.failure_repeats = 0;
+        Ok(())
     }
 
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -160,37 +225,20 @@ impl Vcpu {
         Ok(())
     }
 
-    /// State every vCPU gets before it first runs: x87/SSE control words, the boot
-    /// MSRs, and the local APIC's LINT0/LINT1 wiring (ExtINT and NMI, as on a PC).
-    pub fn set_initial_state(&self) -> Result<(), VcpuError> {
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        self.fd.set_fpu(&fpu).map_err(self.kvm_err("KVM_SET_FPU"))?;
-
-        let entries = [
-            kvm_msr_entry { index: MSR_IA32_MISC_ENABLE, data: MISC_ENABLE_FAST_STRING, ..Default::default() },
-            kvm_msr_entry { index: MSR_MTRR_DEF_TYPE, data: MTRR_DEF_TYPE_WB_ENABLED, ..Default::default() },
-        ];
-        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Kvm(self.index, "building MSR list", kvm_ioctls::Error::new(libc::E2BIG)))?;
-        // Some MSRs may be refused by a given KVM; what was set is what counts.
-        let _ = self.fd.set_msrs(&msrs);
-
-        let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
-        const APIC_LVT0: usize = 0x350;
-        const APIC_LVT1: usize = 0x360;
+    /// What firmware sets up before handing over to a kernel, on top of RESET: the
+    /// local APIC's LINT0/LINT1 wiring as on a PC (virtual-wire mode: the bootstrap
+    /// processor takes the 8259's ExtINT through LINT0; LINT1 carries NMI).
+    pub fn set_firmware_state(&self) -> Result<(), VcpuError> {
+        use state::{apic_reg, lapic_get, lapic_set};
+        const DELIVERY_MASK: u32 = 0x700;
         const DELIVERY_EXTINT: u32 = 7 << 8;
         const DELIVERY_NMI: u32 = 4 << 8;
-        let set = |regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32| {
-            let mut b = [0u8; 4];
-            for (i, v) in b.iter_mut().enumerate() {
-                *v = regs[off + i] as u8;
-            }
-            let v = (u32::from_le_bytes(b) & !0x700) | mode;
-            for (i, byte) in v.to_le_bytes().iter().enumerate() {
-                regs[off + i] = *byte as std::os::raw::c_char;
-            }
-        };
-        set(&mut lapic.regs, APIC_LVT0, DELIVERY_EXTINT);
-        set(&mut lapic.regs, APIC_LVT1, DELIVERY_NMI);
+        const MASKED: u32 = 1 << 16;
+        let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
+        let lvt0 = if self.index == 0 { DELIVERY_EXTINT } else { DELIVERY_EXTINT | MASKED };
+        lapic_set(&mut lapic, apic_reg::LVT0, lvt0);
+        let lvt1 = (lapic_get(&lapic, apic_reg::LVT1) & !DELIVERY_MASK) | DELIVERY_NMI;
+        lapic_set(&mut lapic, apic_reg::LVT1, lvt1);
         self.fd.set_lapic(&lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
         Ok(())
     }

@@ -469,13 +469,24 @@ pub const HYPERCALL_FEATURES: [u8; 3] = [7, 11, 13];
 /// number, which KVM answers with -KVM_ENOSYS) returns. Run on its own thread and
 /// interrupted with the kick signal after a while: where it hangs, KVM_RUN would
 /// otherwise never come back.
-fn hypercall_returns(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
-    use std::os::unix::thread::JoinHandleExt;
+/// A hypercall probe in flight: started first, it waits on its own thread while the
+/// other probes run, so a host where hypercalls hang costs no extra probe time.
+struct HypercallProbe {
+    runner: std::thread::JoinHandle<ProbeResult>,
+    returned: std::sync::mpsc::Receiver<()>,
+    started: Instant,
+}
+
+/// A hypercall takes microseconds, even emulated; a false "hangs" only hides PV features.
+const HYPERCALL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, String> {
     super::kick::install_handler().map_err(|e| format!("probe: signal handler: {e}"))?;
     let amd = super::cpuid::find_entry(cpuid, 0, 0).is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth") || e.ebx == u32::from_le_bytes(*b"Hygo"));
     let code: &'static [u8] = if amd { &[0x0f, 0x01, 0xd9] } else { &[0x0f, 0x01, 0xc1] };
     let mut vm = ProbeVm::new(kvm, cpuid)?;
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, returned) = std::sync::mpsc::channel();
+    let started = Instant::now();
     let runner = std::thread::Builder::new()
         .name("skiff-probe-hc".into())
         .spawn(move || {
@@ -484,15 +495,24 @@ fn hypercall_returns(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
             r
         })
         .map_err(|e| format!("probe: thread: {e}"))?;
-    // A hypercall takes microseconds, even emulated; a false "hangs" only hides PV features.
-    let returned = rx.recv_timeout(std::time::Duration::from_millis(20)).is_ok();
-    if !returned {
-        // SAFETY: the thread is alive until joined below; the kick signal has a handler
-        // (installed above), so it only interrupts KVM_RUN with EINTR.
-        unsafe { libc::pthread_kill(runner.as_pthread_t(), super::kick::kick_signal()) };
+    Ok(HypercallProbe { runner, returned, started })
+}
+
+impl HypercallProbe {
+    /// Whether the hypercall came back within HYPERCALL_TIMEOUT of its start.
+    fn returns(self) -> Result<bool, String> {
+        use std::os::unix::thread::JoinHandleExt;
+        let left = HYPERCALL_TIMEOUT.saturating_sub(self.started.elapsed());
+        let returned = self.returned.recv_timeout(left).is_ok();
+        if !returned {
+            // SAFETY: the thread is alive until joined below; the kick signal has a
+            // handler (installed when the probe started), so it only interrupts
+            // KVM_RUN with EINTR.
+            unsafe { libc::pthread_kill(self.runner.as_pthread_t(), super::kick::kick_signal()) };
+        }
+        let result = self.runner.join().map_err(|_| "probe: hypercall thread panicked".to_string())?;
+        Ok(returned && result == ProbeResult::Works)
     }
-    let result = runner.join().map_err(|_| "probe: hypercall thread panicked".to_string())?;
-    Ok(returned && result == ProbeResult::Works)
 }
 
 /// The XCR0 bits KVM supports (CPUID leaf 0xD, subleaf 0: EDX:EAX).
@@ -505,6 +525,7 @@ fn supported_xcr0(cpuid: &CpuId) -> u64 {
 pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     let start = Instant::now();
     let mut quirks = HostQuirks::default();
+    let hypercall = start_hypercall_probe(kvm, cpuid)?;
     let mut vm = ProbeVm::new(kvm, cpuid)?;
     for feature in GATED {
         // Probed whether or not KVM advertises it: some KVMs pass host feature bits
@@ -551,7 +572,6 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
         }
     }
     quirks.user_syscall_broken = !user_syscall_enters_kernel(kvm, cpuid)?;
-    quirks.hypercall_hangs = !hypercall_returns(kvm, cpuid)?;
     // Time 2 x 2000 instructions: `mov ecx, 2000; 1: dec ecx; jnz 1b`.
     let loop_code = [0xb9, 0xd0, 0x07, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
     let t = Instant::now();
@@ -560,6 +580,7 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     if r == ProbeResult::Works {
         quirks.cpl0_ns_per_insn = ns / 4000.0;
     }
+    quirks.hypercall_hangs = !hypercall.returns()?;
     quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
     Ok(quirks)
 }

@@ -1,7 +1,8 @@
 //! How anything in the machine (a device, a vCPU) asks the machine to stop, and how
-//! the vCPUs are told. The first request wins; later ones are ignored.
+//! the vCPUs are told. The first request wins; later ones are ignored until the VMM
+//! handles it (an in-place reboot re-arms the machine; anything else ends it).
 
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Why the machine stops.
@@ -22,7 +23,10 @@ pub static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::Atomic
 #[derive(Default)]
 pub struct Control {
     stopping: AtomicBool,
+    /// The machine is finished for good (no reboot follows): helper threads end.
+    finished: AtomicBool,
     reason: Mutex<Option<StopReason>>,
+    stopped: Condvar,
     /// Called once when the first stop request arrives, to kick the vCPUs out of
     /// KVM_RUN. Set by the VMM after the vCPU threads exist.
     kicker: Mutex<Option<Box<dyn Fn() + Send>>>,
@@ -46,9 +50,49 @@ impl Control {
                 return;
             }
             *r = Some(reason);
+            self.stopping.store(true, Ordering::Release);
         }
-        self.stopping.store(true, Ordering::Release);
+        self.stopped.notify_all();
         self.kick();
+    }
+
+    /// Blocks until a stop has been requested.
+    pub fn wait_stopping(&self) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        while r.is_none() {
+            r = self.stopped.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Removes the kicker (the threads it signals are about to be joined) and kicks
+    /// them one last time, so none stays in KVM_RUN. No kick can reach a joined thread.
+    pub fn retire_kicker(&self) {
+        let mut k = self.kicker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kick) = k.take() {
+            kick();
+        }
+    }
+
+    /// After an in-place reset: clears a Reboot request so the machine runs again.
+    /// Returns false (and keeps the request) if it is anything else, e.g. a stop
+    /// signal that arrived during the reset.
+    pub fn rearm_after_reboot(&self) -> bool {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*r, Some(StopReason::Reboot(_))) {
+            *r = None;
+            self.stopping.store(false, Ordering::Release);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+    }
+
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
     }
 
     pub fn kick(&self) {
@@ -90,5 +134,28 @@ mod tests {
         assert!(c.stopping());
         assert_eq!(c.reason(), Some(StopReason::Poweroff));
         assert_eq!(kicks.load(Ordering::SeqCst), 1);
+        c.wait_stopping();
+        assert!(!c.rearm_after_reboot(), "a poweroff is not re-armed");
+        assert!(c.stopping());
+    }
+
+    #[test]
+    fn reboot_rearms_and_kicker_retires() {
+        let c = Control::new();
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let k = kicks.clone();
+        c.set_kicker(Box::new(move || {
+            k.fetch_add(1, Ordering::SeqCst);
+        }));
+        c.request_stop(StopReason::Reboot("i8042"));
+        c.retire_kicker();
+        assert_eq!(kicks.load(Ordering::SeqCst), 2, "the request's kick and the last one");
+        c.kick();
+        assert_eq!(kicks.load(Ordering::SeqCst), 2, "no kicks after retiring");
+        assert!(c.rearm_after_reboot());
+        assert!(!c.stopping());
+        assert_eq!(c.reason(), None);
+        c.request_stop(StopReason::Poweroff);
+        assert_eq!(c.reason(), Some(StopReason::Poweroff));
     }
 }

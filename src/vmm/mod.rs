@@ -1,6 +1,7 @@
 //! The machine as a whole: build it (KVM VM, memory, irqchip, devices, vCPUs), run it,
-//! and stop it. The lifecycle is: build -> run (one thread per vCPU) -> a stop request
-//! (poweroff, reboot, error) kicks every vCPU -> join -> report.
+//! reset it, and stop it. The lifecycle is: build -> power on -> run (one thread per
+//! vCPU) -> a stop request (poweroff, reboot, error) kicks every vCPU -> join -> on a
+//! reboot, reset in place and run again; otherwise report.
 
 pub mod acpi;
 pub mod control;
@@ -24,8 +25,12 @@ use crate::devices::rtc::Cmos;
 use crate::devices::serial::{ConsoleOut, SerialDevice, spawn_stdin_pump};
 use crate::devices::{BusDevice, Buses};
 use crate::stats::ExitStats;
+use crate::config::OnReboot;
+use crate::vcpu::msr::MsrSet;
 use crate::vcpu::probe::HostQuirks;
-use crate::vcpu::{Vcpu, cpuid, kick, probe};
+use crate::vcpu::reset::{ResetKind, Vendor};
+use crate::vcpu::state::VmState;
+use crate::vcpu::{BootEntry, StateSpec, Vcpu, cpuid, kick, probe};
 use control::{Control, StopReason};
 use layout::*;
 
@@ -107,6 +112,8 @@ pub struct RunReport {
     pub unclaimed: (u64, u64),
     pub rss: Option<RssReport>,
     pub cmdline: String,
+    /// Every in-place reboot, in order.
+    pub reboots: Vec<RebootRecord>,
 }
 
 /// Boot timing, each from skiff's start.
@@ -129,20 +136,39 @@ impl RssReport {
     }
 }
 
+/// One in-place reboot, for `--stats` and the reboot benchmark.
+#[derive(Clone, Debug)]
+pub struct RebootRecord {
+    /// What asked for it (i8042, 0xcf9, ACPI reset register, triple fault).
+    pub source: &'static str,
+    /// Time to reset the machine (vCPUs, devices, RAM, kernel reload), in ms.
+    pub reset_ms: f64,
+    /// From the reboot request to the next boot's /init marker, in ms.
+    pub marker_ms: Option<f64>,
+    /// skiff's own resources right after the reset: they must not grow per reboot.
+    pub threads: u64,
+    pub fds: u64,
+    pub vmm_rss_kib: Option<u64>,
+}
+
 /// A built machine, ready to run.
 pub struct Vmm {
     _kvm: Kvm,
-    _vm: VmFd,
+    vm: VmFd,
+    config: VmConfig,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     control: Arc<Control>,
     buses: Arc<Buses>,
     serial: Arc<SerialDevice>,
+    marker: Arc<BootMarker>,
     quirks: HostQuirks,
     console_first_byte: Arc<OnceLock<Instant>>,
     init_marker: Arc<OnceLock<Instant>>,
     /// The command line the guest got: the configured one plus host-quirk options.
     cmdline: String,
+    /// The in-kernel PICs, I/O APIC and PIT as KVM created them: their power-up state.
+    vm_pristine: VmState,
 }
 
 impl Vmm {
@@ -172,12 +198,12 @@ impl Vmm {
         vm.create_irq_chip().map_err(|e| VmmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(|e| VmmError::Kvm("KVM_CREATE_PIT2", e))?;
+        let vm_pristine = VmState::get(&vm).map_err(|e| VmmError::Device(format!("reading the power-up chipset state: {e}")))?;
 
         let mem = memory::create_guest_memory(config.memory)?;
         memory::register_with_kvm(&vm, &mem)?;
-
+        // Load the kernel while the probe runs (the command line is written later).
         let kernel = loader::load_kernel(&mem, &config.kernel)?;
-        let rsdp = acpi::create_acpi_tables(&mem, config.cpus)?;
         let quirks = probe
             .join()
             .map_err(|_| VmmError::Probe("the probe thread panicked".into()))?
@@ -195,15 +221,15 @@ impl Vmm {
             Some(extra) => format!("{} {extra}", config.cmdline),
             None => config.cmdline.clone(),
         };
-        let entry = loader::write_boot_info(&mem, &kernel, config, &cmdline, rsdp.0)?;
+        let entry = write_guest_tables(&mem, &kernel, config, &cmdline)?;
 
         let control = Arc::new(Control::new());
         let out = ConsoleOut::new(console);
         let console_first_byte = out.first_byte.clone();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| VmmError::Kvm("KVM_IRQFD (COM1)", e))?;
-        let serial = Arc::new(SerialDevice::new(serial_irq, out));
-        let marker = BootMarker::default();
+        let serial = Arc::new(SerialDevice::new(serial_irq, out).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?);
+        let marker = Arc::new(BootMarker::default());
         let init_marker = marker.reached.clone();
 
         let mut buses = Buses::default();
@@ -214,7 +240,7 @@ impl Vmm {
             (Arc::new(PostPort::default()), POST_PORT, 1),
             (Arc::new(ResetControl::new(control.clone(), "0xcf9 reset control")), RESET_CF9_PORT, 1),
             (Arc::new(PmBlock::new(control.clone())), PM1A_EVT_PORT, PM_BLOCK_LEN),
-            (Arc::new(marker), BOOT_MARKER_PORT, 1),
+            (marker.clone(), BOOT_MARKER_PORT, 1),
         ];
         for (dev, port, len) in pio {
             buses
@@ -228,39 +254,72 @@ impl Vmm {
             filter_lstar_writes(&vm)?;
         }
         let xsave_layout = Arc::new(crate::vcpu::xsave::XsaveLayout::from_cpuid(&supported));
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        let mut vcpus: Vec<Vcpu> = Vec::with_capacity(config.cpus as usize);
+        let mut spec: Option<Arc<StateSpec>> = None;
         for index in 0..config.cpus {
             let fd = vm.create_vcpu(index as u64).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
             let cpuid: CpuId = cpuid::normalize(&base_cpuid, index, config.cpus);
             fd.set_cpuid2(&cpuid).map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
-            let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone());
+            // The state layout is found once, on the first vCPU (with its CPUID set).
+            let spec = match &spec {
+                Some(s) => s.clone(),
+                None => spec.insert(Arc::new(discover_state_spec(&kvm, &vm, &fd, &cpuid)?)).clone(),
+            };
+            let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone(), spec);
             if quirks.user_syscall_broken {
                 vcpu.syscall_fixup = Some(Default::default());
             }
-            vcpu.set_initial_state()?;
-            if index == 0 {
-                vcpu.set_boot_state(entry)?;
-            }
+            vcpu.capture_pristine()?;
             vcpus.push(vcpu);
+        }
+        for vcpu in &mut vcpus {
+            power_on(vcpu, entry)?;
         }
 
         Ok(Vmm {
             _kvm: kvm,
-            _vm: vm,
+            vm,
+            config: config.clone(),
             mem,
             vcpus,
             control,
             buses,
             serial,
+            marker,
             quirks,
             console_first_byte,
             init_marker,
             cmdline,
+            vm_pristine,
         })
     }
 
-    /// Runs the machine until it stops; returns why, with the statistics.
-    pub fn run(self, started: Instant) -> Result<RunReport, VmmError> {
+    /// The saved-MSR set this machine uses (what is state, and what is not and why).
+    pub fn msr_set(&self) -> Option<&crate::vcpu::msr::MsrSet> {
+        self.vcpus.first().map(|v| &v.spec.msrs)
+    }
+
+    /// Resets the whole machine in place, as a PC's reset line does, and loads the
+    /// guest again: RAM cleared, chipset and devices to power-up state, every vCPU to
+    /// RESET and then to its boot entry state. Runs with every vCPU thread joined.
+    fn reset_machine(&mut self) -> Result<(), VmmError> {
+        memory::clear(&self.mem)?;
+        self.vm_pristine
+            .put(&self.vm)
+            .map_err(|e| VmmError::Device(format!("resetting the chipset: {e}")))?;
+        self.buses.pio.reset_devices();
+        self.buses.mmio.reset_devices();
+        let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
+        let entry = write_guest_tables(&self.mem, &kernel, &self.config, &self.cmdline)?;
+        for vcpu in &mut self.vcpus {
+            power_on(vcpu, entry)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the machine until it stops for good; an in-place reboot runs it again.
+    /// Returns why it stopped, with the statistics.
+    pub fn run(mut self, started: Instant) -> Result<RunReport, VmmError> {
         kick::install_handler().map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
         let _stdin = spawn_stdin_pump(self.serial.clone()).map_err(VmmError::Thread)?;
 
@@ -268,40 +327,23 @@ impl Vmm {
         // vCPU 100 times a second and writes "ms vcpu rip" lines to FILE at exit
         // (scripts/symbolize-profile turns them into guest functions).
         let profile = std::env::var_os("SKIFF_PROFILE").map(std::path::PathBuf::from);
-        let mut handles = Vec::with_capacity(self.vcpus.len());
-        for mut vcpu in self.vcpus {
-            if profile.is_some() {
-                vcpu.rip_samples = Some((started, Vec::new()));
-            }
-            let h = std::thread::Builder::new()
-                .name(format!("skiff-vcpu{}", vcpu.index))
-                .spawn(move || {
-                    vcpu.run();
-                    (vcpu.index, vcpu.stats, vcpu.rip_samples)
-                })
-                .map_err(VmmError::Thread)?;
-            handles.push(h);
-        }
-        let pthreads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
-        self.control.set_kicker(Box::new(move || {
-            for t in &pthreads {
-                // SAFETY: the threads are joined only after this kicker's last use
-                // (joining happens after the stop request that calls it, and the kicker
-                // is not called again once every vCPU has stopped running).
-                unsafe {
-                    libc::pthread_kill(*t, kick::kick_signal());
-                }
-            }
-        }));
 
         // The watcher: turns a stop signal into a clean stop, and drives the profiler.
+        // It lives for the whole run, across reboots.
+        struct Finish(Arc<Control>);
+        impl Drop for Finish {
+            fn drop(&mut self) {
+                self.0.finish();
+            }
+        }
+        let _finish = Finish(self.control.clone());
         {
             let control = self.control.clone();
             let profiling = profile.is_some();
             std::thread::Builder::new()
                 .name("skiff-watch".into())
                 .spawn(move || {
-                    while !control.stopping() {
+                    while !control.finished() {
                         std::thread::sleep(std::time::Duration::from_millis(10));
                         let sig = control::STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
                         if sig != 0 {
@@ -316,13 +358,46 @@ impl Vmm {
 
         let mut stats = ExitStats::default();
         let mut samples: Vec<(u32, u8, u64)> = Vec::new();
-        for h in handles {
-            match h.join() {
-                Ok((index, s, rips)) => {
-                    stats.merge(&s);
-                    samples.extend(rips.into_iter().flat_map(|(_, v)| v).map(|(ms, rip)| (ms, index, rip)));
-                }
-                Err(_) => self.control.request_stop(StopReason::Error("a vCPU thread panicked".into())),
+        let mut reboots: Vec<RebootRecord> = Vec::new();
+        let mut pending: Option<(Instant, usize)> = None;
+        loop {
+            let vcpus = std::mem::take(&mut self.vcpus);
+            let (back, gen_stats, gen_samples) = run_vcpus(vcpus, &self.control, profile.is_some().then_some(started))?;
+            self.vcpus = back;
+            stats.merge(&gen_stats);
+            samples.extend(gen_samples);
+            if let Some((t, i)) = pending.take()
+                && let Some(r) = reboots.get_mut(i)
+            {
+                r.marker_ms = self.marker.this_boot().map(|m| m.saturating_duration_since(t).as_secs_f64() * 1e3);
+            }
+            let source = match self.control.reason() {
+                Some(StopReason::Reboot(source)) if self.config.on_reboot == OnReboot::Reset => source,
+                _ => break,
+            };
+            if self.vcpus.len() != self.config.cpus as usize {
+                // A vCPU thread died; there is nothing sound to reset.
+                break;
+            }
+            let t = Instant::now();
+            self.reset_machine()?;
+            let reset_ms = t.elapsed().as_secs_f64() * 1e3;
+            let (threads, fds) = thread_and_fd_counts();
+            reboots.push(RebootRecord {
+                source,
+                reset_ms,
+                marker_ms: None,
+                threads,
+                fds,
+                vmm_rss_kib: rss_report(&self.mem).map(|r| r.vmm_kib()),
+            });
+            pending = Some((t, reboots.len() - 1));
+            if self.config.stats || self.config.boot_time {
+                let r = reboots.last().map(|r| r.describe(reboots.len())).unwrap_or_default();
+                eprintln!("\r\nskiff: {r}\r");
+            }
+            if !self.control.rearm_after_reboot() {
+                break;
             }
         }
         if let Some(path) = profile {
@@ -348,8 +423,128 @@ impl Vmm {
             unclaimed: self.buses.pio.unclaimed(),
             rss,
             cmdline: self.cmdline,
+            reboots,
         })
     }
+}
+
+impl RebootRecord {
+    /// One line for `--stats`.
+    pub fn describe(&self, n: usize) -> String {
+        let marker = self.marker_ms.map_or(String::new(), |m| format!(", /init marker {m:.1} ms after the request"));
+        let rss = self.vmm_rss_kib.map_or(String::new(), |k| format!(", RSS {k} KiB without guest RAM"));
+        format!(
+            "reboot {n} ({}): machine reset in place in {:.1} ms{marker}; threads {}, fds {}{rss}",
+            self.source, self.reset_ms, self.threads, self.fds
+        )
+    }
+}
+
+/// Runs every vCPU on its own thread until the machine stops; returns the vCPUs (for
+/// a reset or the report), their summed statistics and profile samples.
+type Samples = Vec<(u32, u8, u64)>;
+fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<Control>, profile: Option<Instant>) -> Result<(Vec<Vcpu>, ExitStats, Samples), VmmError> {
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for mut vcpu in vcpus {
+        if let Some(started) = profile {
+            vcpu.rip_samples = Some((started, Vec::new()));
+        }
+        let h = std::thread::Builder::new()
+            .name(format!("skiff-vcpu{}", vcpu.index))
+            .spawn(move || {
+                vcpu.run();
+                vcpu
+            })
+            .map_err(VmmError::Thread);
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // Stop the ones already running before reporting.
+                control.request_stop(StopReason::Error(e.to_string()));
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    let pthreads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
+    control.set_kicker(Box::new(move || {
+        for t in &pthreads {
+            // SAFETY: the kicker is retired (under its lock) before any of these
+            // threads is joined, so every id here names a live or unjoined thread.
+            unsafe {
+                libc::pthread_kill(*t, kick::kick_signal());
+            }
+        }
+    }));
+    control.wait_stopping();
+    control.retire_kicker();
+
+    let mut stats = ExitStats::default();
+    let mut samples = Vec::new();
+    let mut back = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.join() {
+            Ok(mut vcpu) => {
+                stats.merge(&vcpu.stats);
+                vcpu.stats = ExitStats::default();
+                if let Some((_, rips)) = vcpu.rip_samples.take() {
+                    samples.extend(rips.into_iter().map(|(ms, rip)| (ms, vcpu.index, rip)));
+                }
+                back.push(vcpu);
+            }
+            Err(_) => control.request_stop(StopReason::Error("a vCPU thread panicked".into())),
+        }
+    }
+    Ok((back, stats, samples))
+}
+
+/// Loads what the guest needs beside its kernel: ACPI tables and the boot information
+/// (boot_params or PVH start info, command line, initrd). Returns the boot entry.
+fn write_guest_tables(
+    mem: &GuestMemoryMmap,
+    kernel: &loader::LoadedKernel,
+    config: &VmConfig,
+    cmdline: &str,
+) -> Result<BootEntry, VmmError> {
+    let rsdp = acpi::create_acpi_tables(mem, config.cpus)?;
+    Ok(loader::write_boot_info(mem, kernel, config, cmdline, rsdp.0)?)
+}
+
+/// Power-on for one vCPU: RESET (vcpu/reset.rs), then what firmware would set up,
+/// then, on the bootstrap processor, the kernel's entry state. The same at a cold
+/// start and at every in-place reboot.
+fn power_on(vcpu: &mut Vcpu, entry: BootEntry) -> Result<(), VmmError> {
+    vcpu.reset(ResetKind::Power)?;
+    vcpu.set_firmware_state()?;
+    if vcpu.index == 0 {
+        vcpu.set_boot_state(entry)?;
+    }
+    Ok(())
+}
+
+/// Finds the machine's state layout on its first vCPU: the saved MSRs, which state
+/// ioctls this KVM has, and the reset table's inputs.
+fn discover_state_spec(kvm: &Kvm, vm: &VmFd, fd: &kvm_ioctls::VcpuFd, cpuid: &CpuId) -> Result<StateSpec, VmmError> {
+    let msrs = MsrSet::discover(kvm, fd).map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+    let sregs2 = vm.check_extension_raw(kvm_bindings::KVM_CAP_SREGS2 as libc::c_ulong) > 0;
+    let tsc_khz = fd.get_tsc_khz().is_ok();
+    let leaf0 = cpuid::find_entry(cpuid, 0, 0);
+    let amd = leaf0.is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth") || e.ebx == u32::from_le_bytes(*b"Hygo"));
+    let signature = cpuid::find_entry(cpuid, 1, 0).map_or(0, |e| e.eax);
+    Ok(StateSpec { msrs, xsave_size, sregs2, tsc_khz, vendor: if amd { Vendor::Amd } else { Vendor::Intel }, signature })
+}
+
+/// skiff's thread count and open file descriptors.
+fn thread_and_fd_counts() -> (u64, u64) {
+    let threads = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    (threads, fds)
 }
 
 /// Makes guest writes of LSTAR exit to skiff (KVM_CAP_X86_USER_SPACE_MSR with an
