@@ -148,6 +148,13 @@ fn reset_state_reads_back_as_put() {
     assert_eq!(def & (msr::MTRR_DEF_TYPE_E | msr::MTRR_DEF_TYPE_FE), 0);
     assert_eq!(lapic_get(&s.lapic, apic_reg::SVR), reset::SVR);
     assert_eq!(lapic_get(&s.lapic, apic_reg::LVT_TIMER), reset::LVT_MASKED);
+
+    // Field by field: what KVM reads back is exactly the table applied to KVM's
+    // creation state (except the volatile fields named below).
+    let mut expected = m.vcpu.pristine.clone().expect("pristine");
+    reset::apply(ResetKind::Power, m.vcpu.spec.vendor, &mut expected, 0, m.vcpu.spec.signature);
+    let d = differences(&expected, &s);
+    assert!(d.is_empty(), "RESET state read back differs from what was put: {d:#?}");
 }
 
 /// Fields that change on their own between a put and the next get.
@@ -225,3 +232,4 @@ fn state_round_trips_into_a_fresh_vm() {
     let regs = b.vcpu.fd.get_regs().expect("regs");
     assert_eq!((regs.rbx as u32, regs.rsi as u32), (0xdead_beef, 0x1235));
 }
+

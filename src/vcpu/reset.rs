@@ -162,8 +162,12 @@ pub fn apply(kind: ResetKind, vendor: Vendor, state: &mut VcpuState, index: u8, 
         // x87/SSE: FNINIT state, MXCSR default, everything else zero; XSTATE_BV says
         // x87 and SSE come from this buffer (so FCW and MXCSR are taken as written)
         // and every other component is in its init state.
-        for w in state.xsave.0.iter_mut() {
-            *w = 0;
+        // MXCSR_MASK (word 7) is read-only, and bytes 464..511 of the legacy area are
+        // left to software (KVM fills them on every read): both keep their value.
+        for (i, w) in state.xsave.0.iter_mut().enumerate() {
+            if i != 7 && !(116..128).contains(&i) {
+                *w = 0;
+            }
         }
         state.xsave.set_fcw(FCW);
         state.xsave.set_mxcsr(MXCSR);
@@ -216,8 +220,10 @@ pub fn apply(kind: ResetKind, vendor: Vendor, state: &mut VcpuState, index: u8, 
         (false, ResetKind::Power) => KVM_MP_STATE_UNINITIALIZED,
         (false, ResetKind::Init) => KVM_MP_STATE_INIT_RECEIVED,
     };
-    // Nothing pending: no exception, interrupt, NMI or SMI survives a reset.
-    state.events = kvm_bindings::kvm_vcpu_events::default();
+    // Nothing pending: no exception, interrupt, NMI or SMI survives a reset. The
+    // flags say which of those fields KVM is to take (all that it reported).
+    let flags = state.events.flags;
+    state.events = kvm_bindings::kvm_vcpu_events { flags, ..Default::default() };
 }
 
 #[cfg(test)]
@@ -272,7 +278,7 @@ mod tests {
         assert_eq!((s.debugregs.db, s.debugregs.dr6, s.debugregs.dr7), ([0; 4], 0xffff_0ff0, 0x400));
         assert_eq!((s.xsave.fcw(), s.xsave.mxcsr()), (0x37f, 0x1f80));
         assert_eq!(s.xsave.0.get(128), Some(&3), "XSTATE_BV: x87 and SSE from the buffer");
-        assert!(s.xsave.0.iter().enumerate().all(|(i, w)| [0, 6, 128].contains(&i) || *w == 0));
+        assert!(s.xsave.0.iter().enumerate().all(|(i, w)| [0, 6, 7, 128].contains(&i) || (116..128).contains(&i) || *w == 0));
         assert_eq!((s.xcrs.nr_xcrs, s.xcrs.xcrs[0].xcr, s.xcrs.xcrs[0].value), (1, 0, 1));
         let m = |i| s.msrs.get_value(i).unwrap();
         assert_eq!(m(msr::IA32_PAT), 0x0007_0406_0007_0406);
