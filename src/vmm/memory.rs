@@ -51,6 +51,31 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
     Ok(())
 }
 
+/// Removes guest RAM from the VM (KVM_SET_USER_MEMORY_REGION with size 0 for each
+/// slot). KVM then drops every mapping and shadow page derived from it, which a reset
+/// needs: where KVM shadows the guest's page tables (shadow paging, PVM), it only sees
+/// the guest's own writes to them, so page tables the host rewrites behind its back
+/// (the cleared RAM, the reloaded kernel) would otherwise keep stale translations.
+pub fn unregister_from_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let base = region.start_addr().0;
+        let size = region.len();
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| MemoryError::Create { size, reason: e.to_string() })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: base,
+            memory_size: 0,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: deleting a slot makes KVM stop using the host range; no vCPU runs.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|err| MemoryError::Register { base, size, err })?;
+    }
+    Ok(())
+}
+
 /// Zeroes all guest RAM, as at power-up, by giving the pages back to the host
 /// (MADV_DONTNEED on private anonymous memory reads back as zeroes): no copy, and the
 /// resident size drops to what the next boot touches.

@@ -303,6 +303,9 @@ impl Vmm {
     /// guest again: RAM cleared, chipset and devices to power-up state, every vCPU to
     /// RESET and then to its boot entry state. Runs with every vCPU thread joined.
     fn reset_machine(&mut self) -> Result<(), VmmError> {
+        // RAM leaves the VM while it is cleared and reloaded, so KVM forgets every
+        // translation of the old contents (see memory::unregister_from_kvm).
+        memory::unregister_from_kvm(&self.vm, &self.mem)?;
         memory::clear(&self.mem)?;
         self.vm_pristine
             .put(&self.vm)
@@ -311,6 +314,7 @@ impl Vmm {
         self.buses.mmio.reset_devices();
         let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
         let entry = write_guest_tables(&self.mem, &kernel, &self.config, &self.cmdline)?;
+        memory::register_with_kvm(&self.vm, &self.mem)?;
         for vcpu in &mut self.vcpus {
             power_on(vcpu, entry)?;
         }
