@@ -75,12 +75,12 @@ const MTRR_PHYSBASE0: u32 = 0x200;
 const DEF_TYPE_E: u64 = 1 << 11;
 const PHYSMASK_VALID: u64 = 1 << 11;
 
-/// Starts 100 short processes on every vCPU; any that dies by a signal is reported.
+/// Starts 20 short processes on every vCPU; any that dies by a signal is reported.
 /// (Stale page-table translations after a reset show up exactly like this.)
 fn processes_run_cleanly(g: &mut Guest, cpus: u32, when: &str) {
     for cpu in 0..cpus {
         let out = g.run(
-            &format!("n=0; for i in $(seq 100); do taskset -c {cpu} od -An -tx8 -N8 /dev/zero >/dev/null || n=$((n+1)); done; echo failed=$n"),
+            &format!("n=0; for i in $(seq 20); do taskset -c {cpu} od -An -tx8 -N8 /dev/zero >/dev/null || n=$((n+1)); done; echo failed=$n"),
             CMD_TIMEOUT,
         );
         assert!(out.iter().any(|l| l == "failed=0"), "{when}: processes on cpu {cpu} failed: {out:?}");
