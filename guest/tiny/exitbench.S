@@ -3,8 +3,10 @@
  * the guest, the same way under any VMM (skiff, QEMU, examples/kvm_floor.rs).
  *
  * Time base: the TSC, its rate calibrated against PIT channel 2 (a 1.193182 MHz
- * crystal every PC VMM has, in KVM's kernel here) over 50 ms, as Linux's PIT
- * calibration does: gate on, mode 0, count 59659, poll OUT2 in port 0x61.
+ * crystal every PC VMM has, in KVM's kernel under both skiff and QEMU):
+ * two samples of (TSC, latched channel-2 count) at least 20 ms apart; the median of
+ * 5 such calibrations, since a vCPU preempted between the two reads of a sample
+ * skews that one.
  *
  * Each operation runs N times in a loop; the same loop without the operation (but
  * with any other instruction the operation needs) is timed just before it and
@@ -25,7 +27,8 @@
         .set    POST_PORT, 0x80
         .set    MMIO_ADDR, 0xd0000000   /* in the 32-bit MMIO hole, no device */
         .set    PIT_HZ, 1193182
-        .set    CAL_COUNT, 59659        /* 50 ms of PIT ticks */
+        .set    CAL_COUNT, 23864        /* 20 ms of PIT ticks */
+        .set    CAL_RUNS, 5
 
 /* TSC ticks per iteration of `body` (after `setup`) in EAX, saturated to 32 bits. */
 .macro TIMED iters, setup, body
@@ -89,7 +92,7 @@ _start:
         mov     $msg_start, %esi
         call    puts
 
-        call    calibrate
+        call    calibrate_median
         mov     $msg_tsc, %esi
         call    puts
         mov     tsc_khz, %eax
@@ -127,7 +130,36 @@ poweroff:
 3:      hlt
         jmp     3b
 
-/* tsc_khz from PIT channel 2 (0 if the PIT never counts down) */
+/* tsc_khz: the median of CAL_RUNS calibrations */
+calibrate_median:
+        xor     %edi, %edi
+1:      call    calibrate
+        mov     tsc_khz, %eax
+        mov     %eax, cal_vals(,%edi,4)
+        inc     %edi
+        cmp     $CAL_RUNS, %edi
+        jb      1b
+        /* bubble sort, CAL_RUNS - 1 passes */
+        mov     $(CAL_RUNS - 1), %ebx
+2:      xor     %edi, %edi
+3:      mov     cal_vals(,%edi,4), %eax
+        mov     cal_vals+4(,%edi,4), %edx
+        cmp     %edx, %eax
+        jbe     4f
+        mov     %edx, cal_vals(,%edi,4)
+        mov     %eax, cal_vals+4(,%edi,4)
+4:      inc     %edi
+        cmp     $(CAL_RUNS - 1), %edi
+        jb      3b
+        dec     %ebx
+        jnz     2b
+        mov     cal_vals+(CAL_RUNS / 2) * 4, %eax
+        mov     %eax, tsc_khz
+        ret
+
+/* tsc_khz from PIT channel 2 (0 if it never counts): two (TSC, PIT count) samples
+ * at least CAL_COUNT PIT ticks apart. Each sample reads the TSC and latches the
+ * count back to back, so a preempted vCPU skews a result only if preempted there. */
 calibrate:
         in      $0x61, %al
         and     $0xfd, %al              /* speaker data off */
@@ -135,29 +167,49 @@ calibrate:
         out     %al, $0x61
         mov     $0xb0, %al              /* channel 2, lobyte/hibyte, mode 0, binary */
         out     %al, $0x43
-        mov     $(CAL_COUNT & 0xff), %al
+        mov     $0xff, %al              /* count 0xffff: 55 ms before it wraps */
         out     %al, $0x42
-        mov     $(CAL_COUNT >> 8), %al
         out     %al, $0x42
-        rdtsc
+        call    sample
+        call    sample                  /* the first may precede the count's load */
+        mov     t1, %eax
         mov     %eax, t0
-        mov     %edx, t0+4
-        mov     $10000000, %ecx         /* bounded: a PIT that never fires */
-1:      in      $0x61, %al
-        test    $0x20, %al              /* OUT2: terminal count reached */
-        jnz     2f
+        mov     t1+4, %eax
+        mov     %eax, t0+4
+        mov     %ebx, %esi              /* ESI = count at t0 */
+        mov     $1000000, %ecx          /* bounded: a PIT that never counts */
+1:      call    sample
+        cmp     %esi, %ebx
+        ja      calibrate               /* wrapped (preempted for 55 ms): again */
+        mov     %esi, %eax
+        sub     %ebx, %eax
+        cmp     $CAL_COUNT, %eax
+        jae     2f
         loop    1b
         movl    $0, tsc_khz
         ret
-2:      rdtsc
+2:      /* kHz = dtsc * PIT_HZ / (dpit * 1000); dtsc < 2^32 for any sane TSC */
+        imul    $1000, %eax, %ecx
+        mov     t1, %eax
         sub     t0, %eax
-        sbb     t0+4, %edx
-        /* kHz = ticks * PIT_HZ / (CAL_COUNT * 1000); ticks < 2^32 for any sane TSC */
-        mov     $PIT_HZ, %ecx
-        mul     %ecx
-        mov     $(CAL_COUNT * 1000), %ecx
+        mov     $PIT_HZ, %edx
+        mul     %edx
         call    div64
         mov     %eax, tsc_khz
+        ret
+
+/* EBX = PIT channel 2's count, latched right after reading the TSC into t1 */
+sample:
+        rdtsc
+        mov     %eax, t1
+        mov     %edx, t1+4
+        mov     $0x80, %al              /* latch channel 2 */
+        out     %al, $0x43
+        in      $0x42, %al
+        mov     %al, %bl
+        in      $0x42, %al
+        mov     %al, %bh
+        movzwl  %bx, %ebx
         ret
 
 /* EAX = the FADT's PM timer port, or 0 */
@@ -323,7 +375,7 @@ putdec:
         .section .rodata
 msg_start:  .asciz "exitbench: start\n"
 msg_tsc:    .asciz "exitbench: tsc_khz="
-msg_tsc_how: .asciz " (TSC calibrated against PIT channel 2 over 50 ms)\n"
+msg_tsc_how: .asciz " (TSC against PIT channel 2 latched counts: median of 5 x 20 ms)\n"
 msg_no_pm:  .asciz "exitbench: op=pm_timer_read skipped (no PM timer in the FADT)\n"
 msg_op:     .asciz "exitbench: op="
 msg_n:      .asciz " n="
@@ -345,12 +397,14 @@ stack:  .skip   4096
 stack_top:
         .p2align 3
 t0:     .skip   8
+t1:     .skip   8
 tsc_khz: .skip  4
 pm_port: .skip  4
 best:   .skip   4
 best_base: .skip 4
 base:   .skip   4
 reps:   .skip   4
+cal_vals: .skip 4 * CAL_RUNS
 
         /* PVH entry point note: name "Xen", type 18 (XEN_ELFNOTE_PHYS32_ENTRY). */
         .section .note.pvh, "a", @note
