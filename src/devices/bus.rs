@@ -161,7 +161,7 @@ impl Bus {
     }
 
     /// Whether a read at `addr` must wait for the coalesced ring to drain.
-    #[inline]
+    #[cfg(test)]
     fn read_needs_flush(&self, addr: u64, len: usize) -> bool {
         !self.coalescable.is_empty() && self.entry(addr, len).is_some_and(|e| e.flush_on_read)
     }
@@ -169,9 +169,19 @@ impl Bus {
     /// Dispatches a read; returns whether a device claimed it.
     #[inline]
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.lookup(addr, data.len()) {
-            Some((dev, offset)) => {
-                dev.read(offset, data);
+        self.read_after(addr, data, || {})
+    }
+
+    /// A read that first calls `flush` if the device has a coalescable range (one
+    /// lookup for both).
+    #[inline]
+    fn read_after(&self, addr: u64, data: &mut [u8], flush: impl FnOnce()) -> bool {
+        match self.entry(addr, data.len()) {
+            Some(e) => {
+                if e.flush_on_read {
+                    flush();
+                }
+                e.device.read(addr - e.base, data);
                 true
             }
             None => {
@@ -213,9 +223,16 @@ impl Bus {
 
     /// Port string input.
     pub fn read_string(&self, addr: u64, size: usize, data: &mut [u8]) -> bool {
-        match self.lookup(addr, size) {
-            Some((dev, offset)) => {
-                dev.read_string(offset, size, data);
+        self.read_string_after(addr, size, data, || {})
+    }
+
+    fn read_string_after(&self, addr: u64, size: usize, data: &mut [u8], flush: impl FnOnce()) -> bool {
+        match self.entry(addr, size) {
+            Some(e) => {
+                if e.flush_on_read {
+                    flush();
+                }
+                e.device.read_string(addr - e.base, size, data);
                 true
             }
             None => {
@@ -266,27 +283,24 @@ impl Buses {
     /// A port read, after the ring is flushed if the device takes deferred writes.
     #[inline]
     pub fn pio_read(&self, port: u64, data: &mut [u8]) -> bool {
-        if self.pio.read_needs_flush(port, data.len()) {
+        self.pio.read_after(port, data, || {
             self.flush_coalesced();
-        }
-        self.pio.read(port, data)
+        })
     }
 
     /// Port string input, flushed likewise.
     pub fn pio_read_string(&self, port: u64, size: usize, data: &mut [u8]) -> bool {
-        if self.pio.read_needs_flush(port, size) {
+        self.pio.read_string_after(port, size, data, || {
             self.flush_coalesced();
-        }
-        self.pio.read_string(port, size, data)
+        })
     }
 
     /// An MMIO read, flushed likewise.
     #[inline]
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
-        if self.mmio.read_needs_flush(addr, data.len()) {
+        self.mmio.read_after(addr, data, || {
             self.flush_coalesced();
-        }
-        self.mmio.read(addr, data)
+        })
     }
 }
 
