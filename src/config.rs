@@ -69,6 +69,9 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     /// Boot an ELF kernel through its PVH entry instead of the 64-bit boot protocol.
     pub pvh: bool,
+    /// Let KVM defer writes to coalescable ranges (port 0x80, the RTC index) where it
+    /// can; off only to measure what coalescing saves.
+    pub coalesce: bool,
 }
 
 /// Where the default guest lives: `$SKIFF_GUEST_DIR`, else `guest/out` in the source

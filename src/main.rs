@@ -66,6 +66,10 @@ struct RunArgs {
     /// skiff with status 3.
     #[arg(long, value_enum, default_value_t = RebootAction::Reset)]
     on_reboot: RebootAction,
+    /// Make every write to port 0x80 and the RTC index port exit to skiff instead of
+    /// waiting in KVM's coalesced ring (for measuring what coalescing saves).
+    #[arg(long)]
+    no_coalesce: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -135,6 +139,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
             RebootAction::Exit => OnReboot::Exit,
         },
         pvh: matches!(args.boot, BootProtocol::Pvh),
+        coalesce: !args.no_coalesce,
     })
 }
 
@@ -184,6 +189,10 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
     if config.stats {
         eprint!("{}", r.stats.report());
         eprintln!("unclaimed port I/O: {} reads, {} writes", r.unclaimed.0, r.unclaimed.1);
+        eprintln!(
+            "coalesced writes: {} port I/O, {} MMIO ({})",
+            r.coalesced.0, r.coalesced.1, r.coalescing
+        );
         eprint!("{}", r.quirks.report());
         if let Some(rss) = r.rss {
             eprintln!(

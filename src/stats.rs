@@ -1,5 +1,8 @@
 //! Exit accounting: cheap enough to leave on. Each vCPU thread owns its own counters
 //! (plain integers, no atomics, no sharing); they are summed when the threads join.
+//! Nothing on the exit path allocates: ports count into a fixed array (one slot a
+//! port, zero pages until touched), MMIO pages into a fixed-size table whose overflow
+//! is one counter, so a guest touching ever new addresses cannot grow skiff.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -60,33 +63,110 @@ impl ExitKind {
     }
 }
 
+/// Distinct MMIO pages counted one by one; exits to further pages count together.
+const MMIO_SLOTS: usize = 64;
+const NO_PAGE: u64 = u64::MAX;
+
+/// MMIO exits per 4 KiB page: open addressing in a fixed table.
+#[derive(Clone, Debug)]
+pub struct PageCounts {
+    slots: [(u64, u64); MMIO_SLOTS],
+    /// Exits to pages that found the table full.
+    pub other: u64,
+}
+
+impl Default for PageCounts {
+    fn default() -> Self {
+        Self { slots: [(NO_PAGE, 0); MMIO_SLOTS], other: 0 }
+    }
+}
+
+impl PageCounts {
+    #[inline]
+    pub fn add(&mut self, page: u64, n: u64) {
+        // Fibonacci hashing of the page number picks the first slot to probe.
+        let start = ((page >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize;
+        for i in 0..MMIO_SLOTS {
+            if let Some(slot) = self.slots.get_mut((start + i) % MMIO_SLOTS) {
+                if slot.0 == page {
+                    slot.1 += n;
+                    return;
+                }
+                if slot.0 == NO_PAGE {
+                    *slot = (page, n);
+                    return;
+                }
+            }
+        }
+        self.other += n;
+    }
+
+    pub fn get(&self, page: u64) -> u64 {
+        self.iter().find(|(p, _)| *p == page).map_or(0, |(_, n)| n)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.slots.iter().filter(|s| s.0 != NO_PAGE).copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.other == 0 && self.iter().next().is_none()
+    }
+}
+
 /// One vCPU's counters.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ExitStats {
     pub by_kind: [u64; ExitKind::ALL.len()],
-    /// Port-I/O exits per port (in and out together).
-    pub ports: BTreeMap<u16, u64>,
+    /// Port-I/O exits per port (in and out together), indexed by port.
+    ports: Box<[u64]>,
     /// MMIO exits per 4 KiB page.
-    pub mmio_pages: BTreeMap<u64, u64>,
+    pub mmio_pages: PageCounts,
     /// Instructions skiff emulated or answered after KVM failed to emulate them, by
     /// mnemonic (e.g. "cmpxchg16b" or "int3 -> #BP").
     pub emulated: BTreeMap<String, u64>,
 }
 
+impl Default for ExitStats {
+    fn default() -> Self {
+        Self {
+            by_kind: [0; ExitKind::ALL.len()],
+            // 512 KiB of zeroes from calloc: untouched pages stay unbacked.
+            ports: vec![0u64; 1 << 16].into_boxed_slice(),
+            mmio_pages: PageCounts::default(),
+            emulated: BTreeMap::new(),
+        }
+    }
+}
+
 impl ExitStats {
     #[inline]
     pub fn count(&mut self, kind: ExitKind) {
-        self.by_kind[kind as usize] += 1;
+        if let Some(n) = self.by_kind.get_mut(kind as usize) {
+            *n += 1;
+        }
     }
 
     #[inline]
     pub fn count_port(&mut self, port: u16) {
-        *self.ports.entry(port).or_insert(0) += 1;
+        if let Some(n) = self.ports.get_mut(port as usize) {
+            *n += 1;
+        }
     }
 
     #[inline]
     pub fn count_mmio(&mut self, addr: u64) {
-        *self.mmio_pages.entry(addr & !0xfff).or_insert(0) += 1;
+        self.mmio_pages.add(addr & !0xfff, 1);
+    }
+
+    /// Exits counted for `port`.
+    pub fn port(&self, port: u16) -> u64 {
+        self.ports.get(port as usize).copied().unwrap_or(0)
+    }
+
+    /// Every port with exits, with its count.
+    pub fn ports(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.ports.iter().enumerate().filter(|(_, n)| **n > 0).map(|(p, n)| (p as u16, *n))
     }
 
     pub fn count_emulated(&mut self, what: &str) {
@@ -102,12 +182,13 @@ impl ExitStats {
         for (a, b) in self.by_kind.iter_mut().zip(other.by_kind.iter()) {
             *a += b;
         }
-        for (k, v) in &other.ports {
-            *self.ports.entry(*k).or_insert(0) += v;
+        for (a, b) in self.ports.iter_mut().zip(other.ports.iter()) {
+            *a += b;
         }
-        for (k, v) in &other.mmio_pages {
-            *self.mmio_pages.entry(*k).or_insert(0) += v;
+        for (page, n) in other.mmio_pages.iter() {
+            self.mmio_pages.add(page, n);
         }
+        self.mmio_pages.other += other.mmio_pages.other;
         for (k, v) in &other.emulated {
             *self.emulated.entry(k.clone()).or_insert(0) += v;
         }
@@ -124,8 +205,8 @@ impl ExitStats {
     /// A human-readable report: exits per reason, the top ports and MMIO pages, and
     /// emulated instructions.
     pub fn report(&self) -> String {
-        fn top<K: Copy>(map: &BTreeMap<K, u64>) -> Vec<(K, u64)> {
-            let mut v: Vec<_> = map.iter().map(|(k, n)| (*k, *n)).collect();
+        fn top<K: Copy>(counts: impl Iterator<Item = (K, u64)>) -> Vec<(K, u64)> {
+            let mut v: Vec<_> = counts.collect();
             v.sort_by_key(|e| std::cmp::Reverse(e.1));
             v.truncate(8);
             v
@@ -138,16 +219,20 @@ impl ExitStats {
                 let _ = writeln!(out, "  {:<36} {n:>10}", kind.name());
             }
         }
-        if !self.ports.is_empty() {
+        let ports = top(self.ports());
+        if !ports.is_empty() {
             let _ = writeln!(out, "top ports:");
-            for (port, n) in top(&self.ports) {
+            for (port, n) in ports {
                 let _ = writeln!(out, "  {port:#06x} {n:>10}");
             }
         }
         if !self.mmio_pages.is_empty() {
             let _ = writeln!(out, "top MMIO pages:");
-            for (page, n) in top(&self.mmio_pages) {
+            for (page, n) in top(self.mmio_pages.iter()) {
                 let _ = writeln!(out, "  {page:#014x} {n:>10}");
+            }
+            if self.mmio_pages.other > 0 {
+                let _ = writeln!(out, "  {:<14} {:>10}", "other pages", self.mmio_pages.other);
             }
         }
         let _ = writeln!(
@@ -180,11 +265,28 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.by_kind[ExitKind::IoOut as usize], 2);
         assert_eq!(a.total(), 3);
-        assert_eq!(a.ports[&0x3f8], 2);
-        assert_eq!(a.mmio_pages[&0xfee0_0000], 1);
+        assert_eq!(a.port(0x3f8), 2);
+        assert_eq!(a.mmio_pages.get(0xfee0_0000), 1);
         let r = a.report();
         assert!(r.contains("io-out"), "{r}");
         assert!(r.contains("0x03f8"), "{r}");
         assert!(r.contains("int3 -> #BP"), "{r}");
+    }
+
+    #[test]
+    fn mmio_table_is_bounded() {
+        let mut s = ExitStats::default();
+        for page in 0..1000u64 {
+            s.count_mmio(page << 12 | 0x10);
+            s.count_mmio(page << 12);
+        }
+        let counted: u64 = s.mmio_pages.iter().map(|(_, n)| n).sum();
+        assert_eq!(s.mmio_pages.iter().count(), MMIO_SLOTS);
+        assert_eq!(counted + s.mmio_pages.other, 2000, "every exit is counted somewhere");
+        assert!(s.mmio_pages.iter().all(|(_, n)| n == 2));
+        assert!(s.report().contains("other pages"));
+        s.count_port(0xffff);
+        assert_eq!(s.port(0xffff), 1);
+        assert_eq!(s.ports().collect::<Vec<_>>(), vec![(0xffff, 1)]);
     }
 }

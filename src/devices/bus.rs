@@ -2,9 +2,15 @@
 //! here to a device. A sorted range table, looked up by binary search; no allocation
 //! and no bus-wide lock on the exit path (devices are `Sync` and lock what they must
 //! themselves, so a hot device such as the PM timer needs no lock at all).
+//!
+//! A device may declare part of its range coalescable: writes there may wait in KVM's
+//! coalesced ring (devices/coalesced.rs) until the next exit. `Buses` drains the ring
+//! on every exit before dispatch, and before any read of a device with such a range.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use super::coalesced::{CoalescedRing, CoalescedWrite};
 
 /// A device on a bus. `offset` is relative to the start of the range the device was
 /// inserted at; `data` is the access (1, 2, 4 or 8 bytes, little-endian).
@@ -45,6 +51,8 @@ pub enum BusError {
     BadRange { base: u64, len: u64 },
     #[error("range {base:#x}+{len:#x} overlaps an existing device at {other:#x}")]
     Overlap { base: u64, len: u64, other: u64 },
+    #[error("coalescable range {base:#x}+{len:#x} is not inside one device's range")]
+    NotInDevice { base: u64, len: u64 },
 }
 
 struct Entry {
@@ -52,6 +60,8 @@ struct Entry {
     /// Last address covered, inclusive (so a range may end at u64::MAX).
     last: u64,
     device: Arc<dyn BusDevice>,
+    /// Part of the range is coalescable: flush the ring before reading the device.
+    flush_on_read: bool,
 }
 
 /// One address space (port I/O or MMIO).
@@ -62,6 +72,10 @@ pub struct Bus {
     /// Accesses no device claimed: reads return all ones, writes are dropped.
     unclaimed_reads: AtomicU64,
     unclaimed_writes: AtomicU64,
+    /// Ranges whose writes may be deferred: (base, len), in insertion order.
+    coalescable: Vec<(u64, u64)>,
+    /// Deferred writes delivered from the coalesced ring.
+    coalesced_writes: AtomicU64,
 }
 
 impl Bus {
@@ -82,8 +96,43 @@ impl Bus {
                 return Err(BusError::Overlap { base, len, other: e.base });
             }
         }
-        self.entries.insert(pos, Entry { base, last, device });
+        self.entries.insert(pos, Entry { base, last, device, flush_on_read: false });
         Ok(())
+    }
+
+    /// Declares `[base, base + len)`, inside one device's range, coalescable: the
+    /// device accepts that writes there arrive late (at the next exit of any vCPU),
+    /// as long as it sees them before anything else the guest does to it after them.
+    pub fn mark_coalescable(&mut self, base: u64, len: u64) -> Result<(), BusError> {
+        let last = len
+            .checked_sub(1)
+            .and_then(|l| base.checked_add(l))
+            .ok_or(BusError::BadRange { base, len })?;
+        let pos = self.entries.partition_point(|e| e.base <= base);
+        let entry = pos
+            .checked_sub(1)
+            .and_then(|i| self.entries.get_mut(i))
+            .filter(|e| last <= e.last)
+            .ok_or(BusError::NotInDevice { base, len })?;
+        entry.flush_on_read = true;
+        self.coalescable.push((base, len));
+        Ok(())
+    }
+
+    /// The ranges to register with KVM as coalesced zones.
+    pub fn coalescable(&self) -> &[(u64, u64)] {
+        &self.coalescable
+    }
+
+    /// Deferred writes delivered so far.
+    pub fn coalesced_writes(&self) -> u64 {
+        self.coalesced_writes.load(Ordering::Relaxed)
+    }
+
+    /// Delivers one write from the coalesced ring.
+    fn write_coalesced(&self, w: &CoalescedWrite) {
+        self.coalesced_writes.fetch_add(1, Ordering::Relaxed);
+        self.write(w.addr, w.data());
     }
 
     /// Resets every device on the bus.
@@ -97,21 +146,42 @@ impl Bus {
     /// `len` bytes falls inside its range.
     #[inline]
     pub fn lookup(&self, addr: u64, len: usize) -> Option<(&Arc<dyn BusDevice>, u64)> {
+        self.entry(addr, len).map(|e| (&e.device, addr - e.base))
+    }
+
+    #[inline]
+    fn entry(&self, addr: u64, len: usize) -> Option<&Entry> {
         let pos = self.entries.partition_point(|e| e.base <= addr);
         let entry = self.entries.get(pos.checked_sub(1)?)?;
         let end = addr.checked_add((len as u64).saturating_sub(1))?;
         if end > entry.last {
             return None;
         }
-        Some((&entry.device, addr - entry.base))
+        Some(entry)
+    }
+
+    /// Whether a read at `addr` must wait for the coalesced ring to drain.
+    #[cfg(test)]
+    fn read_needs_flush(&self, addr: u64, len: usize) -> bool {
+        !self.coalescable.is_empty() && self.entry(addr, len).is_some_and(|e| e.flush_on_read)
     }
 
     /// Dispatches a read; returns whether a device claimed it.
     #[inline]
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.lookup(addr, data.len()) {
-            Some((dev, offset)) => {
-                dev.read(offset, data);
+        self.read_after(addr, data, || {})
+    }
+
+    /// A read that first calls `flush` if the device has a coalescable range (one
+    /// lookup for both).
+    #[inline]
+    fn read_after(&self, addr: u64, data: &mut [u8], flush: impl FnOnce()) -> bool {
+        match self.entry(addr, data.len()) {
+            Some(e) => {
+                if e.flush_on_read {
+                    flush();
+                }
+                e.device.read(addr - e.base, data);
                 true
             }
             None => {
@@ -153,9 +223,16 @@ impl Bus {
 
     /// Port string input.
     pub fn read_string(&self, addr: u64, size: usize, data: &mut [u8]) -> bool {
-        match self.lookup(addr, size) {
-            Some((dev, offset)) => {
-                dev.read_string(offset, size, data);
+        self.read_string_after(addr, size, data, || {})
+    }
+
+    fn read_string_after(&self, addr: u64, size: usize, data: &mut [u8], flush: impl FnOnce()) -> bool {
+        match self.entry(addr, size) {
+            Some(e) => {
+                if e.flush_on_read {
+                    flush();
+                }
+                e.device.read_string(addr - e.base, size, data);
                 true
             }
             None => {
@@ -174,11 +251,57 @@ impl Bus {
     }
 }
 
-/// Both address spaces of a machine.
+/// Both address spaces of a machine, and the coalesced ring that feeds them.
 #[derive(Default)]
 pub struct Buses {
     pub pio: Bus,
     pub mmio: Bus,
+    /// Set once KVM took at least one coalesced zone.
+    ring: OnceLock<CoalescedRing>,
+}
+
+impl Buses {
+    /// Attaches the VM's coalesced ring (once); gives it back if one is attached.
+    pub fn attach_ring(&self, ring: CoalescedRing) -> Result<(), CoalescedRing> {
+        self.ring.set(ring)
+    }
+
+    pub fn coalescing(&self) -> bool {
+        self.ring.get().is_some()
+    }
+
+    /// Delivers every deferred write to its device, oldest first. Called after every
+    /// KVM_RUN and at stop; without a ring, or with an empty one, it costs a load or two.
+    #[inline]
+    pub fn flush_coalesced(&self) -> u64 {
+        match self.ring.get() {
+            Some(ring) => ring.drain(|w| if w.pio { self.pio.write_coalesced(&w) } else { self.mmio.write_coalesced(&w) }),
+            None => 0,
+        }
+    }
+
+    /// A port read, after the ring is flushed if the device takes deferred writes.
+    #[inline]
+    pub fn pio_read(&self, port: u64, data: &mut [u8]) -> bool {
+        self.pio.read_after(port, data, || {
+            self.flush_coalesced();
+        })
+    }
+
+    /// Port string input, flushed likewise.
+    pub fn pio_read_string(&self, port: u64, size: usize, data: &mut [u8]) -> bool {
+        self.pio.read_string_after(port, size, data, || {
+            self.flush_coalesced();
+        })
+    }
+
+    /// An MMIO read, flushed likewise.
+    #[inline]
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.mmio.read_after(addr, data, || {
+            self.flush_coalesced();
+        })
+    }
 }
 
 #[cfg(test)]
@@ -189,14 +312,66 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         writes: Mutex<Vec<(u64, Vec<u8>)>>,
+        /// Reads and writes in order: ('r' | 'w', offset).
+        order: Mutex<Vec<(char, u64)>>,
     }
     impl BusDevice for Recorder {
         fn read(&self, offset: u64, data: &mut [u8]) {
+            self.order.lock().unwrap().push(('r', offset));
             data.fill(offset as u8);
         }
         fn write(&self, offset: u64, data: &[u8]) {
+            self.order.lock().unwrap().push(('w', offset));
             self.writes.lock().unwrap().push((offset, data.to_vec()));
         }
+    }
+
+    #[test]
+    fn coalescable_ranges_lie_inside_one_device() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Recorder::default());
+        bus.insert(dev.clone(), 0x70, 2).unwrap();
+        bus.insert(dev.clone(), 0x80, 1).unwrap();
+        assert_eq!(bus.mark_coalescable(0x71, 2), Err(BusError::NotInDevice { base: 0x71, len: 2 }));
+        assert_eq!(bus.mark_coalescable(0x6f, 1), Err(BusError::NotInDevice { base: 0x6f, len: 1 }));
+        assert_eq!(bus.mark_coalescable(0x81, 1), Err(BusError::NotInDevice { base: 0x81, len: 1 }));
+        assert!(matches!(bus.mark_coalescable(0x70, 0), Err(BusError::BadRange { .. })));
+        bus.mark_coalescable(0x70, 1).unwrap();
+        bus.mark_coalescable(0x80, 1).unwrap();
+        assert_eq!(bus.coalescable(), &[(0x70, 1), (0x80, 1)]);
+        assert!(bus.read_needs_flush(0x71, 1), "a read anywhere in the device flushes");
+        assert!(!Bus::new().read_needs_flush(0x71, 1));
+    }
+
+    /// Deferred writes reach the device before a later read of it, in order, and are
+    /// counted; a read of a device without coalescable ranges does not flush.
+    #[test]
+    fn flush_before_reading_a_coalescing_device() {
+        let mut buses = Buses::default();
+        let rtc = Arc::new(Recorder::default());
+        let other = Arc::new(Recorder::default());
+        buses.pio.insert(rtc.clone(), 0x70, 2).unwrap();
+        buses.pio.insert(other.clone(), 0x3f8, 8).unwrap();
+        buses.mmio.insert(other.clone(), 0xd000_0000, 0x1000).unwrap();
+        buses.pio.mark_coalescable(0x70, 1).unwrap();
+        let ring = crate::devices::coalesced::CoalescedRing::anonymous().unwrap();
+        assert!(ring.push(true, 0x70, &[0x0a]));
+        assert!(ring.push(false, 0xd000_0010, &[1, 2, 3, 4]));
+        assert!(ring.push(true, 0x70, &[0x0b]));
+        assert!(buses.attach_ring(ring).is_ok());
+        assert!(buses.coalescing());
+
+        let mut d = [0u8; 1];
+        assert!(buses.pio_read(0x3fd, &mut d));
+        assert!(rtc.order.lock().unwrap().is_empty(), "no flush for a device without coalescable ranges");
+
+        assert!(buses.pio_read(0x71, &mut d));
+        assert_eq!(*rtc.order.lock().unwrap(), vec![('w', 0), ('w', 0), ('r', 1)]);
+        assert_eq!(rtc.writes.lock().unwrap()[1], (0, vec![0x0b]));
+        assert_eq!(other.writes.lock().unwrap()[0], (0x10, vec![1, 2, 3, 4]));
+        assert_eq!(buses.pio.coalesced_writes(), 2);
+        assert_eq!(buses.mmio.coalesced_writes(), 1);
+        assert_eq!(buses.flush_coalesced(), 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! reset register, port 0x80 and skiff's boot-marker port.
 
 pub mod bus;
+pub mod coalesced;
 pub mod legacy;
 pub mod pm;
 pub mod rtc;

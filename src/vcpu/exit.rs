@@ -1,6 +1,7 @@
 //! The run loop and exit dispatch. An exit is handled where KVM already decoded it:
 //! port I/O and MMIO go straight to the bus with the port/address, size and data KVM
 //! gives (no instruction emulator); string I/O reaches the device as one buffer.
+//! Writes KVM deferred in the coalesced ring are delivered first, on every exit.
 //! What KVM could not emulate goes to emulate.rs; anything else unexpected gets a
 //! diagnostic (registers and the instruction at CS:RIP) and stops the machine.
 
@@ -77,11 +78,17 @@ impl Vcpu {
                 }
             }
         }
+        // Whatever this vCPU left in the coalesced ring reaches its device at stop.
+        self.buses.flush_coalesced();
     }
 
     fn run_once(&mut self, run_page: *mut kvm_run) -> Next {
         let Vcpu { fd, buses, stats, .. } = self;
-        match fd.run() {
+        let result = fd.run();
+        // Writes deferred before this exit reach their devices before it is handled,
+        // so devices see the guest's accesses in program order.
+        buses.flush_coalesced();
+        match result {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => {
                     stats.count(ExitKind::IoOut);
@@ -101,16 +108,16 @@ impl Vcpu {
                     // SAFETY: as above.
                     let size = unsafe { (*run_page).__bindgen_anon_1.io.size } as usize;
                     if data.len() > size && size > 0 {
-                        buses.pio.read_string(port as u64, size, data);
+                        buses.pio_read_string(port as u64, size, data);
                     } else {
-                        buses.pio.read(port as u64, data);
+                        buses.pio_read(port as u64, data);
                     }
                     Next::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     stats.count(ExitKind::MmioRead);
                     stats.count_mmio(addr);
-                    buses.mmio.read(addr, data);
+                    buses.mmio_read(addr, data);
                     Next::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {

@@ -110,6 +110,10 @@ pub struct RunReport {
     pub quirks: HostQuirks,
     pub boot: BootTimes,
     pub unclaimed: (u64, u64),
+    /// Writes delivered from KVM's coalesced ring: port I/O, MMIO.
+    pub coalesced: (u64, u64),
+    /// Which zones KVM coalesces, or why none.
+    pub coalescing: String,
     pub rss: Option<RssReport>,
     pub cmdline: String,
     /// Every in-place reboot, in order.
@@ -169,6 +173,7 @@ pub struct Vmm {
     cmdline: String,
     /// The in-kernel PICs, I/O APIC and PIT as KVM created them: their power-up state.
     vm_pristine: VmState,
+    coalescing: String,
 }
 
 impl Vmm {
@@ -248,6 +253,11 @@ impl Vmm {
                 .insert(dev, port as u64, len)
                 .map_err(|e| VmmError::Device(e.to_string()))?;
         }
+        // Write-only side effects that can wait for the next exit: POST codes, and the
+        // RTC index (the data port's exit delivers it first).
+        for port in [POST_PORT, RTC_PORT] {
+            buses.pio.mark_coalescable(port as u64, 1).map_err(|e| VmmError::Device(e.to_string()))?;
+        }
         let buses = Arc::new(buses);
 
         if quirks.user_syscall_broken {
@@ -272,6 +282,10 @@ impl Vmm {
             vcpu.capture_pristine()?;
             vcpus.push(vcpu);
         }
+        let coalescing = match vcpus.first() {
+            Some(v) if config.coalesce => setup_coalescing(&kvm, &vm, &v.fd, &buses),
+            _ => "off (--no-coalesce)".to_string(),
+        };
         for vcpu in &mut vcpus {
             power_on(vcpu, entry)?;
         }
@@ -291,6 +305,7 @@ impl Vmm {
             init_marker,
             cmdline,
             vm_pristine,
+            coalescing,
         })
     }
 
@@ -370,6 +385,8 @@ impl Vmm {
             self.vcpus = back;
             stats.merge(&gen_stats);
             samples.extend(gen_samples);
+            // Every vCPU is stopped: nothing deferred may be lost to a reset or the end.
+            self.buses.flush_coalesced();
             if let Some((t, i)) = pending.take()
                 && let Some(r) = reboots.get_mut(i)
             {
@@ -425,6 +442,8 @@ impl Vmm {
             quirks: self.quirks,
             boot,
             unclaimed: self.buses.pio.unclaimed(),
+            coalesced: (self.buses.pio.coalesced_writes(), self.buses.mmio.coalesced_writes()),
+            coalescing: self.coalescing,
             rss,
             cmdline: self.cmdline,
             reboots,
@@ -539,6 +558,50 @@ fn discover_state_spec(kvm: &Kvm, vm: &VmFd, fd: &kvm_ioctls::VcpuFd, cpuid: &Cp
     let amd = leaf0.is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth") || e.ebx == u32::from_le_bytes(*b"Hygo"));
     let signature = cpuid::find_entry(cpuid, 1, 0).map_or(0, |e| e.eax);
     Ok(StateSpec { msrs, xsave_size, sregs2, tsc_khz, vendor: if amd { Vendor::Amd } else { Vendor::Intel }, signature })
+}
+
+/// Registers every coalescable range of both buses with KVM and attaches the ring to
+/// the buses. Capabilities are checked at run time; whatever KVM refuses simply keeps
+/// exiting as before. Returns a line for `--stats`.
+fn setup_coalescing(kvm: &Kvm, vm: &VmFd, vcpu: &kvm_ioctls::VcpuFd, buses: &Buses) -> String {
+    use kvm_ioctls::IoEventAddress;
+    if !kvm.check_extension(Cap::CoalescedMmio) {
+        return "off: KVM lacks KVM_CAP_COALESCED_MMIO (no ring)".into();
+    }
+    let pio_ok = kvm.check_extension(Cap::CoalescedPio);
+    let ring = match crate::devices::coalesced::CoalescedRing::map(vcpu) {
+        Ok(r) => r,
+        Err(e) => return format!("off: mapping the coalesced ring failed: {e}"),
+    };
+    // Attached before any zone exists, so no deferred write can go unread.
+    if buses.attach_ring(ring).is_err() {
+        return "off: a ring was already attached".into();
+    }
+    let mut zones = Vec::new();
+    let mut refused = Vec::new();
+    let pio = buses.pio.coalescable().iter().map(|&(b, l)| (true, b, l));
+    let mmio = buses.mmio.coalescable().iter().map(|&(b, l)| (false, b, l));
+    for (is_pio, base, len) in pio.chain(mmio) {
+        let name = if is_pio { format!("port {base:#x}") } else { format!("MMIO {base:#x}") };
+        let Ok(size) = u32::try_from(len) else {
+            refused.push(format!("{name} (too long)"));
+            continue;
+        };
+        if is_pio && !pio_ok {
+            refused.push(format!("{name} (no KVM_CAP_COALESCED_PIO)"));
+            continue;
+        }
+        let addr = if is_pio { IoEventAddress::Pio(base) } else { IoEventAddress::Mmio(base) };
+        match vm.register_coalesced_mmio(addr, size) {
+            Ok(()) => zones.push(format!("{name}+{len}")),
+            Err(e) => refused.push(format!("{name} ({e})")),
+        }
+    }
+    let mut line = if zones.is_empty() { "no zones".to_string() } else { format!("zones {}", zones.join(", ")) };
+    if !refused.is_empty() {
+        line.push_str(&format!("; not coalesced: {}", refused.join(", ")));
+    }
+    line
 }
 
 /// skiff's thread count and open file descriptors.
