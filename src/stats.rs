@@ -63,11 +63,12 @@ impl ExitKind {
     }
 }
 
-/// Distinct MMIO pages counted one by one; exits to further pages count together.
+/// Distinct MMIO pages (or ports) counted one by one; exits to further ones count
+/// together. A fixed table keeps the counters small (they are per vCPU and summed).
 const MMIO_SLOTS: usize = 64;
 const NO_PAGE: u64 = u64::MAX;
 
-/// MMIO exits per 4 KiB page: open addressing in a fixed table.
+/// Exits per key (a 4 KiB MMIO page, or a port): open addressing in a fixed table.
 #[derive(Clone, Debug)]
 pub struct PageCounts {
     slots: [(u64, u64); MMIO_SLOTS],
@@ -84,8 +85,8 @@ impl Default for PageCounts {
 impl PageCounts {
     #[inline]
     pub fn add(&mut self, page: u64, n: u64) {
-        // Fibonacci hashing of the page number picks the first slot to probe.
-        let start = ((page >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize;
+        // Fibonacci hashing of the key picks the first slot to probe.
+        let start = (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize;
         for i in 0..MMIO_SLOTS {
             if let Some(slot) = self.slots.get_mut((start + i) % MMIO_SLOTS) {
                 if slot.0 == page {
@@ -118,8 +119,9 @@ impl PageCounts {
 #[derive(Clone, Debug)]
 pub struct ExitStats {
     pub by_kind: [u64; ExitKind::ALL.len()],
-    /// Port-I/O exits per port (in and out together), indexed by port.
-    ports: Box<[u64]>,
+    /// Port-I/O exits per port (in and out together); ports beyond the table's 64
+    /// count under `ports.other`.
+    pub ports: PageCounts,
     /// MMIO exits per 4 KiB page.
     pub mmio_pages: PageCounts,
     /// Instructions skiff emulated or answered after KVM failed to emulate them, by
@@ -131,8 +133,7 @@ impl Default for ExitStats {
     fn default() -> Self {
         Self {
             by_kind: [0; ExitKind::ALL.len()],
-            // 512 KiB of zeroes from calloc: untouched pages stay unbacked.
-            ports: vec![0u64; 1 << 16].into_boxed_slice(),
+            ports: PageCounts::default(),
             mmio_pages: PageCounts::default(),
             emulated: BTreeMap::new(),
         }
@@ -149,9 +150,7 @@ impl ExitStats {
 
     #[inline]
     pub fn count_port(&mut self, port: u16) {
-        if let Some(n) = self.ports.get_mut(port as usize) {
-            *n += 1;
-        }
+        self.ports.add(port as u64, 1);
     }
 
     #[inline]
@@ -161,12 +160,12 @@ impl ExitStats {
 
     /// Exits counted for `port`.
     pub fn port(&self, port: u16) -> u64 {
-        self.ports.get(port as usize).copied().unwrap_or(0)
+        self.ports.get(port as u64)
     }
 
     /// Every port with exits, with its count.
     pub fn ports(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
-        self.ports.iter().enumerate().filter(|(_, n)| **n > 0).map(|(p, n)| (p as u16, *n))
+        self.ports.iter().map(|(p, n)| (p as u16, n))
     }
 
     pub fn count_emulated(&mut self, what: &str) {
@@ -182,9 +181,10 @@ impl ExitStats {
         for (a, b) in self.by_kind.iter_mut().zip(other.by_kind.iter()) {
             *a += b;
         }
-        for (a, b) in self.ports.iter_mut().zip(other.ports.iter()) {
-            *a += b;
+        for (port, n) in other.ports.iter() {
+            self.ports.add(port, n);
         }
+        self.ports.other += other.ports.other;
         for (page, n) in other.mmio_pages.iter() {
             self.mmio_pages.add(page, n);
         }
@@ -224,6 +224,9 @@ impl ExitStats {
             let _ = writeln!(out, "top ports:");
             for (port, n) in ports {
                 let _ = writeln!(out, "  {port:#06x} {n:>10}");
+            }
+            if self.ports.other > 0 {
+                let _ = writeln!(out, "  {:<6} {:>10}", "others", self.ports.other);
             }
         }
         if !self.mmio_pages.is_empty() {
