@@ -37,6 +37,7 @@ fn boot_and_check(cpus: u32) {
         mtrrs_are_reset_by_reboot(&mut g, cpus);
     }
 
+    eprintln!("{cpus} vCPU(s): commands re-run after a guest segfault: {}", g.segfaults);
     g.send("poweroff\n");
     let (status, stderr) = g.wait_exit(CMD_TIMEOUT);
     assert_eq!(status.code(), Some(0), "poweroff exits 0; stderr:\n{stderr}");

@@ -45,6 +45,8 @@ pub struct Guest {
     /// Everything the console printed so far.
     pub transcript: String,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// Commands run again because a guest process segfaulted (see `run`).
+    pub segfaults: u32,
 }
 
 impl Guest {
@@ -77,7 +79,7 @@ impl Guest {
             s
         });
         let stdin = child.stdin.take();
-        Guest { child, stdin, lines: rx, transcript: String::new(), stderr: Some(stderr) }
+        Guest { child, stdin, lines: rx, transcript: String::new(), stderr: Some(stderr), segfaults: 0 }
     }
 
     /// Waits for a console line containing `needle`; returns it.
@@ -121,7 +123,26 @@ impl Guest {
 
     /// Runs a shell command in the guest and returns its output lines (between markers
     /// the command itself cannot print by accident).
+    ///
+    /// KNOWN ISSUE: on this host (PVM), a guest user process occasionally dies with
+    /// SIGSEGV (about one in a hundred with 2 vCPUs, mostly after an in-place reboot;
+    /// cause not yet found, see the issue notes). A command whose only output is the
+    /// shell's "Segmentation fault" is run again, at most twice, and said so loudly;
+    /// `segfaults` counts them for the log.
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> Vec<String> {
+        for attempt in 1..=3 {
+            let out = self.run_once(cmd, timeout);
+            if attempt < 3 && out.iter().any(|l| l.contains("Segmentation fault")) {
+                self.segfaults += 1;
+                eprintln!("WARNING: a guest process segfaulted running {cmd:?} (attempt {attempt}): {out:?}; running it again");
+                continue;
+            }
+            return out;
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    fn run_once(&mut self, cmd: &str, timeout: Duration) -> Vec<String> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let tag = format!("{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         // The markers are split in the typed text so the echoed command line never
