@@ -335,42 +335,7 @@ report:
         popa
         ret
 
-/* putc: AL to COM1 */
-putc:
-        push    %edx
-        mov     $0x3f8, %dx
-        out     %al, %dx
-        pop     %edx
-        ret
-
-/* puts: the NUL-terminated string at ESI (ESI is advanced) */
-puts:
-        push    %eax
-1:      lodsb
-        test    %al, %al
-        jz      2f
-        call    putc
-        jmp     1b
-2:      pop     %eax
-        ret
-
-/* putdec: EAX, unsigned decimal */
-putdec:
-        pusha
-        xor     %ecx, %ecx
-        mov     $10, %ebx
-1:      xor     %edx, %edx
-        div     %ebx
-        push    %edx
-        inc     %ecx
-        test    %eax, %eax
-        jnz     1b
-2:      pop     %eax
-        add     $'0', %al
-        call    putc
-        loop    2b
-        popa
-        ret
+        .include "console.inc"
 
         .section .rodata
 msg_start:  .asciz "exitbench: start\n"

@@ -120,63 +120,7 @@ print_mtrrs:
         call    putc
         ret
 
-/* putc: AL to COM1 */
-putc:
-        push    %edx
-        mov     $0x3f8, %dx
-        out     %al, %dx
-        pop     %edx
-        ret
-
-/* puts: the NUL-terminated string at ESI */
-puts:
-        lodsb
-        test    %al, %al
-        jz      1f
-        call    putc
-        jmp     puts
-1:      ret
-
-/* puthex: EAX as 8 hex digits */
-puthex:
-        push    %ecx
-        push    %edx
-        mov     %eax, %edx
-        mov     $8, %ecx
-1:      rol     $4, %edx
-        mov     %dl, %al
-        and     $0xf, %al
-        add     $'0', %al
-        cmp     $'9', %al
-        jbe     2f
-        add     $('a' - '9' - 1), %al
-2:      call    putc
-        loop    1b
-        pop     %edx
-        pop     %ecx
-        ret
-
-/* putdec: EAX (< 1000) in decimal */
-putdec:
-        push    %ebx
-        push    %ecx
-        push    %edx
-        xor     %ecx, %ecx
-        mov     $10, %ebx
-1:      xor     %edx, %edx
-        div     %ebx
-        push    %edx
-        inc     %ecx
-        test    %eax, %eax
-        jnz     1b
-2:      pop     %eax
-        add     $'0', %al
-        call    putc
-        loop    2b
-        pop     %edx
-        pop     %ecx
-        pop     %ebx
-        ret
+        .include "console.inc"
 
         .section .rodata
 msg_boot:   .asciz "reboot-test: boot "

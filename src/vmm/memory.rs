@@ -30,25 +30,9 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|e| MemoryError::Create { size, reason: e.to_string() })
 }
 
+/// Adds guest RAM to the VM: one memory slot per region.
 pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let base = region.start_addr().0;
-        let size = region.len();
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| MemoryError::Create { size, reason: e.to_string() })?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: base,
-            memory_size: size,
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the host range is a live mapping owned by `mem`, which the Vmm keeps
-        // for as long as the VM exists.
-        unsafe { vm.set_user_memory_region(r) }.map_err(|err| MemoryError::Register { base, size, err })?;
-    }
-    Ok(())
+    set_slots(vm, mem, true)
 }
 
 /// Removes guest RAM from the VM (KVM_SET_USER_MEMORY_REGION with size 0 for each
@@ -57,6 +41,10 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
 /// the guest's own writes to them, so page tables the host rewrites behind its back
 /// (the cleared RAM, the reloaded kernel) would otherwise keep stale translations.
 pub fn unregister_from_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    set_slots(vm, mem, false)
+}
+
+fn set_slots(vm: &VmFd, mem: &GuestMemoryMmap, present: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let base = region.start_addr().0;
         let size = region.len();
@@ -66,11 +54,12 @@ pub fn unregister_from_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Memor
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: base,
-            memory_size: 0,
+            memory_size: if present { size } else { 0 },
             userspace_addr: host as u64,
             flags: 0,
         };
-        // SAFETY: deleting a slot makes KVM stop using the host range; no vCPU runs.
+        // SAFETY: the host range is a live mapping owned by `mem`, which the Vmm keeps
+        // for as long as the VM exists; a slot is deleted only while no vCPU runs.
         unsafe { vm.set_user_memory_region(r) }.map_err(|err| MemoryError::Register { base, size, err })?;
     }
     Ok(())
