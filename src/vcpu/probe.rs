@@ -85,6 +85,11 @@ pub const OPTIONS_WHEN_EMULATED: &[(&str, &str)] = &[
     // are untouched.
     ("retbleed=off", "return thunks on every kernel `ret` (with the next: 8% of a boot)"),
     ("spec_rstack_overflow=off", "the SRSO safe-RET sequence on every kernel `ret`"),
+    // A vCPU whose kernel work runs a thousand times slower than wall time looks stuck
+    // to the lockup detectors: they would print false "soft lockup" reports (and
+    // their backtraces) into the console in the middle of the user's output.
+    ("nowatchdog", "the soft- and hard-lockup detectors (false reports where kernel work is emulated)"),
+    ("rcupdate.rcu_cpu_stall_suppress=1", "RCU CPU-stall warnings (false reports, as above)"),
 ];
 
 /// What the probe learned about this host's KVM.
@@ -605,6 +610,7 @@ mod tests {
         assert_eq!(blacklist.split(',').count(), SLOW_WHEN_EMULATED.len());
         assert!(SLOW_WHEN_EMULATED.iter().all(|(name, why)| !name.contains(',') && !why.is_empty()));
         assert!(extras.split(' ').any(|w| w == "rodata=off"), "{extras}");
+        assert!(extras.split(' ').any(|w| w == "nowatchdog"), "{extras}");
     }
 }
 

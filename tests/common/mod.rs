@@ -155,6 +155,12 @@ impl Guest {
             if line.contains(&format!("END-{tag}")) {
                 return out;
             }
+            if is_kernel_log(&line) {
+                // The guest kernel prints to the same console; its messages are not
+                // the command's output (but are shown, for the log).
+                eprintln!("guest kernel, during {cmd:?}: {line}");
+                continue;
+            }
             out.push(line);
         }
     }
@@ -187,6 +193,16 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A kernel console message: "[  861.077918] ..." (printk's timestamp prefix).
+pub fn is_kernel_log(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix('[') else { return false };
+    let Some((stamp, _)) = rest.split_once(']') else { return false };
+    let stamp = stamp.trim_start();
+    let mut parts = stamp.split('.');
+    let (Some(secs), Some(frac), None) = (parts.next(), parts.next(), parts.next()) else { return false };
+    !secs.is_empty() && !frac.is_empty() && secs.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
 }
 
 /// Runs skiff to completion with the given arguments (for bad-input cases).
