@@ -156,6 +156,9 @@ fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
     match &report.reason {
         StopReason::Poweroff => Ok(ExitCode::SUCCESS),
         StopReason::Reboot(source) => {
+            if let Some(d) = &report.diagnostic {
+                eprintln!("skiff: {d}");
+            }
             eprintln!("skiff: guest rebooted ({source}); exiting with status {EXIT_REBOOT}");
             Ok(ExitCode::from(EXIT_REBOOT as u8))
         }

@@ -65,6 +65,10 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
     }
 }
 
+extern "C" fn on_check_translate_signal(_: libc::c_int) {
+    skiff::vmm::control::CHECK_TRANSLATE_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Installs the stop-signal handlers (Ctrl-C reaches the guest instead when the
 /// console is in raw mode, since the terminal then sends no SIGINT).
 pub fn install_stop_signals() {
@@ -73,4 +77,7 @@ pub fn install_stop_signals() {
         // (tcsetattr, signal, raise) plus an uncontended try_lock.
         unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
     }
+    // SIGUSR1: the page walker's self-check against KVM_TRANSLATE on every vCPU.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { libc::signal(libc::SIGUSR1, on_check_translate_signal as *const () as libc::sighandler_t) };
 }

@@ -8,7 +8,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 
 /// The probe's operations, and those that must cost something (they leave the guest).
 const OPS: [&str; 6] = ["cpuid", "out_unclaimed", "out_post", "pm_timer_read", "mmio_write", "rep_outsb_4k"];
@@ -17,21 +16,7 @@ const EXITING: [&str; 4] = ["out_unclaimed", "pm_timer_read", "mmio_write", "rep
 const PORT80_WRITES: u64 = 5000;
 
 fn probe_kernel() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            // Cargo's scratch directory for integration tests: rebuilt every run, no litter.
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("exitbench-probe");
-            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest/tiny/build");
-            let out = Command::new(&script).env("SKIFF_GUEST_DIR", &dir).output().expect("run guest/tiny/build");
-            assert!(
-                out.status.success(),
-                "guest/tiny/build failed (needs as and ld from binutils):\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            dir.join("exitbench.elf")
-        })
-        .clone()
+    common::tiny_kernel("exitbench")
 }
 
 fn run_probe(extra: &[&str]) -> (String, String) {
@@ -100,8 +85,8 @@ fn probe_reports_every_operation_and_port_0x80_is_coalesced() {
     assert!(stderr.contains("zones port 0x80+1"), "port 0x80 not registered as a coalesced zone:\n{stderr}");
     assert!(exits < PORT80_WRITES / 10, "{exits} exits for {PORT80_WRITES} port 0x80 writes:\n{stderr}");
     assert!(exits + coalesced >= PORT80_WRITES, "writes lost: {exits} exits + {coalesced} coalesced");
-    // Coalesced writes are cheap: well under an exit to user space.
-    assert!(ns(&console, "out_post") < ns(&console, "out_unclaimed") / 2.0, "{console}");
+    // What coalescing saves is measured by bench/exits.py, not asserted here: a
+    // timing assertion fails whenever the machine is busy.
 }
 
 #[test]

@@ -45,7 +45,28 @@ const REPEAT_WINDOW: u64 = 4;
 pub fn handle_failure(vcpu: &mut Vcpu) -> Result<Emulated, String> {
     let regs = vcpu.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", vcpu.index))?;
     let sregs = vcpu.fd.get_sregs().map_err(|e| format!("vCPU {}: KVM_GET_SREGS: {e}", vcpu.index))?;
-    let fetched = match insn::fetch(&vcpu.mem, &sregs, regs.rip, regs.rflags) {
+    // A repeat is a failure at the same RIP with (almost) no other exit in between;
+    // counted before anything else, so no path (a code page that never becomes
+    // present, for one) can spin forever.
+    let now = vcpu.stats.total();
+    let repeat = vcpu.last_failure == Some(regs.rip) && now.saturating_sub(vcpu.last_failure_exit) <= REPEAT_WINDOW;
+    vcpu.last_failure_exit = now;
+    if repeat {
+        vcpu.failure_repeats += 1;
+    } else {
+        vcpu.last_failure = Some(regs.rip);
+        vcpu.failure_repeats = 0;
+    }
+    let fetched = insn::fetch(&vcpu.mem, &sregs, regs.rip, regs.rflags);
+    if vcpu.failure_repeats > MAX_REPEATS {
+        return Ok(Emulated::Unhandled(diagnostic_text(
+            &format!("emulation failure repeats at the same instruction {MAX_REPEATS} times"),
+            &regs,
+            &sregs,
+            fetched.as_ref(),
+        )));
+    }
+    let fetched = match fetched {
         Ok(f) => f,
         Err(FetchError::Translate(Translation::Retry { .. })) => {
             // The code page is not present right now: let the guest run and fault it in.
@@ -59,24 +80,6 @@ pub fn handle_failure(vcpu: &mut Vcpu) -> Result<Emulated, String> {
             )));
         }
     };
-    // A repeat is a failure at the same RIP with (almost) no other exit in between.
-    let now = vcpu.stats.total();
-    let repeat = vcpu.last_failure == Some(regs.rip) && now.saturating_sub(vcpu.last_failure_exit) <= REPEAT_WINDOW;
-    vcpu.last_failure_exit = now;
-    if repeat {
-        vcpu.failure_repeats += 1;
-        if vcpu.failure_repeats > MAX_REPEATS {
-            return Ok(Emulated::Unhandled(diagnostic_text(
-                &format!("emulation failure repeats at the same instruction {MAX_REPEATS} times"),
-                &regs,
-                &sregs,
-                Ok(&fetched),
-            )));
-        }
-    } else {
-        vcpu.last_failure = Some(regs.rip);
-        vcpu.failure_repeats = 0;
-    }
     let mut cx = Cx { vcpu, regs, sregs, insn: &fetched };
     cx.emulate()
 }
@@ -192,7 +195,8 @@ impl Cx<'_> {
             }
             _ => {
                 // Anything else, failing again: what a CPU without the instruction does.
-                let name = format!("{} -> #UD", self.insn.disasm());
+                // Counted by mnemonic (a bounded set), not by operands the guest chooses.
+                let name = format!("{:?} -> #UD", self.insn.insn.mnemonic()).to_lowercase();
                 self.fault(VEC_UD, None, &name)?;
             }
         }
@@ -391,25 +395,20 @@ impl Cx<'_> {
         }
         let ctx = PagingContext::from_sregs(&self.sregs, self.regs.rflags);
         let mut pieces = Vec::new();
-        let mut addr = gva;
-        let end = gva.wrapping_add(len);
-        while addr != end {
-            let page_left = 0x1000 - (addr & 0xfff);
-            let n = page_left.min(end.wrapping_sub(addr));
-            match paging::translate(&self.vcpu.mem, &ctx, addr, access) {
-                Translation::Ok(gpa) => pieces.push((gpa, n as usize)),
-                Translation::Retry { .. } => {
-                    self.page_fault(addr, false, access)?;
-                    return Ok(None);
-                }
-                Translation::Fail(_) => {
-                    self.page_fault(addr, true, access)?;
-                    return Ok(None);
-                }
+        let walked = paging::for_each_piece(&self.vcpu.mem, &ctx, gva, len as usize, access, |gpa, _, n| {
+            pieces.push((gpa, n));
+        });
+        match walked {
+            Ok(()) => Ok(Some(pieces)),
+            Err((addr, Translation::Retry { .. })) => {
+                self.page_fault(addr, false, access)?;
+                Ok(None)
             }
-            addr = addr.wrapping_add(n);
+            Err((addr, _)) => {
+                self.page_fault(addr, true, access)?;
+                Ok(None)
+            }
         }
-        Ok(Some(pieces))
     }
 
     /// LDMXCSR / STMXCSR through KVM's FPU state.

@@ -26,6 +26,7 @@ enum Next {
     /// The guest wrote a filtered MSR (LSTAR): the value.
     LstarWrite(u64),
     Stop(StopReason),
+    TripleFault,
     Unexpected(String),
 }
 
@@ -48,6 +49,10 @@ impl Vcpu {
             match next {
                 Next::Continue => {}
                 Next::Sample => {
+                    if self.control.translate_checks() != self.translate_checks_done {
+                        self.translate_checks_done = self.control.translate_checks();
+                        eprint!("{}", super::translate_check::run(self).replace('\n', "\r\n"));
+                    }
                     if let Some((start, samples)) = self.rip_samples.as_mut()
                         && let Ok(regs) = self.fd.get_regs()
                     {
@@ -72,6 +77,12 @@ impl Vcpu {
                     }
                 }
                 Next::Stop(reason) => self.control.request_stop(reason),
+                Next::TripleFault => {
+                    if self.diagnose_shutdown {
+                        self.control.set_diagnostic(emulate::diagnose(self, "triple fault (KVM_EXIT_SHUTDOWN)"));
+                    }
+                    self.control.request_stop(StopReason::Reboot("triple fault"));
+                }
                 Next::Unexpected(what) => {
                     let diag = emulate::diagnose(self, &what);
                     self.control.request_stop(StopReason::Error(diag));
@@ -134,7 +145,7 @@ impl Vcpu {
                 VcpuExit::Shutdown => {
                     // A triple fault: on a PC the chipset resets the machine.
                     stats.count(ExitKind::Shutdown);
-                    Next::Stop(StopReason::Reboot("triple fault"))
+                    Next::TripleFault
                 }
                 VcpuExit::SystemEvent(kind, _) => {
                     stats.count(ExitKind::SystemEvent);

@@ -10,6 +10,7 @@ pub mod probe;
 pub mod reset;
 pub mod state;
 pub mod syscall_fixup;
+pub mod translate_check;
 pub mod xsave;
 
 use std::sync::Arc;
@@ -91,6 +92,11 @@ pub struct Vcpu {
     /// RESET's table is applied to, so state outside the table gets KVM's power-up
     /// value at every reset, not whatever the last guest left.
     pub pristine: Option<state::VcpuState>,
+    /// Print registers and the instruction at CS:RIP when the guest triple-faults
+    /// (when that ends the run rather than rebooting it).
+    pub diagnose_shutdown: bool,
+    /// The last translator self-check request this vCPU answered.
+    pub translate_checks_done: u32,
 }
 
 impl Vcpu {
@@ -118,6 +124,8 @@ impl Vcpu {
             rip_samples: None,
             spec,
             pristine: None,
+            diagnose_shutdown: false,
+            translate_checks_done: 0,
         }
     }
 

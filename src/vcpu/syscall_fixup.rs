@@ -27,11 +27,11 @@ use kvm_bindings::{
     KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, Msrs, kvm_guest_debug, kvm_msr_entry,
     kvm_regs, kvm_segment, kvm_sregs,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::Vcpu;
 use crate::x86::insn;
-use crate::x86::paging::{self, Access, PagingContext, Translation};
+use crate::x86::paging::{self, PagingContext};
 
 pub const MSR_STAR: u32 = 0xc000_0081;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
@@ -143,20 +143,12 @@ fn read_frame(mem: &GuestMemoryMmap, sregs: &kvm_sregs, rsp: u64) -> Option<Fram
     Some(Frame { rip: q(1)?, cs: q(2)?, rsp: q(4)? })
 }
 
-/// Reads guest-virtual memory as the kernel would (CPL 0), page by page. None where
-/// any page does not translate to RAM: nothing is injected.
+/// Reads guest-virtual memory as the kernel would (CPL 0). None where any page does
+/// not translate to RAM: nothing is injected.
 fn read_virt(mem: &GuestMemoryMmap, sregs: &kvm_sregs, gva: u64, buf: &mut [u8]) -> Option<()> {
     let mut ctx = PagingContext::from_sregs(sregs, 0);
     ctx.cpl = 0;
-    let mut done = 0usize;
-    while done < buf.len() {
-        let addr = gva.wrapping_add(done as u64);
-        let n = ((0x1000 - (addr & 0xfff)) as usize).min(buf.len() - done);
-        let Translation::Ok(gpa) = paging::translate(mem, &ctx, addr, Access::Read) else { return None };
-        mem.read_slice(buf.get_mut(done..done + n)?, GuestAddress(gpa)).ok()?;
-        done += n;
-    }
-    Some(())
+    paging::read_virt(mem, &ctx, gva, buf).ok()
 }
 
 /// Gives the vCPU the state SYSCALL from 64-bit user mode produces (SDM vol. 2,
@@ -232,6 +224,7 @@ fn step_over(vcpu: &mut Vcpu, regs: &mut kvm_regs, sregs: &kvm_sregs) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn long_mode_sregs(cr3: u64) -> kvm_sregs {
         let mut s = kvm_sregs { cr0: 0x8000_0011, cr3, cr4: 1 << 5, efer: 0x500, ..Default::default() };

@@ -20,6 +20,10 @@ pub enum StopReason {
 /// and turned into a stop request by the VMM's watcher.
 pub static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
+/// Set from SIGUSR1's handler: every vCPU cross-checks skiff's page walker against
+/// KVM_TRANSLATE on its current address space (vcpu/translate_check.rs).
+pub static CHECK_TRANSLATE_SIGNAL: AtomicBool = AtomicBool::new(false);
+
 #[derive(Default)]
 pub struct Control {
     stopping: AtomicBool,
@@ -30,6 +34,12 @@ pub struct Control {
     /// Called once when the first stop request arrives, to kick the vCPUs out of
     /// KVM_RUN. Set by the VMM after the vCPU threads exist.
     kicker: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// What a vCPU saw when the machine stopped in a way worth explaining (a triple
+    /// fault that ends the run): registers and the instruction at CS:RIP.
+    diagnostic: Mutex<Option<String>>,
+    /// Bumped for each translator self-check request; each vCPU runs one check per
+    /// bump at its next kick.
+    translate_checks: std::sync::atomic::AtomicU32,
 }
 
 impl Control {
@@ -107,6 +117,24 @@ impl Control {
         if self.stopping() {
             self.kick();
         }
+    }
+
+    pub fn set_diagnostic(&self, text: String) {
+        self.diagnostic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(text);
+    }
+
+    pub fn take_diagnostic(&self) -> Option<String> {
+        self.diagnostic.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Asks every vCPU for a translator self-check and kicks them.
+    pub fn request_translate_check(&self) {
+        self.translate_checks.fetch_add(1, Ordering::AcqRel);
+        self.kick();
+    }
+
+    pub fn translate_checks(&self) -> u32 {
+        self.translate_checks.load(Ordering::Acquire)
     }
 
     pub fn reason(&self) -> Option<StopReason> {

@@ -118,6 +118,8 @@ pub struct RunReport {
     pub cmdline: String,
     /// Every in-place reboot, in order.
     pub reboots: Vec<RebootRecord>,
+    /// Registers and the instruction at CS:RIP when the run ended by a triple fault.
+    pub diagnostic: Option<String>,
 }
 
 /// Boot timing, each from skiff's start.
@@ -279,6 +281,8 @@ impl Vmm {
             if quirks.user_syscall_broken {
                 vcpu.syscall_fixup = Some(Default::default());
             }
+            // A triple fault that ends the run is explained; one that reboots is not.
+            vcpu.diagnose_shutdown = config.on_reboot == OnReboot::Exit;
             vcpu.capture_pristine()?;
             vcpus.push(vcpu);
         }
@@ -365,6 +369,9 @@ impl Vmm {
                     while !control.finished() {
                         std::thread::sleep(std::time::Duration::from_millis(10));
                         let sig = control::STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+                        if control::CHECK_TRANSLATE_SIGNAL.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            control.request_translate_check();
+                        }
                         if sig != 0 {
                             control.request_stop(StopReason::Error(format!("stopped by signal {sig}")));
                         } else if profiling {
@@ -447,6 +454,7 @@ impl Vmm {
             rss,
             cmdline: self.cmdline,
             reboots,
+            diagnostic: self.control.take_diagnostic(),
         })
     }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
 use kvm_bindings::kvm_sregs;
 
-use super::paging::{Access, PagingContext, PhysMem, Translation, translate};
+use super::paging::{Access, FailReason, PagingContext, PhysMem, Segment, Translation, for_each_piece, linear_address};
 
 /// The longest x86 instruction.
 pub const MAX_INSN_LEN: usize = 15;
@@ -75,34 +75,36 @@ pub fn bitness(sregs: &kvm_sregs) -> u32 {
     }
 }
 
-/// Fetches and decodes the instruction at CS:RIP.
+/// Fetches and decodes the instruction at CS:RIP: segmentation first (CS base and
+/// limit outside 64-bit mode), then each page through the guest's tables with execute
+/// access. An instruction may cross into a page that does not translate; what was
+/// fetched before the boundary is decoded, and is good if the instruction ends there.
 pub fn fetch<M: PhysMem>(mem: &M, sregs: &kvm_sregs, rip: u64, rflags: u64) -> Result<FetchedInsn, FetchError> {
     let bits = bitness(sregs);
-    let linear = match bits {
-        64 => rip,
-        32 => sregs.cs.base.wrapping_add(rip & 0xffff_ffff) & 0xffff_ffff,
-        _ => sregs.cs.base.wrapping_add(rip & 0xffff) & 0xffff_ffff,
-    };
+    let cs = Segment::from_kvm(&sregs.cs);
     let ctx = PagingContext::from_sregs(sregs, rflags);
+    // The limit check is for the first byte; bytes past the limit are cut below.
+    let linear = linear_address(&cs, rip, 1, bits).map_err(|r| FetchError::Translate(Translation::Fail(r)))?;
+    let mut want = MAX_INSN_LEN;
+    if bits != 64 {
+        let offset = rip & 0xffff_ffff;
+        let room = u64::from(sregs.cs.limit).saturating_sub(offset).saturating_add(1);
+        want = want.min(room.min(MAX_INSN_LEN as u64) as usize);
+    }
     let mut bytes = [0u8; MAX_INSN_LEN];
     let mut len = 0usize;
-    // At most two pages: 15 bytes cross at most one page boundary.
-    while len < MAX_INSN_LEN {
-        let addr = linear.wrapping_add(len as u64);
-        let in_page = (0x1000 - (addr & 0xfff)) as usize;
-        let n = in_page.min(MAX_INSN_LEN - len);
-        match translate(mem, &ctx, addr, Access::Execute) {
-            Translation::Ok(gpa) => {
-                if !read_bytes(mem, gpa, &mut bytes[len..len + n]) {
-                    break;
-                }
-                len += n;
-            }
-            t if len == 0 => return Err(FetchError::Translate(t)),
-            // The next page does not translate: decode what we have; an instruction
-            // that ends before the boundary is still good.
-            _ => break,
+    let first = for_each_piece(mem, &ctx, linear, want, Access::Execute, |gpa, done, n| {
+        if len == done && bytes.get_mut(done..done + n).is_some_and(|dst| mem.read_bytes(gpa, dst)) {
+            len += n;
         }
+    });
+    if let Err((addr, t)) = first
+        && addr == linear
+    {
+        return Err(FetchError::Translate(t));
+    }
+    if len == 0 {
+        return Err(FetchError::Translate(Translation::Fail(FailReason::NotRam { level: 0, gpa: linear })));
     }
     let mut decoder = Decoder::with_ip(bits, &bytes[..len], rip, DecoderOptions::NONE);
     let insn = decoder.decode();
@@ -110,15 +112,6 @@ pub fn fetch<M: PhysMem>(mem: &M, sregs: &kvm_sregs, rip: u64, rflags: u64) -> R
         return Err(FetchError::Decode { bytes: bytes[..len].to_vec() });
     }
     Ok(FetchedInsn { bytes, len, insn, bitness: bits, rip: linear })
-}
-
-fn read_bytes<M: PhysMem>(mem: &M, gpa: u64, out: &mut [u8]) -> bool {
-    for (i, b) in out.iter_mut().enumerate() {
-        let a = gpa + i as u64;
-        let Some(word) = mem.read_u32(a & !3) else { return false };
-        *b = (word >> ((a & 3) * 8)) as u8;
-    }
-    true
 }
 
 #[cfg(test)]
@@ -163,6 +156,7 @@ mod tests {
         m.write_slice(&[0xea, 0x5b, 0xe0, 0x00, 0xf0], GuestAddress(0xffff0)).unwrap();
         let mut s = kvm_sregs::default();
         s.cs.base = 0xf0000;
+        s.cs.limit = 0xffff;
         let f = fetch(&m, &s, 0xfff0, 2).unwrap();
         assert_eq!(f.bitness, 16);
         assert_eq!(f.disasm(), "jmp far 0E05Bh,0F000h");
@@ -190,5 +184,43 @@ mod tests {
         assert_eq!(fetch(&m, &long_sregs(), 0x10_0000, 2).unwrap().disasm(), "ud2");
         m.write_slice(&[0x06], GuestAddress(0x10_0000)).unwrap(); // push es: invalid in 64-bit
         assert!(matches!(fetch(&m, &long_sregs(), 0x10_0000, 2), Err(FetchError::Decode { .. })));
+    }
+
+    #[test]
+    fn instruction_across_two_pages_mapped_apart() {
+        let m = mem();
+        identity(&m);
+        // PD entry 4 -> a page table at 0x5000: virtual 0x800000 -> 0x9000 and
+        // 0x801000 -> 0x6000, so the instruction's halves are physically apart.
+        m.write_obj(0x5003u64, GuestAddress(0x3000 + 4 * 8)).unwrap();
+        m.write_obj(0x9003u64, GuestAddress(0x5000)).unwrap();
+        m.write_obj(0x6003u64, GuestAddress(0x5008)).unwrap();
+        // mov rax, 0x1122334455667788 (10 bytes), 3 before the boundary.
+        let insn = [0x48, 0xb8, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11];
+        m.write_slice(&insn[..3], GuestAddress(0x9ffd)).unwrap();
+        m.write_slice(&insn[3..], GuestAddress(0x6000)).unwrap();
+        let f = fetch(&m, &long_sregs(), 0x80_0ffd, 2).unwrap();
+        assert_eq!(f.bytes(), &insn);
+        assert_eq!(f.disasm(), "mov rax,1122334455667788h");
+        // With the second page gone, the instruction is cut short: it cannot decode.
+        m.write_obj(0u64, GuestAddress(0x5008)).unwrap();
+        assert!(matches!(fetch(&m, &long_sregs(), 0x80_0ffd, 2), Err(FetchError::Decode { .. })));
+    }
+
+    #[test]
+    fn segment_limit_cuts_the_fetch() {
+        let m = mem();
+        m.write_slice(&[0x90, 0x90], GuestAddress(0x1fffe)).unwrap();
+        let mut s = kvm_sregs { cr0: 1, ..Default::default() };
+        s.cs.base = 0x10000;
+        s.cs.limit = 0xffff;
+        s.cs.db = 1;
+        s.cs.s = 1;
+        s.cs.type_ = 0xb;
+        assert_eq!(fetch(&m, &s, 0xfffe, 2).unwrap().disasm(), "nop");
+        assert!(matches!(
+            fetch(&m, &s, 0x10000, 2),
+            Err(FetchError::Translate(Translation::Fail(FailReason::SegmentLimit { .. })))
+        ));
     }
 }

@@ -17,6 +17,15 @@ pub trait PhysMem {
     fn read_u64(&self, gpa: u64) -> Option<u64>;
     fn read_u32(&self, gpa: u64) -> Option<u32>;
     fn is_ram(&self, gpa: u64) -> bool;
+    /// Fills `out` from `gpa`; false (and `out` unspecified) where any byte is not RAM.
+    fn read_bytes(&self, gpa: u64, out: &mut [u8]) -> bool {
+        for (i, b) in out.iter_mut().enumerate() {
+            let a = gpa.wrapping_add(i as u64);
+            let Some(word) = self.read_u32(a & !3) else { return false };
+            *b = (word >> ((a & 3) * 8)) as u8;
+        }
+        true
+    }
 }
 
 impl PhysMem for vm_memory::GuestMemoryMmap {
@@ -28,6 +37,9 @@ impl PhysMem for vm_memory::GuestMemoryMmap {
     }
     fn is_ram(&self, gpa: u64) -> bool {
         self.address_in_range(GuestAddress(gpa))
+    }
+    fn read_bytes(&self, gpa: u64, out: &mut [u8]) -> bool {
+        self.read_slice(out, GuestAddress(gpa)).is_ok()
     }
 }
 
@@ -72,6 +84,9 @@ pub struct PagingContext {
     pub pkru: u32,
     /// Physical-address width; 0 means 52.
     pub maxphyaddr: u8,
+    /// The A20 gate is closed: physical address bit 20 reads as zero (a PC's
+    /// power-up state on old chipsets; skiff's machine keeps A20 open).
+    pub a20_masked: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +110,7 @@ impl PagingContext {
             rflags,
             pkru: 0,
             maxphyaddr: 0,
+            a20_masked: false,
         }
     }
 
@@ -130,7 +146,13 @@ pub enum FailReason {
     Smep,
     Smap,
     ProtectionKey(u8),
+    /// The page the walk arrived at (a leaf at `level`; 0: paging off) is not RAM:
+    /// MMIO, or nothing. The translation itself is well-formed.
     NotRam { level: u8, gpa: u64 },
+    /// The page-table entry at `level` lies outside guest RAM: the walk cannot go on.
+    TableNotRam { level: u8, gpa: u64 },
+    /// Segmentation refused the access before paging: outside the segment's limit.
+    SegmentLimit { offset: u64, len: u64, limit: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,8 +189,15 @@ impl fmt::Display for FailReason {
             FailReason::Smep => write!(f, "SMEP: supervisor fetch from a user page"),
             FailReason::Smap => write!(f, "SMAP: supervisor data access to a user page"),
             FailReason::ProtectionKey(k) => write!(f, "protection key {k} forbids the access"),
+            FailReason::NotRam { level: 0, gpa } => write!(f, "physical address {gpa:#x} is not guest RAM"),
             FailReason::NotRam { level, gpa } => {
-                write!(f, "{} (level {level}) address {gpa:#x} is not guest RAM", level_name(level))
+                write!(f, "{} (level {level}) maps {gpa:#x}, which is not guest RAM", level_name(level))
+            }
+            FailReason::TableNotRam { level, gpa } => {
+                write!(f, "{} (level {level}) would be read at {gpa:#x}, which is not guest RAM", level_name(level))
+            }
+            FailReason::SegmentLimit { offset, len, limit } => {
+                write!(f, "{len} byte(s) at offset {offset:#x} are outside the segment limit {limit:#x}")
             }
         }
     }
@@ -186,6 +215,219 @@ impl fmt::Display for Translation {
     }
 }
 
+/// A segment register as the walk needs it (base, limit, and whether it is usable).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Segment {
+    pub base: u64,
+    /// Byte-granular limit (KVM reports it scaled already).
+    pub limit: u32,
+    /// Expand-down data segment: valid offsets are above the limit.
+    pub expand_down: bool,
+    /// A 32-bit (B/D set) expand-down segment's top is 4 GiB, else 64 KiB.
+    pub big: bool,
+}
+
+impl Segment {
+    pub fn from_kvm(s: &kvm_bindings::kvm_segment) -> Self {
+        // Data segment (type bit 3 clear) with the expand-down bit (bit 2).
+        let expand_down = s.s != 0 && s.type_ & 0x8 == 0 && s.type_ & 0x4 != 0;
+        Segment { base: s.base, limit: s.limit, expand_down, big: s.db != 0 }
+    }
+}
+
+/// Segmentation, before paging: the linear address of `len` bytes at `offset` in
+/// `seg` for code of `bits` (16, 32 or 64). Real mode and 16/32-bit protected mode add
+/// the base and check the limit (a linear address wraps at 4 GiB); 64-bit mode has flat segments (FS/GS bases aside, which the
+/// caller passes in `seg`) and checks canonicality in the walk instead.
+pub fn linear_address(seg: &Segment, offset: u64, len: u64, bits: u32) -> Result<u64, FailReason> {
+    if bits == 64 {
+        return Ok(seg.base.wrapping_add(offset));
+    }
+    // EIP, not IP: 16-bit code past the limit (or past 64 KiB) faults, it does not wrap.
+    let offset = offset & 0xffff_ffff;
+    let last = offset.wrapping_add(len.saturating_sub(1));
+    let limit = u64::from(seg.limit);
+    let ok = if seg.expand_down {
+        let top = if seg.big { 0xffff_ffff } else { 0xffff };
+        offset > limit && last <= top
+    } else {
+        last <= limit && last >= offset
+    };
+    if !ok {
+        return Err(FailReason::SegmentLimit { offset, len, limit: seg.limit });
+    }
+    Ok(seg.base.wrapping_add(offset) & 0xffff_ffff)
+}
+
+/// Translates the virtual range `[gva, gva + len)` page by page and calls
+/// `piece(gpa, done, n)` for each physically contiguous piece in order (`done` bytes
+/// precede it). Stops at the first page that does not translate and returns its
+/// address with the outcome. At most `len / 4096 + 2` walks, whatever the guest
+/// put in its tables.
+pub fn for_each_piece<M: PhysMem>(
+    mem: &M,
+    ctx: &PagingContext,
+    gva: u64,
+    len: usize,
+    access: Access,
+    mut piece: impl FnMut(u64, usize, usize),
+) -> Result<(), (u64, Translation)> {
+    let mut done = 0usize;
+    while done < len {
+        let addr = gva.wrapping_add(done as u64);
+        let n = ((0x1000 - (addr & 0xfff)) as usize).min(len - done);
+        match translate(mem, ctx, addr, access) {
+            Translation::Ok(gpa) => piece(gpa, done, n),
+            other => return Err((addr, other)),
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads guest-virtual memory into `buf` through the guest's tables. On failure, the
+/// first address that did not translate (or is not RAM) and why.
+pub fn read_virt<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, buf: &mut [u8]) -> Result<(), (u64, Translation)> {
+    let mut bad: Option<(u64, Translation)> = None;
+    let len = buf.len();
+    for_each_piece(mem, ctx, gva, len, Access::Read, |gpa, done, n| {
+        if bad.is_none() {
+            let ok = buf.get_mut(done..done + n).is_some_and(|dst| mem.read_bytes(gpa, dst));
+            if !ok {
+                bad = Some((gva.wrapping_add(done as u64), Translation::Fail(FailReason::NotRam { level: 0, gpa })));
+            }
+        }
+    })?;
+    bad.map_or(Ok(()), Err)
+}
+
+/// One present leaf mapping found by [`for_each_mapping`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// First virtual address (sign-extended in long mode).
+    pub gva: u64,
+    pub gpa: u64,
+    /// Page size in bytes (4 KiB, 2 MiB, 4 MiB or 1 GiB).
+    pub size: u64,
+    pub level: u8,
+    pub writable: bool,
+    pub user: bool,
+    pub executable: bool,
+}
+
+/// Visits the present leaf mappings of the guest's current address space in address
+/// order, at most `max_entries` page-table entries read in all (a hostile guest's
+/// tables cannot make it loop longer). Entries with reserved bits are skipped, as the
+/// CPU would fault on them. Returns the number of entries read. For diagnostics, the
+/// gdb stub and the translator's self-check: the walk itself is [`translate`].
+pub fn for_each_mapping<M: PhysMem>(
+    mem: &M,
+    ctx: &PagingContext,
+    max_entries: usize,
+    mut visit: impl FnMut(&Mapping),
+) -> usize {
+    let mut budget = max_entries;
+    let mode = ctx.mode();
+    let (levels, entry_bytes): (u8, u64) = match mode {
+        PagingMode::None => return 0,
+        PagingMode::Bits32 => (2, 4),
+        PagingMode::Pae => (3, 8),
+        PagingMode::Level4 => (4, 8),
+        PagingMode::Level5 => (5, 8),
+    };
+    let root = match mode {
+        PagingMode::Bits32 => ctx.cr3 & 0xffff_f000,
+        PagingMode::Pae => ctx.cr3 & 0xffff_ffe0,
+        _ => ctx.cr3 & ctx.addr_mask(),
+    };
+    let rights = Rights { write: true, user: true, exec: true };
+    visit_table(mem, ctx, mode, root, levels, entry_bytes, 0, &rights, &mut budget, &mut visit);
+    max_entries - budget
+}
+
+/// Bits of the virtual address a level's index covers, and how many entries it has.
+fn level_geometry(mode: PagingMode, level: u8) -> (u32, u64) {
+    match (mode, level) {
+        (PagingMode::Bits32, 2) => (22, 1024),
+        (PagingMode::Bits32, _) => (12, 1024),
+        (PagingMode::Pae, 3) => (30, 4),
+        _ => (12 + 9 * (u32::from(level) - 1), 512),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn visit_table<M: PhysMem>(
+    mem: &M,
+    ctx: &PagingContext,
+    mode: PagingMode,
+    table: u64,
+    level: u8,
+    entry_bytes: u64,
+    prefix: u64,
+    rights: &Rights,
+    budget: &mut usize,
+    visit: &mut impl FnMut(&Mapping),
+) {
+    let (shift, entries) = level_geometry(mode, level);
+    let nxe = ctx.efer & EFER_NXE != 0 && mode != PagingMode::Bits32;
+    for index in 0..entries {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let addr = table + index * entry_bytes;
+        let Some(entry) = (if entry_bytes == 4 { mem.read_u32(addr).map(u64::from) } else { mem.read_u64(addr) }) else {
+            return;
+        };
+        if entry & P == 0 {
+            continue;
+        }
+        let mut gva = prefix | (index << shift);
+        if matches!(mode, PagingMode::Level4 | PagingMode::Level5) {
+            let top = if mode == PagingMode::Level5 { 57 } else { 48 };
+            gva = (((gva << (64 - top)) as i64) >> (64 - top)) as u64;
+        }
+        // The walk decides what is valid: a leaf is whatever translate() accepts.
+        let is_pdpte_pae = mode == PagingMode::Pae && level == 3;
+        let large = !is_pdpte_pae
+            && level > 1
+            && entry & PS != 0
+            && match mode {
+                PagingMode::Bits32 => ctx.cr4 & CR4_PSE != 0,
+                _ => level <= 3,
+            };
+        let next = Rights {
+            write: rights.write && (is_pdpte_pae || entry & RW != 0),
+            user: rights.user && (is_pdpte_pae || entry & US != 0),
+            exec: rights.exec && !(nxe && entry & XD != 0),
+        };
+        if large || level == 1 {
+            let size = 1u64 << shift;
+            // Ask the walk itself, so reserved bits and rights agree with translate().
+            let probe_ctx = PagingContext { cpl: 0, cr4: ctx.cr4 & !(CR4_SMAP | CR4_SMEP | CR4_PKE), ..*ctx };
+            if let Translation::Ok(gpa) | Translation::Fail(FailReason::NotRam { level: 1..=3, gpa }) =
+                translate(mem, &probe_ctx, gva, Access::Read)
+            {
+                visit(&Mapping {
+                    gva,
+                    gpa,
+                    size,
+                    level,
+                    writable: next.write,
+                    user: next.user,
+                    executable: next.exec,
+                });
+            }
+            continue;
+        }
+        let child = match mode {
+            PagingMode::Bits32 => entry & 0xffff_f000,
+            _ => entry & ctx.addr_mask(),
+        };
+        visit_table(mem, ctx, mode, child, level - 1, entry_bytes, gva, &next, budget, visit);
+    }
+}
+
 /// Rights accumulated over the levels of a walk.
 struct Rights {
     write: bool,
@@ -197,7 +439,10 @@ struct Rights {
 pub fn translate<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access) -> Translation {
     match ctx.mode() {
         PagingMode::None => {
-            let gpa = if ctx.efer & EFER_LMA != 0 { gva } else { gva & 0xffff_ffff };
+            let mut gpa = if ctx.efer & EFER_LMA != 0 { gva } else { gva & 0xffff_ffff };
+            if ctx.a20_masked {
+                gpa &= !(1 << 20);
+            }
             final_address(mem, 0, gpa)
         }
         PagingMode::Bits32 => walk_32bit(mem, ctx, gva & 0xffff_ffff, access),
@@ -229,7 +474,7 @@ fn walk_long<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access,
         let index = (gva >> (12 + 9 * (level as u64 - 1))) & 0x1ff;
         let entry_addr = table + index * 8;
         let Some(entry) = mem.read_u64(entry_addr) else {
-            return Translation::Fail(FailReason::NotRam { level, gpa: entry_addr });
+            return Translation::Fail(FailReason::TableNotRam { level, gpa: entry_addr });
         };
         if entry & P == 0 {
             return Translation::Retry { level, entry };
@@ -270,7 +515,7 @@ fn walk_pae<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access) 
     let nxe = ctx.efer & EFER_NXE != 0;
     let pdpte_addr = (ctx.cr3 & 0xffff_ffe0) + ((gva >> 30) & 3) * 8;
     let Some(pdpte) = mem.read_u64(pdpte_addr) else {
-        return Translation::Fail(FailReason::NotRam { level: 3, gpa: pdpte_addr });
+        return Translation::Fail(FailReason::TableNotRam { level: 3, gpa: pdpte_addr });
     };
     if pdpte & P == 0 {
         return Translation::Retry { level: 3, entry: pdpte };
@@ -285,7 +530,7 @@ fn walk_pae<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access) 
         let index = (gva >> (12 + 9 * (level as u64 - 1))) & 0x1ff;
         let entry_addr = table + index * 8;
         let Some(entry) = mem.read_u64(entry_addr) else {
-            return Translation::Fail(FailReason::NotRam { level, gpa: entry_addr });
+            return Translation::Fail(FailReason::TableNotRam { level, gpa: entry_addr });
         };
         if entry & P == 0 {
             return Translation::Retry { level, entry };
@@ -319,15 +564,19 @@ fn walk_pae<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access) 
 fn walk_32bit<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access) -> Translation {
     let pde_addr = (ctx.cr3 & 0xffff_f000) + ((gva >> 22) & 0x3ff) * 4;
     let Some(pde) = mem.read_u32(pde_addr).map(u64::from) else {
-        return Translation::Fail(FailReason::NotRam { level: 2, gpa: pde_addr });
+        return Translation::Fail(FailReason::TableNotRam { level: 2, gpa: pde_addr });
     };
     if pde & P == 0 {
         return Translation::Retry { level: 2, entry: pde };
     }
     let mut rights = Rights { write: pde & RW != 0, user: pde & US != 0, exec: true };
     if pde & PS != 0 && ctx.cr4 & CR4_PSE != 0 {
-        // Bit 21 is reserved; bits 13-20 are physical bits 32-39 (up to MAXPHYADDR).
-        if pde & (1 << 21) != 0 {
+        // Bit 21 is reserved; bits 13-20 are physical bits 32-39, and those at or
+        // above MAXPHYADDR are reserved too.
+        let width = if ctx.maxphyaddr == 0 { 40 } else { ctx.maxphyaddr.clamp(32, 40) };
+        let high_bits = u64::from(width - 32);
+        let rsvd = (1u64 << 21) | ((0xffu64 << 13) & !(((1u64 << high_bits) - 1) << 13));
+        if pde & rsvd != 0 {
             return Translation::Fail(FailReason::Reserved { level: 2, entry: pde });
         }
         let high = ((pde >> 13) & 0xff) << 32;
@@ -339,7 +588,7 @@ fn walk_32bit<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access
     }
     let pte_addr = (pde & 0xffff_f000) + ((gva >> 12) & 0x3ff) * 4;
     let Some(pte) = mem.read_u32(pte_addr).map(u64::from) else {
-        return Translation::Fail(FailReason::NotRam { level: 1, gpa: pte_addr });
+        return Translation::Fail(FailReason::TableNotRam { level: 1, gpa: pte_addr });
     };
     if pte & P == 0 {
         return Translation::Retry { level: 1, entry: pte };
@@ -490,7 +739,7 @@ mod tests {
         map_4k(&mut m, gva, 0x2_0000_0000, P);
         assert!(matches!(translate(&m, &ctx, gva, Access::Read), Translation::Fail(FailReason::NotRam { .. })));
         ctx.cr3 = 0x3_0000_0000;
-        assert!(matches!(translate(&m, &ctx, gva, Access::Read), Translation::Fail(FailReason::NotRam { level: 4, .. })));
+        assert!(matches!(translate(&m, &ctx, gva, Access::Read), Translation::Fail(FailReason::TableNotRam { level: 4, .. })));
     }
 
     #[test]
@@ -529,6 +778,302 @@ mod tests {
         for mode in [long_ctx(), PagingContext { cr4: CR4_PAE | CR4_LA57, ..long_ctx() }] {
             for k in 0..2000u64 {
                 let _ = translate(&m, &mode, k.wrapping_mul(0x9e37_79b9_7f4a_7c15), Access::Write);
+            }
+        }
+    }
+
+    /// Writes a 32-bit entry into the fake memory (which stores 64-bit words).
+    fn set32(m: &mut Fake, addr: u64, v: u32) {
+        let base = addr & !7;
+        let shift = (addr & 7) * 8;
+        let old = m.words.get(&base).copied().unwrap_or(0);
+        m.set(base, (old & !(0xffff_ffffu64 << shift)) | (u64::from(v) << shift));
+    }
+
+    /// Page tables for 4- or 5-level paging built in fake memory: tables come from a
+    /// bump allocator above 16 MiB.
+    struct Builder {
+        m: Fake,
+        root: u64,
+        next: u64,
+        levels: u8,
+    }
+
+    impl Builder {
+        fn new(levels: u8) -> Self {
+            Builder { m: Fake::new(1 << 40), root: 0x100_0000, next: 0x100_1000, levels }
+        }
+        fn ctx(&self) -> PagingContext {
+            let la57 = if self.levels == 5 { CR4_LA57 } else { 0 };
+            PagingContext { cr3: self.root, cr4: CR4_PAE | la57, ..long_ctx() }
+        }
+        /// Maps one page of `size` (4 KiB, 2 MiB or 1 GiB) at `gva` to `gpa`.
+        fn map(&mut self, gva: u64, gpa: u64, size: u64, flags: u64) {
+            let leaf_level = match size {
+                0x1000 => 1,
+                0x20_0000 => 2,
+                _ => 3,
+            };
+            let mut table = self.root;
+            for level in (leaf_level + 1..=self.levels).rev() {
+                let slot = table + ((gva >> (12 + 9 * (u64::from(level) - 1))) & 0x1ff) * 8;
+                let entry = self.m.words.get(&slot).copied().unwrap_or(0);
+                table = if entry & P != 0 {
+                    entry & 0x000f_ffff_ffff_f000
+                } else {
+                    let t = self.next;
+                    self.next += 0x1000;
+                    self.m.set(slot, t | P | RW | US);
+                    t
+                };
+            }
+            let slot = table + ((gva >> (12 + 9 * (u64::from(leaf_level) - 1))) & 0x1ff) * 8;
+            let ps = if leaf_level > 1 { PS } else { 0 };
+            self.m.set(slot, gpa | flags | ps | P);
+        }
+    }
+
+    #[test]
+    fn five_level_paging() {
+        let mut b = Builder::new(5);
+        let gva = 0xff12_3456_7890_0000u64 & !0xfff; // bits 56:48 used, sign-extended from 56
+        let gva = ((gva << 7) as i64 >> 7) as u64;
+        b.map(gva, 0x4_5000, 0x1000, RW);
+        assert_eq!(translate(&b.m, &b.ctx(), gva | 0x123, Access::Write), Translation::Ok(0x4_5123));
+        // Canonical for 5-level but not 4-level, and the reverse check.
+        let wide = 0x0100_0000_0000_0000u64 - 0x1000;
+        assert!(matches!(translate(&b.m, &b.ctx(), wide, Access::Read), Translation::Retry { level: 5, .. }));
+        assert_eq!(
+            translate(&b.m, &b.ctx(), 0x0100_0000_0000_0000, Access::Read),
+            Translation::Fail(FailReason::NonCanonical(0x0100_0000_0000_0000))
+        );
+        let four = Builder::new(4);
+        assert_eq!(translate(&four.m, &four.ctx(), wide, Access::Read), Translation::Fail(FailReason::NonCanonical(wide)));
+    }
+
+    #[test]
+    fn reserved_bits_by_level() {
+        let mut b = Builder::new(4);
+        b.map(0x20_0000, 0x40_0000, 0x20_0000, RW);
+        // A 2 MiB page with bit 13 set (reserved: between PAT and the page base).
+        let pd_slot = *b.m.words.iter().find(|(_, v)| **v & PS != 0).map(|(k, _)| k).unwrap();
+        b.m.set(pd_slot, 0x40_0000 | P | RW | PS | (1 << 13));
+        assert!(matches!(translate(&b.m, &b.ctx(), 0x20_0000, Access::Read), Translation::Fail(FailReason::Reserved { level: 2, .. })));
+        // PS in a PML4E is reserved.
+        b.m.set(b.root, b.m.words[&b.root] | PS);
+        assert!(matches!(translate(&b.m, &b.ctx(), 0x20_0000, Access::Read), Translation::Fail(FailReason::Reserved { level: 4, .. })));
+        // Above MAXPHYADDR.
+        let mut c = Builder::new(4);
+        c.map(0x1000, 0x1_0000_0000_0000, 0x1000, 0);
+        let ctx = PagingContext { maxphyaddr: 46, ..c.ctx() };
+        assert!(matches!(translate(&c.m, &ctx, 0x1000, Access::Read), Translation::Fail(FailReason::Reserved { level: 1, .. })));
+    }
+
+    #[test]
+    fn write_protect_and_protection_keys() {
+        let mut b = Builder::new(4);
+        b.map(0x7000, 0x9000, 0x1000, US); // read-only user page
+        let mut ctx = b.ctx();
+        // CR0.WP clear: the kernel may write a read-only page; user mode never.
+        ctx.cr0 &= !CR0_WP;
+        assert_eq!(translate(&b.m, &ctx, 0x7000, Access::Write), Translation::Ok(0x9000));
+        ctx.cpl = 3;
+        assert_eq!(translate(&b.m, &ctx, 0x7000, Access::Write), Translation::Fail(FailReason::WriteProtect { level: 1 }));
+        // Key 5 in the leaf, access-disabled in PKRU.
+        b.map(0x8000, 0xa000, 0x1000, US | RW | (5 << 59));
+        let ctx = PagingContext { cr4: CR4_PAE | CR4_PKE, pkru: 1 << 10, cpl: 3, ..b.ctx() };
+        assert_eq!(translate(&b.m, &ctx, 0x8000, Access::Read), Translation::Fail(FailReason::ProtectionKey(5)));
+        // Keys do not apply to fetches.
+        assert_eq!(translate(&b.m, &ctx, 0x8000, Access::Execute), Translation::Ok(0xa000));
+    }
+
+    #[test]
+    fn paging_32bit_4k_4m_and_pse36() {
+        let mut m = Fake::new(1 << 32);
+        // PD at 0x5000; PDE 1 -> PT at 0x6000; PTE 3 -> 0x7000.
+        set32(&mut m, 0x5000 + 4, 0x6000 | (P | RW | US) as u32);
+        set32(&mut m, 0x6000 + 3 * 4, 0x7000 | P as u32);
+        let ctx = PagingContext { cr0: CR0_PG | CR0_WP | 1, cr3: 0x5000, ..Default::default() };
+        assert_eq!(translate(&m, &ctx, 0x0040_3abc, Access::Read), Translation::Ok(0x7abc));
+        assert_eq!(translate(&m, &ctx, 0x0040_3abc, Access::Write), Translation::Fail(FailReason::WriteProtect { level: 1 }));
+        // The upper 32 bits of a linear address do not exist here.
+        assert_eq!(translate(&m, &ctx, 0xdead_0000_0040_3abc, Access::Read), Translation::Ok(0x7abc));
+        assert_eq!(translate(&m, &ctx, 0x0040_4000, Access::Read), Translation::Retry { level: 1, entry: 0 });
+        // A 4 MiB page at PDE 2: honoured with CR4.PSE, a table pointer without it.
+        set32(&mut m, 0x5000 + 2 * 4, 0x00c0_0000 | (P | RW | PS) as u32);
+        let pse = PagingContext { cr4: CR4_PSE, ..ctx };
+        assert_eq!(translate(&m, &pse, 0x0089_abcd, Access::Write), Translation::Ok(0x00c9_abcd));
+        assert!(matches!(translate(&m, &ctx, 0x0089_abcd, Access::Read), Translation::Retry { level: 1, .. }));
+        // PSE-36: PDE bits 13-16 give physical bits 32-35 when MAXPHYADDR is 36; bit 17
+        // is then reserved.
+        set32(&mut m, 0x5000 + 3 * 4, 0x0040_0000 | (0x3 << 13) | (P | PS) as u32);
+        let pse36 = PagingContext { maxphyaddr: 36, ..pse };
+        assert_eq!(
+            translate(&m, &pse36, 0x00c0_0010, Access::Read),
+            Translation::Fail(FailReason::NotRam { level: 2, gpa: 0x3_0040_0010 })
+        );
+        set32(&mut m, 0x5000 + 3 * 4, 0x0040_0000 | (0x10 << 13) | (P | PS) as u32);
+        assert!(matches!(translate(&m, &pse36, 0x00c0_0010, Access::Read), Translation::Fail(FailReason::Reserved { level: 2, .. })));
+        // No NX in 32-bit paging: everything present is executable.
+        assert_eq!(translate(&m, &ctx, 0x0040_3000, Access::Execute), Translation::Ok(0x7000));
+    }
+
+    #[test]
+    fn pae_4k_2m_nx_and_reserved_pdpte() {
+        let mut m = Fake::new(1 << 32);
+        let ctx = PagingContext { cr0: CR0_PG | 1, cr3: 0x1020, cr4: CR4_PAE, efer: EFER_NXE, ..Default::default() };
+        // PDPT at 0x1020 (32-byte aligned, not page aligned).
+        m.set(0x1020, 0x2000 | P);
+        m.set(0x2000, 0x3000 | P | RW);
+        m.set(0x3000 + 5 * 8, 0x8000 | P | RW | XD);
+        assert_eq!(translate(&m, &ctx, 0x5123, Access::Write), Translation::Ok(0x8123));
+        assert_eq!(translate(&m, &ctx, 0x5123, Access::Execute), Translation::Fail(FailReason::NoExecute { level: 1 }));
+        m.set(0x2000 + 8, 0x20_0000 | P | PS);
+        assert_eq!(translate(&m, &ctx, 0x3f_ffff, Access::Execute), Translation::Ok(0x3f_ffff));
+        // PDPTE 1 with a reserved bit (bit 1, RW, is reserved in PAE PDPTEs).
+        m.set(0x1028, 0x4000 | P | RW);
+        assert!(matches!(translate(&m, &ctx, 0x4000_0000, Access::Read), Translation::Fail(FailReason::Reserved { level: 3, .. })));
+        // Without NXE, XD is a reserved bit.
+        let no_nx = PagingContext { efer: 0, ..ctx };
+        assert!(matches!(translate(&m, &no_nx, 0x5123, Access::Read), Translation::Fail(FailReason::Reserved { level: 1, .. })));
+    }
+
+    #[test]
+    fn segments_real_and_protected() {
+        // Real mode: CS base + IP, limit 64 KiB, no wrap at 1 MiB with A20 open.
+        let real_cs = Segment { base: 0xffff0, limit: 0xffff, ..Default::default() };
+        assert_eq!(linear_address(&real_cs, 0xfff0, 1, 16), Ok(0x10_ffe0));
+        assert!(matches!(linear_address(&real_cs, 0x1_0000, 1, 16), Err(FailReason::SegmentLimit { .. })));
+        assert!(matches!(linear_address(&real_cs, 0xffff, 2, 16), Err(FailReason::SegmentLimit { .. })));
+        // A20 closed: bit 20 of the physical address reads as zero.
+        let m = Fake::new(1 << 24);
+        let a20 = PagingContext { a20_masked: true, ..Default::default() };
+        assert_eq!(translate(&m, &a20, 0x10_ffe0, Access::Execute), Translation::Ok(0xffe0));
+        // Protected mode: base and limit, 4 GiB wrap.
+        let seg = Segment { base: 0xffff_f000, limit: 0x1fff, ..Default::default() };
+        assert_eq!(linear_address(&seg, 0x1800, 4, 32), Ok(0x800));
+        assert!(matches!(linear_address(&seg, 0x1ffe, 4, 32), Err(FailReason::SegmentLimit { .. })));
+        // Expand-down: offsets above the limit are the valid ones.
+        let down = Segment { base: 0, limit: 0xfff, expand_down: true, big: true };
+        assert!(linear_address(&down, 0x800, 1, 32).is_err());
+        assert_eq!(linear_address(&down, 0x1000, 4, 32), Ok(0x1000));
+        // 64-bit mode: no limit.
+        assert_eq!(linear_address(&seg, 0x1_0000_0000, 8, 64), Ok(0x1_0000_0000u64.wrapping_add(0xffff_f000)));
+    }
+
+    #[test]
+    fn ranges_cross_pages_one_walk_each() {
+        let mut b = Builder::new(4);
+        // Two virtually adjacent pages, physically far apart.
+        b.map(0x40_0000, 0x9000, 0x1000, RW);
+        b.map(0x40_1000, 0x3000, 0x1000, RW);
+        let mut pieces = Vec::new();
+        let r = for_each_piece(&b.m, &b.ctx(), 0x40_0ff8, 16, Access::Read, |gpa, done, n| pieces.push((gpa, done, n)));
+        assert_eq!(r, Ok(()));
+        assert_eq!(pieces, vec![(0x9ff8, 0, 8), (0x3000, 8, 8)]);
+        // The second page missing: the first piece is delivered, then the failure.
+        let mut pieces = Vec::new();
+        let r = for_each_piece(&b.m, &b.ctx(), 0x40_1ff8, 16, Access::Read, |gpa, done, n| pieces.push((gpa, done, n)));
+        assert_eq!(pieces, vec![(0x3ff8, 0, 8)]);
+        assert!(matches!(r, Err((0x40_2000, Translation::Retry { level: 1, .. }))));
+    }
+
+    #[test]
+    fn mapping_enumeration_matches_the_walk() {
+        let mut b = Builder::new(4);
+        b.map(0x40_0000, 0x9000, 0x1000, RW);
+        b.map(0xffff_8880_0000_0000, 0, 0x4000_0000, RW);
+        b.map(0xffff_ffff_8100_0000, 0x100_0000, 0x20_0000, 0);
+        b.map(0x7fff_ffff_f000, 0xfee0_0000, 0x1000, RW | US); // MMIO, not RAM (1 TiB fake)
+        let mut seen = Vec::new();
+        let read = for_each_mapping(&b.m, &b.ctx(), 1 << 20, |m| seen.push((m.gva, m.gpa, m.size, m.user)));
+        assert!(read > 0);
+        assert_eq!(
+            seen,
+            vec![
+                (0x40_0000, 0x9000, 0x1000, false),
+                (0x7fff_ffff_f000, 0xfee0_0000, 0x1000, true),
+                (0xffff_8880_0000_0000, 0, 0x4000_0000, false),
+                (0xffff_ffff_8100_0000, 0x100_0000, 0x20_0000, false),
+            ]
+        );
+        // The budget bounds the walk.
+        let mut n = 0;
+        assert_eq!(for_each_mapping(&b.m, &b.ctx(), 100, |_| n += 1), 100);
+    }
+
+    #[test]
+    fn tables_outside_ram_are_not_leaves_outside_ram() {
+        let mut b = Builder::new(4);
+        b.m.size = 0x200_0000;
+        b.map(0x5000, 0x1_0000_0000, 0x1000, RW);
+        assert_eq!(
+            translate(&b.m, &b.ctx(), 0x5000, Access::Read),
+            Translation::Fail(FailReason::NotRam { level: 1, gpa: 0x1_0000_0000 })
+        );
+        let ctx = PagingContext { cr3: 0x4000_0000, ..b.ctx() };
+        assert_eq!(
+            translate(&b.m, &ctx, 0x5000, Access::Read),
+            Translation::Fail(FailReason::TableNotRam { level: 4, gpa: 0x4000_0000 })
+        );
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A page: which size, a virtual page number and a physical page number (both
+        /// in units of that size), and the page's rights.
+        fn page() -> impl Strategy<Value = (u64, u64, u64, u64)> {
+            (0u8..3, any::<u64>(), 0u64..(1 << 20), 0u64..8).prop_map(|(k, v, p, f)| {
+                let size = [0x1000u64, 0x20_0000, 0x4000_0000][k as usize];
+                let vpn_bits = 48 - size.trailing_zeros();
+                let gva = (v & ((1 << vpn_bits) - 1)) * size;
+                let gva = (((gva << 16) as i64) >> 16) as u64; // canonical
+                let gpa = (p * size) & 0x000f_ffff_ffff_f000;
+                (gva, gpa, size, f)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Random mappings translate back: every byte offset of every page lands
+            /// at the page's physical base plus that offset, with the rights given.
+            #[test]
+            fn random_mappings_translate_back(pages in proptest::collection::vec(page(), 1..24), offs in any::<u64>()) {
+                let mut b = Builder::new(4);
+                b.m.size = 1 << 52;
+                // Later pages may overlap earlier ones; keep only what survives.
+                let mut kept: Vec<(u64, u64, u64, u64)> = Vec::new();
+                for &(gva, gpa, size, f) in &pages {
+                    if kept.iter().any(|&(g, _, s, _)| gva < g.wrapping_add(s) && g < gva.wrapping_add(size)) {
+                        continue;
+                    }
+                    let flags = (if f & 1 != 0 { RW } else { 0 }) | (if f & 2 != 0 { US } else { 0 }) | (if f & 4 != 0 { XD } else { 0 });
+                    // A table page could be mapped over by a larger page only if the
+                    // ranges overlapped, which is excluded above.
+                    b.map(gva, gpa, size, flags);
+                    kept.push((gva, gpa, size, f));
+                }
+                let ctx = b.ctx();
+                for &(gva, gpa, size, f) in &kept {
+                    let off = offs % size;
+                    prop_assert_eq!(translate(&b.m, &ctx, gva + off, Access::Read), Translation::Ok(gpa + off));
+                    let w = translate(&b.m, &ctx, gva + off, Access::Write);
+                    if f & 1 != 0 { prop_assert_eq!(w, Translation::Ok(gpa + off)); } else { prop_assert!(matches!(w, Translation::Fail(FailReason::WriteProtect { .. })), "{:?}", (gva, gpa, size, f)); }
+                    let x = translate(&b.m, &ctx, gva + off, Access::Execute);
+                    if f & 4 == 0 { prop_assert_eq!(x, Translation::Ok(gpa + off)); } else { prop_assert!(matches!(x, Translation::Fail(FailReason::NoExecute { .. })), "{:?}", (gva, gpa, size, f)); }
+                    let user = translate(&b.m, &PagingContext { cpl: 3, ..ctx }, gva + off, Access::Read);
+                    if f & 2 != 0 { prop_assert_eq!(user, Translation::Ok(gpa + off)); } else { prop_assert!(matches!(user, Translation::Fail(FailReason::User { .. })), "{:?}", (gva, gpa, size, f)); }
+                }
+                // The enumeration finds exactly the pages that were kept.
+                let mut found = Vec::new();
+                for_each_mapping(&b.m, &ctx, 1 << 22, |m| found.push((m.gva, m.gpa, m.size)));
+                let mut want: Vec<(u64, u64, u64)> = kept.iter().map(|&(g, p, s, _)| (g, p, s)).collect();
+                want.sort_unstable();
+                found.sort_unstable();
+                prop_assert_eq!(found, want);
             }
         }
     }

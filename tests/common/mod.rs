@@ -115,6 +115,11 @@ impl Guest {
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
+    /// skiff's process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn send(&mut self, text: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         stdin.write_all(text.as_bytes()).expect("write to guest");
@@ -193,6 +198,25 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A test kernel from guest/tiny (`name`.elf), built from source into Cargo's scratch
+/// directory once per test binary (guest/tiny/build: as and ld), so tests that use
+/// them need nothing fetched.
+pub fn tiny_kernel(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(concat!("tiny-", env!("CARGO_CRATE_NAME")));
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest/tiny/build");
+        let out = Command::new(&script).env("SKIFF_GUEST_DIR", &dir).output().expect("run guest/tiny/build");
+        assert!(
+            out.status.success(),
+            "guest/tiny/build failed (needs as and ld from binutils):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    });
+    dir.join(format!("{name}.elf"))
 }
 
 /// A kernel console message: "[  861.077918] ..." (printk's timestamp prefix).
