@@ -81,7 +81,8 @@ pub fn bitness(sregs: &kvm_sregs) -> u32 {
 /// fetched before the boundary is decoded, and is good if the instruction ends there.
 pub fn fetch<M: PhysMem>(mem: &M, sregs: &kvm_sregs, rip: u64, rflags: u64) -> Result<FetchedInsn, FetchError> {
     let bits = bitness(sregs);
-    let cs = Segment::from_kvm(&sregs.cs);
+    // 64-bit mode ignores CS's base (only FS and GS keep one).
+    let cs = if bits == 64 { Segment::default() } else { Segment::from_kvm(&sregs.cs) };
     let ctx = PagingContext::from_sregs(sregs, rflags);
     // The limit check is for the first byte; bytes past the limit are cut below.
     let linear = linear_address(&cs, rip, 1, bits).map_err(|r| FetchError::Translate(Translation::Fail(r)))?;
@@ -126,6 +127,8 @@ mod tests {
     fn long_sregs() -> kvm_sregs {
         let mut s = kvm_sregs { cr0: 0x8000_0011, cr3: 0x1000, cr4: 0x20, efer: 0x500, ..Default::default() };
         s.cs.l = 1;
+        // Left over from RESET; 64-bit mode ignores it.
+        s.cs.base = 0xffff_0000;
         s
     }
 

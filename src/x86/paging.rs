@@ -30,9 +30,25 @@ pub trait PhysMem {
 
 impl PhysMem for vm_memory::GuestMemoryMmap {
     fn read_u64(&self, gpa: u64) -> Option<u64> {
+        // Page-table entries are naturally aligned: one region lookup and one
+        // volatile load (the guest may be writing it). Anything else takes
+        // vm-memory's general path.
+        if gpa % 8 == 0
+            && let Some(p) = aligned_host_ptr(self, gpa, 8)
+        {
+            // SAFETY: `aligned_host_ptr` checked that the 8 bytes lie inside one mapped
+            // region of this guest memory and that the address is 8-aligned.
+            return Some(unsafe { std::ptr::read_volatile(p as *const u64) });
+        }
         self.read_obj::<u64>(GuestAddress(gpa)).ok()
     }
     fn read_u32(&self, gpa: u64) -> Option<u32> {
+        if gpa % 4 == 0
+            && let Some(p) = aligned_host_ptr(self, gpa, 4)
+        {
+            // SAFETY: as above, for 4 bytes at a 4-aligned address.
+            return Some(unsafe { std::ptr::read_volatile(p as *const u32) });
+        }
         self.read_obj::<u32>(GuestAddress(gpa)).ok()
     }
     fn is_ram(&self, gpa: u64) -> bool {
@@ -41,6 +57,17 @@ impl PhysMem for vm_memory::GuestMemoryMmap {
     fn read_bytes(&self, gpa: u64, out: &mut [u8]) -> bool {
         self.read_slice(out, GuestAddress(gpa)).is_ok()
     }
+}
+
+/// The host address of `len` bytes at `gpa`, when they lie inside one region.
+fn aligned_host_ptr(mem: &vm_memory::GuestMemoryMmap, gpa: u64, len: u64) -> Option<*const u8> {
+    use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
+    let region = mem.find_region(GuestAddress(gpa))?;
+    let offset = gpa.checked_sub(region.start_addr().0)?;
+    if offset.checked_add(len)? > region.len() {
+        return None;
+    }
+    region.get_host_address(MemoryRegionAddress(offset)).ok().map(|p| p as *const u8)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,8 +264,9 @@ impl Segment {
 
 /// Segmentation, before paging: the linear address of `len` bytes at `offset` in
 /// `seg` for code of `bits` (16, 32 or 64). Real mode and 16/32-bit protected mode add
-/// the base and check the limit (a linear address wraps at 4 GiB); 64-bit mode has flat segments (FS/GS bases aside, which the
-/// caller passes in `seg`) and checks canonicality in the walk instead.
+/// the base and check the limit (a linear address wraps at 4 GiB). 64-bit mode has
+/// no limits and adds the base as given: pass FS's or GS's, and a zero base for the
+/// other segments, whose bases 64-bit mode ignores. Canonicality is the walk's check.
 pub fn linear_address(seg: &Segment, offset: u64, len: u64, bits: u32) -> Result<u64, FailReason> {
     if bits == 64 {
         return Ok(seg.base.wrapping_add(offset));
