@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use skiff::config::{self, OnReboot, VmConfig};
 use skiff::vmm::control::StopReason;
@@ -87,11 +87,25 @@ enum RebootAction {
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    let cli = Cli::parse();
+    terminal::restore_on_panic();
+    let cli = parse_command_line();
     match cli.command {
         Command::Run(args) => finish(run(args, started)),
         Command::Probe => finish(probe()),
     }
+}
+
+/// The command line, with `skiff --help` showing every subcommand's flags too.
+fn parse_command_line() -> Cli {
+    let mut cmd = Cli::command();
+    let mut extra = String::new();
+    for sub in cmd.get_subcommands_mut() {
+        let name = sub.get_name().to_string();
+        let help = sub.render_help().to_string();
+        extra.push_str(&format!("\n`skiff {name}`:\n{help}"));
+    }
+    let matches = cmd.after_long_help(extra).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 fn finish(result: Result<ExitCode, String>) -> ExitCode {
@@ -192,6 +206,7 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
     if config.stats {
         eprint!("{}", r.stats.report());
         eprintln!("unclaimed port I/O: {} reads, {} writes", r.unclaimed.0, r.unclaimed.1);
+        eprintln!("unclaimed MMIO: {} reads, {} writes", r.unclaimed_mmio.0, r.unclaimed_mmio.1);
         eprintln!(
             "coalesced writes: {} port I/O, {} MMIO ({})",
             r.coalesced.0, r.coalesced.1, r.coalescing

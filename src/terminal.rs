@@ -49,6 +49,16 @@ impl Drop for RawMode {
     }
 }
 
+/// Restores the terminal before a panic's message (the release profile aborts on
+/// panic, so no guard would run).
+pub fn restore_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore();
+        default(info);
+    }));
+}
+
 /// First SIGTERM/SIGHUP/SIGINT: ask the machine to stop cleanly (skiff's stop watcher
 /// sees it), so statistics and profiles are still written and the terminal restored
 /// on the normal path. A second one: restore the terminal and die at once.

@@ -109,7 +109,9 @@ pub struct RunReport {
     pub stats: ExitStats,
     pub quirks: HostQuirks,
     pub boot: BootTimes,
+    /// Port I/O and MMIO to addresses no device claims: reads, writes.
     pub unclaimed: (u64, u64),
+    pub unclaimed_mmio: (u64, u64),
     /// Writes delivered from KVM's coalesced ring: port I/O, MMIO.
     pub coalesced: (u64, u64),
     /// Which zones KVM coalesces, or why none.
@@ -449,6 +451,7 @@ impl Vmm {
             quirks: self.quirks,
             boot,
             unclaimed: self.buses.pio.unclaimed(),
+            unclaimed_mmio: self.buses.mmio.unclaimed(),
             coalesced: (self.buses.pio.coalesced_writes(), self.buses.mmio.coalesced_writes()),
             coalescing: self.coalescing,
             rss,
