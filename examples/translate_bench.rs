@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd};
+use skiff::vcpu::translate_check::XorShift;
 use skiff::x86::{insn, paging};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -70,16 +71,6 @@ fn long_mode_sregs(vcpu: &VcpuFd) -> Result<kvm_bindings::kvm_sregs, String> {
     s.cs.present = 1;
     vcpu.set_sregs(&s).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
     Ok(s)
-}
-
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn ns_per(n: usize, f: impl FnOnce()) -> f64 {

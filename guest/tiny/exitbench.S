@@ -371,11 +371,4 @@ base:   .skip   4
 reps:   .skip   4
 cal_vals: .skip 4 * CAL_RUNS
 
-        /* PVH entry point note: name "Xen", type 18 (XEN_ELFNOTE_PHYS32_ENTRY). */
-        .section .note.pvh, "a", @note
-        .p2align 2
-        .long   4
-        .long   4
-        .long   18
-        .asciz  "Xen"
-        .long   _start
+        .include "pvh_note.inc"

@@ -142,11 +142,4 @@ empty_idt:
 stack:  .skip   4096
 stack_top:
 
-        /* PVH entry point note: name "Xen", type 18 (XEN_ELFNOTE_PHYS32_ENTRY). */
-        .section .note.pvh, "a", @note
-        .p2align 2
-        .long   4
-        .long   4
-        .long   18
-        .asciz  "Xen"
-        .long   _start
+        .include "pvh_note.inc"

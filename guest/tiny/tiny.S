@@ -34,11 +34,4 @@ _start:
 message:
         .asciz  "tiny: hello from the tiny kernel\n"
 
-        /* PVH entry point note: name "Xen", type 18 (XEN_ELFNOTE_PHYS32_ENTRY). */
-        .section .note.pvh, "a", @note
-        .p2align 2
-        .long   4                       /* name size */
-        .long   4                       /* descriptor size */
-        .long   18                      /* type */
-        .asciz  "Xen"
-        .long   _start
+        .include "pvh_note.inc"

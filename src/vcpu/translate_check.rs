@@ -35,10 +35,12 @@ fn class_of(m: &Mapping) -> usize {
     }
 }
 
-/// A small deterministic generator: the check is repeatable for one address space.
-struct XorShift(u64);
+/// A small deterministic generator: the check is repeatable for one address space
+/// (translate_bench draws its addresses from it too).
+pub struct XorShift(pub u64);
 impl XorShift {
-    fn next(&mut self) -> u64 {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
