@@ -384,6 +384,9 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
         }
 
+        // skiff's threads while no vCPU runs (as after every reset): the count a
+        // reboot's report should find.
+        let idle_threads = thread_and_fd_counts(None).0;
         let mut stats = ExitStats::default();
         let mut samples: Vec<(u32, u8, u64)> = Vec::new();
         let mut reboots: Vec<RebootRecord> = Vec::new();
@@ -412,7 +415,7 @@ impl Vmm {
             let t = Instant::now();
             self.reset_machine()?;
             let reset_ms = t.elapsed().as_secs_f64() * 1e3;
-            let (threads, fds) = thread_and_fd_counts();
+            let (threads, fds) = thread_and_fd_counts(Some(idle_threads));
             reboots.push(RebootRecord {
                 source,
                 reset_ms,
@@ -616,11 +619,25 @@ fn setup_coalescing(kvm: &Kvm, vm: &VmFd, vcpu: &kvm_ioctls::VcpuFd, buses: &Bus
 }
 
 /// skiff's thread count and open file descriptors.
-fn thread_and_fd_counts() -> (u64, u64) {
-    let threads = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0);
+/// skiff's threads and open fds. A vCPU thread that was just joined can still be
+/// listed for a moment while the kernel finishes its exit (seen on a loaded host), so
+/// a count above `expected` is read again, for at most 10 ms: a leaked thread stays,
+/// an exiting one goes.
+fn thread_and_fd_counts(expected: Option<u64>) -> (u64, u64) {
+    let read = || -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    let mut threads = read();
+    for _ in 0..10 {
+        if expected.is_none_or(|e| threads <= e) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        threads = threads.min(read());
+    }
     let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
     (threads, fds)
 }
