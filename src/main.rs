@@ -211,6 +211,7 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
             "coalesced writes: {} port I/O, {} MMIO ({})",
             r.coalesced.0, r.coalesced.1, r.coalescing
         );
+        eprintln!("KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
         eprint!("{}", r.quirks.report());
         if let Some(rss) = r.rss {
             eprintln!(

@@ -10,6 +10,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Vcpu;
+use super::exit::KvmInsnBytes;
 use super::xsave;
 use crate::x86::insn::{self, FetchError, FetchedInsn};
 use crate::x86::paging::{self, Access, PagingContext, Translation};
@@ -41,8 +42,17 @@ const MAX_REPEATS: u32 = 1000;
 /// Exits between two failures at one RIP that still count as "the same failure again".
 const REPEAT_WINDOW: u64 = 4;
 
-/// Handles one emulation failure on `vcpu`.
-pub fn handle_failure(vcpu: &mut Vcpu) -> Result<Emulated, String> {
+/// True when the bytes KVM's emulator failed on are not the instruction memory holds
+/// now (`now`): the text changed between KVM's fetch and skiff's. KVM may have
+/// fetched past the instruction's end, so only the bytes both hold are compared.
+fn code_changed(kvm_saw: &[u8], now: &[u8]) -> bool {
+    let n = kvm_saw.len().min(now.len());
+    kvm_saw.get(..n) != now.get(..n)
+}
+
+/// Handles one emulation failure on `vcpu`. `kvm_saw` is what KVM's emulator fetched,
+/// when KVM reports it.
+pub fn handle_failure(vcpu: &mut Vcpu, kvm_saw: Option<&KvmInsnBytes>) -> Result<Emulated, String> {
     let regs = vcpu.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", vcpu.index))?;
     let sregs = vcpu.fd.get_sregs().map_err(|e| format!("vCPU {}: KVM_GET_SREGS: {e}", vcpu.index))?;
     // A repeat is a failure at the same RIP with (almost) no other exit in between;
@@ -80,7 +90,17 @@ pub fn handle_failure(vcpu: &mut Vcpu) -> Result<Emulated, String> {
             )));
         }
     };
-    let mut cx = Cx { vcpu, regs, sregs, insn: &fetched };
+    if let Some(saw) = kvm_saw
+        && code_changed(saw.as_slice(), fetched.bytes())
+    {
+        // KVM failed on bytes that are gone: another vCPU rewrote the text (jump
+        // labels, alternatives, text_poke's int3 dance). Emulating either version
+        // could be wrong (an int3 the kernel has already retired is fatal to it);
+        // running the current bytes again is what a real CPU does after the rewrite.
+        vcpu.stats.count_emulated("re-executed (code changed under KVM's emulator)");
+        return Ok(Emulated::Done);
+    }
+    let mut cx = Cx { vcpu, regs, sregs, insn: &fetched, kvm_reported: kvm_saw.is_some() };
     cx.emulate()
 }
 
@@ -89,6 +109,8 @@ struct Cx<'a> {
     regs: kvm_regs,
     sregs: kvm_sregs,
     insn: &'a FetchedInsn,
+    /// KVM reported the bytes it failed on, and they are the ones fetched here.
+    kvm_reported: bool,
 }
 
 impl Cx<'_> {
@@ -186,12 +208,13 @@ impl Cx<'_> {
             }
             Mnemonic::Xsavec | Mnemonic::Xsavec64 => self.xsave_family(len, XsaveOp::Save { compact: true })?,
             Mnemonic::Movbe => self.movbe(len)?,
-            _ if self.vcpu.failure_repeats == 0 => {
-                // An instruction KVM's emulator normally handles. The bytes KVM saw may
-                // not be the ones here now: another vCPU patching kernel text (jump
-                // labels, alternatives: int3 first, then the new instruction) races
-                // with KVM's fetch. Run it again once before calling it unsupported.
-                self.count("re-executed (code changed under KVM's emulator)");
+            Mnemonic::Jmp if near_jmp(i) => self.jmp_near()?,
+            _ if self.vcpu.failure_repeats == 0 && !self.kvm_reported => {
+                // An instruction KVM's emulator normally handles, and KVM did not say
+                // which bytes it saw: they may not be the ones here now (another vCPU
+                // patching kernel text races with KVM's fetch). Run it again once
+                // before calling it unsupported.
+                self.count("re-executed (code may have changed under KVM's emulator)");
             }
             _ => {
                 // Anything else, failing again: what a CPU without the instruction does.
@@ -205,6 +228,44 @@ impl Cx<'_> {
 
     fn count(&mut self, what: &str) {
         self.vcpu.stats.count_emulated(what);
+    }
+
+    /// A near JMP (relative, register or memory operand): one KVM normally runs, here
+    /// in case it gives up on it. The target must be canonical in 64-bit mode and
+    /// within CS's limit elsewhere, else #GP(0), as on hardware.
+    fn jmp_near(&mut self) -> Result<(), String> {
+        let i = self.insn.insn;
+        let target = match i.op0_kind() {
+            OpKind::Register => self.gpr(i.op0_register()),
+            OpKind::Memory => {
+                let size = i.memory_size().size() as u64;
+                let Some(gva) = self.memory_operand() else {
+                    return self.fault(VEC_UD, None, "jmp (bad operand) -> #UD");
+                };
+                let Some(bytes) = self.read_virt(gva, size, Access::Read)? else { return Ok(()) };
+                let mut word = [0u8; 8];
+                for (dst, src) in word.iter_mut().zip(&bytes) {
+                    *dst = *src;
+                }
+                Some(u64::from_le_bytes(word))
+            }
+            _ => Some(i.near_branch_target()),
+        };
+        let Some(target) = target else {
+            return self.fault(VEC_UD, None, "jmp (bad operand) -> #UD");
+        };
+        let ok = if self.insn.bitness == 64 {
+            paging::is_canonical(target, self.sregs.cr4 & (1 << 12) != 0)
+        } else {
+            target <= u64::from(self.sregs.cs.limit)
+        };
+        if !ok {
+            return self.fault(VEC_GP, Some(0), "jmp to a bad target -> #GP");
+        }
+        self.regs.rip = target;
+        self.set_regs()?;
+        self.count("jmp (near)");
+        Ok(())
     }
 
     fn advance(&mut self, len: u64) -> Result<(), String> {
@@ -540,6 +601,16 @@ impl Cx<'_> {
     }
 }
 
+/// A JMP that stays in the code segment (not a far jump through a selector).
+fn near_jmp(i: &iced_x86::Instruction) -> bool {
+    match i.op0_kind() {
+        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 | OpKind::Register => true,
+        // jmp m16:16/m16:32/m16:64 is far; only the plain memory forms are near.
+        OpKind::Memory => matches!(i.memory_size().size(), 2 | 4 | 8) && !i.is_jmp_far_indirect(),
+        _ => false,
+    }
+}
+
 /// Atomically compares and exchanges 16 bytes of guest RAM, as `lock cmpxchg16b` does
 /// (other vCPUs may touch the same memory concurrently). Returns the old value, or
 /// None if `gpa` is not 16 bytes of RAM.
@@ -650,6 +721,7 @@ pub const EMULATED: &[Mnemonic] = &[
     Mnemonic::Xsavec,
     Mnemonic::Xsavec64,
     Mnemonic::Movbe,
+    Mnemonic::Jmp,
 ];
 
 #[cfg(test)]
@@ -688,6 +760,38 @@ mod tests {
         let rdpru = decode(&[0x0f, 0x01, 0xfd]);
         assert_eq!(rdpru.mnemonic(), Mnemonic::Rdpru);
         assert!(!EMULATED.contains(&Mnemonic::Rdpru));
+    }
+
+    #[test]
+    fn text_rewritten_under_kvm_is_told_apart() {
+        // KVM saw the int3 of text_poke's first step; memory now holds the jmp.
+        let jmp = [0xe9, 0x10, 0x00, 0x00, 0x00];
+        assert!(code_changed(&[0xcc, 0x10, 0x00, 0x00, 0x00], &jmp));
+        // KVM fetched past the instruction's end: only the common bytes count.
+        assert!(!code_changed(&[0xe9, 0x10, 0x00, 0x00, 0x00, 0x90, 0x90], &jmp));
+        assert!(!code_changed(&[0xe9, 0x10], &jmp));
+        assert!(!code_changed(&[], &jmp));
+    }
+
+    #[test]
+    fn near_and_far_jumps() {
+        assert!(near_jmp(&decode(&[0xe9, 0x10, 0x00, 0x00, 0x00]))); // jmp rel32
+        assert!(near_jmp(&decode(&[0xeb, 0xfe]))); // jmp rel8
+        assert!(near_jmp(&decode(&[0xff, 0xe0]))); // jmp rax
+        assert!(near_jmp(&decode(&[0xff, 0x20]))); // jmp qword [rax]
+        assert!(!near_jmp(&decode(&[0xff, 0x28]))); // jmp far [rax]
+        let j = decode(&[0xe9, 0x10, 0x00, 0x00, 0x00]);
+        assert_eq!(j.near_branch_target(), 0xffff_ffff_8100_0015);
+    }
+
+    #[test]
+    fn kvm_reported_bytes_are_bounded() {
+        let bytes = [0xcc; 15];
+        assert!(KvmInsnBytes::from_exit(2, 1, 5, &bytes).is_none(), "ndata too small");
+        assert!(KvmInsnBytes::from_exit(3, 0, 5, &bytes).is_none(), "flag clear");
+        assert!(KvmInsnBytes::from_exit(3, 1, 0, &bytes).is_none(), "no bytes");
+        assert_eq!(KvmInsnBytes::from_exit(3, 1, 200, &bytes).map(|b| b.as_slice().len()), Some(15));
+        assert_eq!(KvmInsnBytes::from_exit(16, 1, 1, &bytes).map(|b| b.as_slice().to_vec()), Some(vec![0xcc]));
     }
 
     #[test]

@@ -20,7 +20,9 @@ enum Next {
     Continue,
     /// Interrupted by a kick: record where the guest was, if profiling.
     Sample,
-    EmulationFailure,
+    /// KVM's emulator gave up; the bytes it fetched, when it reports them
+    /// (KVM_CAP_EXIT_ON_EMULATION_FAILURE).
+    EmulationFailure(Option<KvmInsnBytes>),
     /// A breakpoint or single step of the SYSCALL fix-up.
     Debug,
     /// The guest wrote a filtered MSR (LSTAR): the value.
@@ -36,6 +38,33 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 // kvm_run.internal.suberror for an instruction KVM's emulator could not handle.
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+// kvm_run.emulation_failure.flags: insn_size and insn_bytes are valid.
+const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// The instruction bytes KVM's emulator fetched before it gave up: what the vCPU was
+/// really executing, which may differ from what memory holds by the time skiff looks
+/// (another vCPU patching kernel text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmInsnBytes {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl KvmInsnBytes {
+    /// From the exit's fields; None when KVM did not report bytes. Every field is
+    /// bounded here: ndata counts the u64 words after suberror/ndata (flags,
+    /// insn_size+bytes as two words), so 3 means the bytes are present.
+    pub fn from_exit(ndata: u32, flags: u64, size: u8, bytes: &[u8; 15]) -> Option<Self> {
+        if ndata < 3 || flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES == 0 || size == 0 {
+            return None;
+        }
+        Some(Self { len: size.min(15), bytes: *bytes })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.bytes.get(..self.len as usize).unwrap_or(&[])
+    }
+}
 
 impl Vcpu {
     /// Runs the vCPU until the machine stops. The stop reason goes to `Control`.
@@ -59,7 +88,7 @@ impl Vcpu {
                         samples.push((start.elapsed().as_millis() as u32, regs.rip));
                     }
                 }
-                Next::EmulationFailure => match emulate::handle_failure(self) {
+                Next::EmulationFailure(kvm_saw) => match emulate::handle_failure(self, kvm_saw.as_ref()) {
                     Ok(Emulated::Done) => {}
                     Ok(Emulated::Unhandled(diag)) => {
                         self.control.request_stop(StopReason::Error(diag));
@@ -161,7 +190,12 @@ impl Vcpu {
                     // SAFETY: KVM filled the internal member of the union for this exit.
                     let suberror = unsafe { (*run_page).__bindgen_anon_1.internal.suberror };
                     if suberror == KVM_INTERNAL_ERROR_EMULATION {
-                        Next::EmulationFailure
+                        // SAFETY: for this suberror KVM fills the emulation_failure
+                        // overlay; its flags say which fields are valid.
+                        let failure = unsafe { (*run_page).__bindgen_anon_1.emulation_failure };
+                        // SAFETY: the overlay's only member; plain bytes, any value valid.
+                        let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+                        Next::EmulationFailure(KvmInsnBytes::from_exit(failure.ndata, failure.flags, insn.insn_size, &insn.insn_bytes))
                     } else {
                         Next::Unexpected(format!("KVM internal error, suberror {suberror}"))
                     }

@@ -116,6 +116,8 @@ pub struct RunReport {
     pub coalesced: (u64, u64),
     /// Which zones KVM coalesces, or why none.
     pub coalescing: String,
+    /// Whether KVM reports the bytes its emulator failed on (and which it is).
+    pub failure_bytes: &'static str,
     pub rss: Option<RssReport>,
     pub cmdline: String,
     /// Every in-place reboot, in order.
@@ -178,6 +180,7 @@ pub struct Vmm {
     /// The in-kernel PICs, I/O APIC and PIT as KVM created them: their power-up state.
     vm_pristine: VmState,
     coalescing: String,
+    failure_bytes: &'static str,
 }
 
 impl Vmm {
@@ -267,6 +270,7 @@ impl Vmm {
         if quirks.user_syscall_broken {
             filter_lstar_writes(&vm)?;
         }
+        let failure_bytes = report_failed_instruction_bytes(&vm);
         let xsave_layout = Arc::new(crate::vcpu::xsave::XsaveLayout::from_cpuid(&supported));
         let mut vcpus: Vec<Vcpu> = Vec::with_capacity(config.cpus as usize);
         let mut spec: Option<Arc<StateSpec>> = None;
@@ -312,6 +316,7 @@ impl Vmm {
             cmdline,
             vm_pristine,
             coalescing,
+            failure_bytes,
         })
     }
 
@@ -457,6 +462,7 @@ impl Vmm {
             unclaimed_mmio: self.buses.mmio.unclaimed(),
             coalesced: (self.buses.pio.coalesced_writes(), self.buses.mmio.coalesced_writes()),
             coalescing: self.coalescing,
+            failure_bytes: self.failure_bytes,
             rss,
             cmdline: self.cmdline,
             reboots,
@@ -640,6 +646,23 @@ fn thread_and_fd_counts(expected: Option<u64>) -> (u64, u64) {
     }
     let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
     (threads, fds)
+}
+
+/// Asks KVM to say which bytes its emulator failed on (KVM_CAP_EXIT_ON_EMULATION_FAILURE):
+/// vcpu/emulate.rs then knows whether the text changed under KVM (another vCPU
+/// patching it) instead of guessing. KVM then also hands over failures in guest user
+/// mode, which it would otherwise answer with #UD itself; skiff does the same or
+/// better. Optional: without it skiff guesses as before. Returns a line for `--stats`.
+fn report_failed_instruction_bytes(vm: &VmFd) -> &'static str {
+    let cap = kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE;
+    if vm.check_extension_raw(cap as libc::c_ulong) <= 0 {
+        return "no (KVM lacks KVM_CAP_EXIT_ON_EMULATION_FAILURE)";
+    }
+    let enable = kvm_bindings::kvm_enable_cap { cap, args: [1, 0, 0, 0], ..Default::default() };
+    match vm.enable_cap(&enable) {
+        Ok(()) => "yes (KVM_CAP_EXIT_ON_EMULATION_FAILURE)",
+        Err(_) => "no (KVM refused KVM_CAP_EXIT_ON_EMULATION_FAILURE)",
+    }
 }
 
 /// Makes guest writes of LSTAR exit to skiff (KVM_CAP_X86_USER_SPACE_MSR with an

@@ -484,11 +484,16 @@ fn final_address<M: PhysMem>(mem: &M, level: u8, gpa: u64) -> Translation {
     if mem.is_ram(gpa) { Translation::Ok(gpa) } else { Translation::Fail(FailReason::NotRam { level, gpa }) }
 }
 
+/// Whether `addr` is canonical: bits 63..48 (63..57 with LA57) copy the top bit of
+/// the linear address.
+pub fn is_canonical(addr: u64, la57: bool) -> bool {
+    let shift = if la57 { 64 - 57 } else { 64 - 48 };
+    (((addr << shift) as i64) >> shift) as u64 == addr
+}
+
 /// 4- and 5-level paging: 9 bits a level, 2 MiB pages at level 2, 1 GiB at level 3.
 fn walk_long<M: PhysMem>(mem: &M, ctx: &PagingContext, gva: u64, access: Access, levels: u8) -> Translation {
-    let va_bits = if levels == 5 { 57 } else { 48 };
-    let shift = 64 - va_bits;
-    if (((gva << shift) as i64) >> shift) as u64 != gva {
+    if !is_canonical(gva, levels == 5) {
         return Translation::Fail(FailReason::NonCanonical(gva));
     }
     let mask = ctx.addr_mask();
