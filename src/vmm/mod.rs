@@ -85,12 +85,15 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
 }
 
 pub fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
-    for (cap, name) in REQUIRED_CAPS {
-        if !kvm.check_extension(*cap) {
-            return Err(VmmError::MissingCap(name));
-        }
+    first_missing_cap(|cap| kvm.check_extension(cap))
+}
+
+/// The first required capability `has` denies, as the error that names it.
+fn first_missing_cap(has: impl Fn(Cap) -> bool) -> Result<(), VmmError> {
+    match REQUIRED_CAPS.iter().find(|(cap, _)| !has(*cap)) {
+        Some((_, name)) => Err(VmmError::MissingCap(name)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Opens KVM and runs the instruction probe alone (`skiff probe`).
@@ -695,4 +698,19 @@ fn rss_report(mem: &GuestMemoryMmap) -> Option<RssReport> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
     Some(RssReport { total_kib, guest_kib: memory::resident_kib(mem) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_capability_is_named() {
+        assert!(first_missing_cap(|_| true).is_ok());
+        for (missing, name) in REQUIRED_CAPS {
+            let err = first_missing_cap(|cap| cap != *missing).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(name), "{name}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
 }
