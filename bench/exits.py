@@ -3,7 +3,8 @@
 under a raw KVM_RUN loop (the floor), measured by the same guest in the same way.
 
 The guest is guest/out/exitbench.elf (guest/tiny/exitbench.S): it times, from inside,
-`outb` to an unclaimed port, `outb` to port 0x80, `inl` from the ACPI PM timer (port
+`outb` to an unclaimed port, `outb` to port 0x80, `outb` to skiff's boot-marker port
+0x440 (an ioeventfd doorbell under skiff; an ordinary exit elsewhere), `inl` from the ACPI PM timer (port
 from the FADT), a byte MMIO write to an unclaimed address, a 4 KiB `rep outsb` and
 `cpuid` (handled in the kernel: the floor of any exit), with the TSC calibrated against
 PIT channel 2 and an empty-loop baseline subtracted (guest kernel mode may be emulated
@@ -37,7 +38,7 @@ KERNEL = os.path.join(GUEST, "exitbench.elf")
 
 # exitbench.S times each operation REPS (5) times N (1000 for `outb`) in a run.
 PORT80_WRITES = 5 * 1000
-OPS = ["cpuid", "out_unclaimed", "out_post", "pm_timer_read", "mmio_write", "rep_outsb_4k"]
+OPS = ["cpuid", "out_unclaimed", "out_post", "out_doorbell", "pm_timer_read", "mmio_write", "rep_outsb_4k"]
 LINE = re.compile(r"exitbench: op=(\w+) n=(\d+) ns=([\d.]+)")
 PORT80 = re.compile(r"^\s+0x0080\s+(\d+)", re.M)
 COALESCED = re.compile(r"^coalesced writes: (\d+) port I/O")

@@ -69,8 +69,9 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     /// Boot an ELF kernel through its PVH entry instead of the 64-bit boot protocol.
     pub pvh: bool,
-    /// Let KVM defer writes to coalescable ranges (port 0x80, the RTC index) where it
-    /// can; off only to measure what coalescing saves.
+    /// Let KVM defer writes to coalescable ranges (port 0x80, the RTC index) and
+    /// signal doorbells (the boot marker) without an exit, where it can; off only to
+    /// measure what that saves.
     pub coalesce: bool,
 }
 

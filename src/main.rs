@@ -67,7 +67,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = RebootAction::Reset)]
     on_reboot: RebootAction,
     /// Make every write to port 0x80 and the RTC index port exit to skiff instead of
-    /// waiting in KVM's coalesced ring (for measuring what coalescing saves).
+    /// waiting in KVM's coalesced ring, and doorbell ports (the boot marker) exit
+    /// instead of signalling an ioeventfd (for measuring what both save).
     #[arg(long)]
     no_coalesce: bool,
 }
@@ -211,6 +212,7 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
             "coalesced writes: {} port I/O, {} MMIO ({})",
             r.coalesced.0, r.coalesced.1, r.coalescing
         );
+        eprintln!("doorbell writes (ioeventfd, no exit): {} ({})", r.doorbells_rung, r.doorbells);
         eprintln!("KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
         eprint!("{}", r.quirks.report());
         if let Some(rss) = r.rss {

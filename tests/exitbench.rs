@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// The probe's operations, and those that must cost something (they leave the guest).
-const OPS: [&str; 6] = ["cpuid", "out_unclaimed", "out_post", "pm_timer_read", "mmio_write", "rep_outsb_4k"];
+const OPS: [&str; 7] = ["cpuid", "out_unclaimed", "out_post", "out_doorbell", "pm_timer_read", "mmio_write", "rep_outsb_4k"];
 const EXITING: [&str; 4] = ["out_unclaimed", "pm_timer_read", "mmio_write", "rep_outsb_4k"];
 /// exitbench.S: REPS (5) timed loops of 1000 `outb` to port 0x80.
 const PORT80_WRITES: u64 = 5000;
@@ -85,14 +85,26 @@ fn probe_reports_every_operation_and_port_0x80_is_coalesced() {
     assert!(stderr.contains("zones port 0x80+1"), "port 0x80 not registered as a coalesced zone:\n{stderr}");
     assert!(exits < PORT80_WRITES / 10, "{exits} exits for {PORT80_WRITES} port 0x80 writes:\n{stderr}");
     assert!(exits + coalesced >= PORT80_WRITES, "writes lost: {exits} exits + {coalesced} coalesced");
+    // The boot-marker port is a doorbell: KVM signals an eventfd, no exit to skiff.
+    let bell_exits = port_exits(&stderr, 0x440);
+    assert!(bell_exits < PORT80_WRITES / 10, "{bell_exits} exits for {PORT80_WRITES} doorbell writes:\n{stderr}");
+    assert!(doorbells_rung(&stderr) + bell_exits >= PORT80_WRITES, "doorbell writes lost:\n{stderr}");
     // What coalescing saves is measured by bench/exits.py, not asserted here: a
     // timing assertion fails whenever the machine is busy.
+}
+
+fn doorbells_rung(stderr: &str) -> u64 {
+    let key = "doorbell writes (ioeventfd, no exit): ";
+    let line = stderr.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no doorbell line:\n{stderr}"));
+    line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad doorbell line: {line}"))
 }
 
 #[test]
 fn no_coalesce_makes_every_port_0x80_write_exit() {
     let (_, stderr) = run_probe(&["--no-coalesce"]);
     assert!(port_exits(&stderr, 0x80) >= PORT80_WRITES, "{stderr}");
+    assert!(port_exits(&stderr, 0x440) >= PORT80_WRITES, "{stderr}");
+    assert_eq!(doorbells_rung(&stderr), 0, "{stderr}");
     assert_eq!(coalesced_pio(&stderr), 0, "{stderr}");
     assert!(stderr.contains("off (--no-coalesce)"), "{stderr}");
 }

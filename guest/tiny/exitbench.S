@@ -25,6 +25,7 @@
         .set    REPS, 5
         .set    UNCLAIMED_PORT, 0x2e0   /* no device in skiff or QEMU -M pc */
         .set    POST_PORT, 0x80
+        .set    DOORBELL_PORT, 0x440    /* skiff's boot marker: an ioeventfd doorbell */
         .set    MMIO_ADDR, 0xd0000000   /* in the 32-bit MMIO hole, no device */
         .set    PIT_HZ, 1193182
         .set    CAL_COUNT, 23864        /* 20 ms of PIT ticks */
@@ -108,6 +109,7 @@ _start:
         OP      name_cpuid, 2000, "xor %eax, %eax", "cpuid", ""
         OP      name_out_unclaimed, 1000, "mov $UNCLAIMED_PORT, %dx", "out %al, %dx", ""
         OP      name_out_post, 1000, "mov $POST_PORT, %dx", "out %al, %dx", ""
+        OP      name_out_doorbell, 1000, "mov $DOORBELL_PORT, %dx", "out %al, %dx", ""
         cmpl    $0, pm_port
         je      1f
         OP      name_pm_read, 1000, "mov pm_port, %edx", "in %dx, %eax", ""
@@ -351,6 +353,7 @@ msg_done:   .asciz "exitbench: done\n"
 name_cpuid:         .asciz "cpuid"
 name_out_unclaimed: .asciz "out_unclaimed"
 name_out_post:      .asciz "out_post"
+name_out_doorbell:  .asciz "out_doorbell"
 name_pm_read:       .asciz "pm_timer_read"
 name_mmio_write:    .asciz "mmio_write"
 name_rep_outsb:     .asciz "rep_outsb_4k"

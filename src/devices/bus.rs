@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::coalesced::{CoalescedRing, CoalescedWrite};
+use super::doorbell::Doorbells;
 
 /// A device on a bus. `offset` is relative to the start of the range the device was
 /// inserted at; `data` is the access (1, 2, 4 or 8 bytes, little-endian).
@@ -28,6 +29,13 @@ pub trait BusDevice: Send + Sync {
         for chunk in data.chunks(size) {
             self.write(offset, chunk);
         }
+    }
+
+    /// A doorbell in the device's range was written (devices/doorbell.rs): the value
+    /// is not known, only that the guest wrote. Devices that declare a doorbell
+    /// range must not need the value; the default is a write of 0.
+    fn doorbell(&self, offset: u64) {
+        self.write(offset, &[0]);
     }
 
     /// The machine is being reset (an in-place reboot): go back to power-up state.
@@ -51,7 +59,7 @@ pub enum BusError {
     BadRange { base: u64, len: u64 },
     #[error("range {base:#x}+{len:#x} overlaps an existing device at {other:#x}")]
     Overlap { base: u64, len: u64, other: u64 },
-    #[error("coalescable range {base:#x}+{len:#x} is not inside one device's range")]
+    #[error("range {base:#x}+{len:#x} is not inside one device's range")]
     NotInDevice { base: u64, len: u64 },
 }
 
@@ -76,6 +84,8 @@ pub struct Bus {
     coalescable: Vec<(u64, u64)>,
     /// Deferred writes delivered from the coalesced ring.
     coalesced_writes: AtomicU64,
+    /// Doorbell ranges (writes whose value the device ignores): (base, len).
+    doorbells: Vec<(u64, u64)>,
 }
 
 impl Bus {
@@ -104,19 +114,41 @@ impl Bus {
     /// device accepts that writes there arrive late (at the next exit of any vCPU),
     /// as long as it sees them before anything else the guest does to it after them.
     pub fn mark_coalescable(&mut self, base: u64, len: u64) -> Result<(), BusError> {
+        let i = self.entry_containing(base, len)?;
+        if let Some(entry) = self.entries.get_mut(i) {
+            entry.flush_on_read = true;
+        }
+        self.coalescable.push((base, len));
+        Ok(())
+    }
+
+    /// The index of the one device whose range holds all of `[base, base + len)`.
+    fn entry_containing(&self, base: u64, len: u64) -> Result<usize, BusError> {
         let last = len
             .checked_sub(1)
             .and_then(|l| base.checked_add(l))
             .ok_or(BusError::BadRange { base, len })?;
         let pos = self.entries.partition_point(|e| e.base <= base);
-        let entry = pos
-            .checked_sub(1)
-            .and_then(|i| self.entries.get_mut(i))
-            .filter(|e| last <= e.last)
-            .ok_or(BusError::NotInDevice { base, len })?;
-        entry.flush_on_read = true;
-        self.coalescable.push((base, len));
+        pos.checked_sub(1)
+            .filter(|&i| self.entries.get(i).is_some_and(|e| last <= e.last))
+            .ok_or(BusError::NotInDevice { base, len })
+    }
+
+    /// Declares `[base, base + len)`, inside one device's range, a doorbell: the
+    /// device needs to know that the guest wrote there, not what (BusDevice::doorbell).
+    /// skiff then has KVM signal an eventfd instead of exiting (devices/doorbell.rs).
+    pub fn mark_doorbell(&mut self, base: u64, len: u64) -> Result<(), BusError> {
+        self.entry_containing(base, len)?;
+        self.doorbells.push((base, len));
         Ok(())
+    }
+
+    /// The doorbell ranges, each with its device and the offset into it.
+    pub fn doorbells(&self) -> Vec<(u64, Arc<dyn BusDevice>, u64)> {
+        self.doorbells
+            .iter()
+            .filter_map(|&(base, len)| self.lookup(base, len as usize).map(|(d, off)| (base, d.clone(), off)))
+            .collect()
     }
 
     /// The ranges to register with KVM as coalesced zones.
@@ -258,12 +290,40 @@ pub struct Buses {
     pub mmio: Bus,
     /// Set once KVM took at least one coalesced zone.
     ring: OnceLock<CoalescedRing>,
+    /// Set once KVM took at least one doorbell (ioeventfd).
+    doorbells: OnceLock<Doorbells>,
 }
 
 impl Buses {
     /// Attaches the VM's coalesced ring (once); gives it back if one is attached.
     pub fn attach_ring(&self, ring: CoalescedRing) -> Result<(), CoalescedRing> {
         self.ring.set(ring)
+    }
+
+    /// Attaches the machine's registered doorbells (once).
+    pub fn attach_doorbells(&self, bells: Doorbells) -> Result<(), Doorbells> {
+        self.doorbells.set(bells)
+    }
+
+    /// Waits up to `timeout_ms` for a doorbell and rings its device (the helper
+    /// thread's loop); sleeps that long when there are none.
+    pub fn wait_for_doorbells(&self, timeout_ms: i32) {
+        match self.doorbells.get() {
+            Some(d) => {
+                d.wait_and_drain(timeout_ms);
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(timeout_ms.max(0) as u64)),
+        }
+    }
+
+    /// Rings every doorbell written so far (when the vCPUs have stopped).
+    pub fn drain_doorbells(&self) -> u64 {
+        self.doorbells.get().map_or(0, Doorbells::drain)
+    }
+
+    /// Guest writes that rang a doorbell instead of exiting.
+    pub fn doorbells_rung(&self) -> u64 {
+        self.doorbells.get().map_or(0, Doorbells::rung)
     }
 
     pub fn coalescing(&self) -> bool {
@@ -341,6 +401,12 @@ mod tests {
         assert_eq!(bus.coalescable(), &[(0x70, 1), (0x80, 1)]);
         assert!(bus.read_needs_flush(0x71, 1), "a read anywhere in the device flushes");
         assert!(!Bus::new().read_needs_flush(0x71, 1));
+        // Doorbells obey the same rule and find their device.
+        assert_eq!(bus.mark_doorbell(0x7f, 2), Err(BusError::NotInDevice { base: 0x7f, len: 2 }));
+        bus.mark_doorbell(0x71, 1).unwrap();
+        let bells = bus.doorbells();
+        assert_eq!(bells.len(), 1);
+        assert_eq!((bells[0].0, bells[0].2), (0x71, 1));
     }
 
     /// Deferred writes reach the device before a later read of it, in order, and are

@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod coalesced;
+pub mod doorbell;
 pub mod legacy;
 pub mod pm;
 pub mod rtc;

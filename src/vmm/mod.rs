@@ -119,6 +119,10 @@ pub struct RunReport {
     pub coalesced: (u64, u64),
     /// Which zones KVM coalesces, or why none.
     pub coalescing: String,
+    /// Doorbells (ioeventfd): how many guest writes rang one instead of exiting, and
+    /// which ports are doorbells or why none.
+    pub doorbells_rung: u64,
+    pub doorbells: String,
     /// Whether KVM reports the bytes its emulator failed on (and which it is).
     pub failure_bytes: &'static str,
     pub rss: Option<RssReport>,
@@ -183,6 +187,7 @@ pub struct Vmm {
     /// The in-kernel PICs, I/O APIC and PIT as KVM created them: their power-up state.
     vm_pristine: VmState,
     coalescing: String,
+    doorbells: String,
     failure_bytes: &'static str,
 }
 
@@ -268,6 +273,8 @@ impl Vmm {
         for port in [POST_PORT, RTC_PORT] {
             buses.pio.mark_coalescable(port as u64, 1).map_err(|e| VmmError::Device(e.to_string()))?;
         }
+        // Writes whose value no device needs: a signal from KVM instead of an exit.
+        buses.pio.mark_doorbell(BOOT_MARKER_PORT as u64, 1).map_err(|e| VmmError::Device(e.to_string()))?;
         let buses = Arc::new(buses);
 
         if quirks.user_syscall_broken {
@@ -299,6 +306,7 @@ impl Vmm {
             Some(v) if config.coalesce => setup_coalescing(&kvm, &vm, &v.fd, &buses),
             _ => "off (--no-coalesce)".to_string(),
         };
+        let doorbells = if config.coalesce { setup_doorbells(&kvm, &vm, &buses) } else { "off (--no-coalesce)".to_string() };
         for vcpu in &mut vcpus {
             power_on(vcpu, entry)?;
         }
@@ -319,6 +327,7 @@ impl Vmm {
             cmdline,
             vm_pristine,
             coalescing,
+            doorbells,
             failure_bytes,
         })
     }
@@ -372,12 +381,14 @@ impl Vmm {
         let _finish = Finish(self.control.clone());
         {
             let control = self.control.clone();
+            let buses = self.buses.clone();
             let profiling = profile.is_some();
             std::thread::Builder::new()
                 .name("skiff-watch".into())
                 .spawn(move || {
                     while !control.finished() {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        // Rings doorbells as they come; otherwise a 10 ms tick.
+                        buses.wait_for_doorbells(10);
                         let sig = control::STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
                         if control::CHECK_TRANSLATE_SIGNAL.swap(false, std::sync::atomic::Ordering::SeqCst) {
                             control.request_translate_check();
@@ -407,6 +418,7 @@ impl Vmm {
             samples.extend(gen_samples);
             // Every vCPU is stopped: nothing deferred may be lost to a reset or the end.
             self.buses.flush_coalesced();
+            self.buses.drain_doorbells();
             if let Some((t, i)) = pending.take()
                 && let Some(r) = reboots.get_mut(i)
             {
@@ -465,6 +477,8 @@ impl Vmm {
             unclaimed_mmio: self.buses.mmio.unclaimed(),
             coalesced: (self.buses.pio.coalesced_writes(), self.buses.mmio.coalesced_writes()),
             coalescing: self.coalescing,
+            doorbells_rung: self.buses.doorbells_rung(),
+            doorbells: self.doorbells,
             failure_bytes: self.failure_bytes,
             rss,
             cmdline: self.cmdline,
@@ -623,6 +637,44 @@ fn setup_coalescing(kvm: &Kvm, vm: &VmFd, vcpu: &kvm_ioctls::VcpuFd, buses: &Bus
     let mut line = if zones.is_empty() { "no zones".to_string() } else { format!("zones {}", zones.join(", ")) };
     if !refused.is_empty() {
         line.push_str(&format!("; not coalesced: {}", refused.join(", ")));
+    }
+    line
+}
+
+/// Registers every doorbell range of the port bus with KVM (KVM_IOEVENTFD, any access
+/// size, any value) and attaches them to the buses. What KVM refuses keeps exiting, as
+/// before. Returns a line for `--stats`.
+fn setup_doorbells(kvm: &Kvm, vm: &VmFd, buses: &Buses) -> String {
+    use crate::devices::doorbell::{Doorbell, Doorbells};
+    use kvm_ioctls::{IoEventAddress, NoDatamatch};
+    if !kvm.check_extension(Cap::Ioeventfd) {
+        return "off: KVM lacks KVM_CAP_IOEVENTFD".into();
+    }
+    let mut bells = Vec::new();
+    let mut names = Vec::new();
+    let mut refused = Vec::new();
+    for (port, device, offset) in buses.pio.doorbells() {
+        let event = match Doorbells::eventfd() {
+            Ok(e) => e,
+            Err(e) => {
+                refused.push(format!("port {port:#x} (eventfd: {e})"));
+                continue;
+            }
+        };
+        match vm.register_ioevent(&event, &IoEventAddress::Pio(port), NoDatamatch) {
+            Ok(()) => {
+                names.push(format!("port {port:#x}"));
+                bells.push(Doorbell { event, device, offset });
+            }
+            Err(e) => refused.push(format!("port {port:#x} ({e})")),
+        }
+    }
+    if !bells.is_empty() && buses.attach_doorbells(Doorbells::new(bells)).is_err() {
+        return "off: doorbells were already attached".into();
+    }
+    let mut line = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+    if !refused.is_empty() {
+        line.push_str(&format!("; not doorbells: {}", refused.join(", ")));
     }
     line
 }
