@@ -628,6 +628,10 @@ fn atomic_cmpxchg16b(mem: &vm_memory::GuestMemoryMmap, gpa: u64, expected: u128,
 
 /// `lock cmpxchg16b` on host memory. RBX is reserved by the compiler, so the new low
 /// half goes through another register and RBX is restored afterwards.
+///
+/// # Safety
+/// `ptr` must be valid for reads and writes of 16 bytes and 16-byte aligned, and the
+/// host CPU must have CMPXCHG16B.
 unsafe fn cmpxchg16b_host(ptr: *mut u128, expected: u128, new: u128) -> u128 {
     let mut lo = expected as u64;
     let mut hi = (expected >> 64) as u64;
