@@ -26,7 +26,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-SKIFF = os.path.join(ROOT, "target", "release", "skiff")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+SKIFF = os.path.join(TARGET, "release", "skiff")
 
 
 def run_vmm(cmd, ready, send_after_ready=None, timeout=1800):

@@ -25,7 +25,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-SKIFF = os.path.join(ROOT, "target", "release", "skiff")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+SKIFF = os.path.join(TARGET, "release", "skiff")
 
 COLD = re.compile(r"^boot: first console byte .*?/init marker ([\d.]+) ms")
 REBOOT = re.compile(r"^reboot \d+ \(.*\): machine reset in place in ([\d.]+) ms, /init marker ([\d.]+) ms after")
