@@ -117,6 +117,15 @@ impl Cx<'_> {
     fn emulate(&mut self) -> Result<Emulated, String> {
         let i = &self.insn.insn;
         let len = self.insn.insn.len() as u64;
+        // KVM hands over failures in user mode too (KVM_CAP_EXIT_ON_EMULATION_FAILURE):
+        // what only the kernel may run faults there, as on hardware.
+        if self.sregs.cs.dpl != 0 {
+            match i.mnemonic() {
+                Mnemonic::Clac | Mnemonic::Stac => return self.fault(VEC_UD, None, "clac/stac at CPL > 0 -> #UD").map(|()| Emulated::Done),
+                Mnemonic::Invpcid => return self.fault(VEC_GP, Some(0), "invpcid at CPL > 0 -> #GP").map(|()| Emulated::Done),
+                _ => {}
+            }
+        }
         match i.mnemonic() {
             Mnemonic::Int3 => {
                 // A trap: the saved RIP is the next instruction.
