@@ -42,13 +42,13 @@ fn boot_and_check(cpus: u32) {
 
     eprintln!("{cpus} vCPU(s): commands re-run after a guest segfault: {}", g.segfaults);
     g.send("poweroff\n");
-    let (status, stderr) = g.wait_exit(CMD_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "poweroff exits 0; stderr:\n{stderr}");
+    let (status, stderr, console) = g.wait_exit(CMD_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "poweroff exits 0; stderr:\n{stderr}\nconsole:\n{console}");
     assert!(stderr.contains("boot: first console byte"), "{stderr}");
     assert!(stderr.contains("exits:"), "{stderr}");
     assert!(stderr.contains("host quirks"), "{stderr}");
     if cpus == 2 {
-        assert!(stderr.contains("reboots: 1 in place"), "{stderr}");
+        assert!(stderr.contains("reboots: 1 in place"), "one reboot expected; stderr:\n{stderr}\nconsole:\n{console}");
     }
     if cpus == 1 {
         translator_agreed_with_kvm(&stderr);

@@ -94,6 +94,11 @@ impl Guest {
                     if line.contains(needle) {
                         return line;
                     }
+                    // With panic=-1 the guest would reboot and the test would go on
+                    // in a fresh boot, hiding why: stop here with the oops in view.
+                    if line.contains("Kernel panic - not syncing") {
+                        panic!("the guest kernel panicked while waiting for {needle:?}; console:\n{}", self.tail());
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     panic!("timed out waiting for {needle:?}; console so far:\n{}", self.tail())
@@ -170,8 +175,9 @@ impl Guest {
         }
     }
 
-    /// Waits for skiff to exit; returns its status and stderr.
-    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+    /// Waits for skiff to exit; returns its status, its stderr and the console's last
+    /// lines (for a failing assertion's message).
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String, String) {
         drop(self.stdin.take());
         let deadline = Instant::now() + timeout;
         loop {
@@ -182,7 +188,7 @@ impl Guest {
             }
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
-                return (status, err);
+                return (status, err, self.tail());
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
