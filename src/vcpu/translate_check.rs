@@ -74,23 +74,25 @@ pub fn run(vcpu: &Vcpu) -> String {
         return format!("translate self-check, vCPU {}: paging is off, nothing to check\n", vcpu.index);
     }
 
-    // Every present leaf, by class.
-    let mut by_class: [Vec<Mapping>; 4] = Default::default();
+    // A uniform sample of each class's present leaves (reservoir sampling: memory
+    // stays at PER_CLASS mappings a class however many the guest maps).
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ sregs.cr3);
+    let mut by_class: [(Vec<Mapping>, u64); 4] = Default::default();
     let entries = paging::for_each_mapping(&vcpu.mem, &ctx, MAX_ENTRIES, |m| {
-        if let Some(v) = by_class.get_mut(class_of(m)) {
-            v.push(*m);
+        if let Some((kept, seen)) = by_class.get_mut(class_of(m)) {
+            *seen += 1;
+            if kept.len() < PER_CLASS {
+                kept.push(*m);
+            } else if let Some(slot) = kept.get_mut((rng.next() % *seen) as usize) {
+                *slot = *m;
+            }
         }
     });
 
-    // Sample addresses: each class's mappings round-robin, a random offset each time.
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ sregs.cr3);
+    // Sample addresses: each kept mapping in turn, a random offset each time.
     let mut samples: Vec<(usize, u64)> = Vec::with_capacity(PER_CLASS * CLASSES.len());
-    for (class, maps) in by_class.iter().enumerate() {
-        if maps.is_empty() {
-            continue;
-        }
-        for i in 0..PER_CLASS {
-            let m = maps[(i * 7919 + (rng.next() as usize % 13)) % maps.len()];
+    for (class, (kept, _)) in by_class.iter().enumerate() {
+        for m in kept.iter().cycle().take(if kept.is_empty() { 0 } else { PER_CLASS }) {
             samples.push((class, m.gva.wrapping_add(rng.next() % m.size)));
         }
     }
