@@ -121,8 +121,14 @@ impl Cx<'_> {
         // what only the kernel may run faults there, as on hardware.
         if self.sregs.cs.dpl != 0 {
             match i.mnemonic() {
-                Mnemonic::Clac | Mnemonic::Stac => return self.fault(VEC_UD, None, "clac/stac at CPL > 0 -> #UD").map(|()| Emulated::Done),
-                Mnemonic::Invpcid => return self.fault(VEC_GP, Some(0), "invpcid at CPL > 0 -> #GP").map(|()| Emulated::Done),
+                Mnemonic::Clac | Mnemonic::Stac => {
+                    self.fault(VEC_UD, None, "clac/stac at CPL > 0 -> #UD")?;
+                    return Ok(Emulated::Done);
+                }
+                Mnemonic::Invpcid => {
+                    self.fault(VEC_GP, Some(0), "invpcid at CPL > 0 -> #GP")?;
+                    return Ok(Emulated::Done);
+                }
                 _ => {}
             }
         }
