@@ -82,7 +82,7 @@ fn ns_per(n: usize, f: impl FnOnce()) -> f64 {
 fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    let med = if v.len() % 2 == 0 { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] };
+    let med = if v.len().is_multiple_of(2) { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] };
     (v[0], med, v[v.len() - 1])
 }
 

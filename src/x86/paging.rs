@@ -33,7 +33,7 @@ impl PhysMem for vm_memory::GuestMemoryMmap {
         // Page-table entries are naturally aligned: one region lookup and one
         // volatile load (the guest may be writing it). Anything else takes
         // vm-memory's general path.
-        if gpa % 8 == 0
+        if gpa.is_multiple_of(8)
             && let Some(p) = aligned_host_ptr(self, gpa, 8)
         {
             // SAFETY: `aligned_host_ptr` checked that the 8 bytes lie inside one mapped
@@ -43,7 +43,7 @@ impl PhysMem for vm_memory::GuestMemoryMmap {
         self.read_obj::<u64>(GuestAddress(gpa)).ok()
     }
     fn read_u32(&self, gpa: u64) -> Option<u32> {
-        if gpa % 4 == 0
+        if gpa.is_multiple_of(4)
             && let Some(p) = aligned_host_ptr(self, gpa, 4)
         {
             // SAFETY: as above, for 4 bytes at a 4-aligned address.
