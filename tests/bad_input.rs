@@ -96,36 +96,43 @@ fn unknown_flag() {
     assert!(stderr.contains("--frobnicate"), "{stderr}");
 }
 
+/// Runs `program args` as root (the setup needs it) and checks it failed the way a
+/// KVM problem must: status 1 and one line on stderr, which it returns.
+fn kvm_error_as_root(needs_root_for: &str, program: &str, args: &[&str]) -> String {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test {needs_root_for} and needs root");
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (util-linux): {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr
+}
+
 #[test]
 fn kvm_missing_or_not_permitted() {
     // An unprivileged user cannot open /dev/kvm (mode 0600 root here): run skiff as
-    // nobody; the error must name /dev/kvm and the cause. Switching user needs root.
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test runs skiff as nobody and needs root");
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::SKIFF, "probe"])
-        .output()
-        .expect("setpriv (util-linux)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // nobody; the error must name /dev/kvm and the cause.
+    let stderr = kvm_error_as_root(
+        "runs skiff as nobody",
+        "setpriv",
+        &["--reuid=65534", "--regid=65534", "--clear-groups", common::SKIFF, "probe"],
+    );
     assert!(stderr.contains("/dev/kvm: permission denied"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 #[test]
 fn kvm_device_missing() {
     // A private mount namespace with an empty /dev: /dev/kvm does not exist there. The
-    // error must say so and suggest why, on one line.
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test hides /dev/kvm in a mount namespace and needs root");
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" probe", common::SKIFF])
-        .output()
-        .expect("unshare (util-linux)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // error must say so and suggest why.
+    let stderr = kvm_error_as_root(
+        "hides /dev/kvm in a mount namespace",
+        "unshare",
+        &["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /dev && exec \"$0\" probe", common::SKIFF],
+    );
     assert!(stderr.contains("/dev/kvm: does not exist"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 fn tempdir() -> std::path::PathBuf {
