@@ -9,7 +9,7 @@
 //! thread. `Doorbells::drain` is also called whenever every vCPU has stopped, so no
 //! ring is lost to a reset or to the end of the run.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,7 +26,6 @@ pub struct Doorbell {
 }
 
 /// Every doorbell of a machine, and how often they rang.
-#[derive(Default)]
 pub struct Doorbells {
     bells: Vec<Doorbell>,
     rung: AtomicU64,
@@ -40,10 +39,6 @@ impl Doorbells {
     /// A fresh non-blocking eventfd for a doorbell.
     pub fn eventfd() -> std::io::Result<EventFd> {
         EventFd::new(EFD_NONBLOCK)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bells.is_empty()
     }
 
     /// Times a guest write rang a doorbell (writes KVM folded into one signal count
@@ -70,17 +65,13 @@ impl Doorbells {
         total
     }
 
-    /// Waits up to `timeout_ms` for any doorbell, then drains them. Returns early on a
-    /// signal; the caller loops.
+    /// Waits up to `timeout_ms` for any doorbell, then drains them (with none, it just
+    /// waits). Returns early on a signal; the caller loops.
     pub fn wait_and_drain(&self, timeout_ms: i32) -> u64 {
-        if self.bells.is_empty() {
-            std::thread::sleep(std::time::Duration::from_millis(timeout_ms.max(0) as u64));
-            return 0;
-        }
         let mut fds: Vec<libc::pollfd> = self
             .bells
             .iter()
-            .map(|b| libc::pollfd { fd: b.event.as_raw_fd() as RawFd, events: libc::POLLIN, revents: 0 })
+            .map(|b| libc::pollfd { fd: b.event.as_raw_fd(), events: libc::POLLIN, revents: 0 })
             .collect();
         // SAFETY: `fds` is a live array of `fds.len()` pollfd structs that poll may
         // write `revents` into; no other memory is touched.
