@@ -73,6 +73,10 @@ pub struct VmConfig {
     /// signal doorbells (the boot marker) without an exit, where it can; off only to
     /// measure what that saves.
     pub coalesce: bool,
+    /// Keep the guest kernel's own defaults: append only the options it needs to run
+    /// correctly on this host (`clearcpuid=`), none that trade security or features
+    /// for boot time where guest kernel mode is emulated (vcpu/probe.rs).
+    pub guest_defaults: bool,
 }
 
 /// Where the default guest lives: `$SKIFF_GUEST_DIR`, else `guest/out` in the source

@@ -71,6 +71,12 @@ struct RunArgs {
     /// instead of signalling an ioeventfd (for measuring what both save).
     #[arg(long)]
     no_coalesce: bool,
+    /// Keep the guest kernel's defaults: append only the options it needs to run
+    /// correctly here (clearcpuid=), not those that make it boot faster where guest
+    /// kernel mode is emulated at the cost of its security or features (rodata=off,
+    /// retbleed=off, spec_rstack_overflow=off, initcall_blacklist=...).
+    #[arg(long)]
+    guest_defaults: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -155,6 +161,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         },
         pvh: matches!(args.boot, BootProtocol::Pvh),
         coalesce: !args.no_coalesce,
+        guest_defaults: args.guest_defaults,
     })
 }
 
@@ -223,6 +230,7 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
                 rss.total_kib
             );
         }
+        eprint!("{}", r.quirks.cmdline_report(config.guest_defaults));
         eprintln!("kernel command line: {}", r.cmdline);
     }
 }

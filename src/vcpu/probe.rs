@@ -32,6 +32,9 @@ const DONE_PORT: u16 = 0x10;
 /// `out 0x10, al`: the end of every snippet.
 const DONE: [u8; 2] = [0xe6, DONE_PORT as u8];
 
+/// The state FXSAVE covers: XCR0 bits 0 (x87) and 1 (SSE).
+const XCR0_X87_SSE: u64 = 0x3;
+
 /// Marks the XSAVE snippets, whose EDX:EAX is the supported XCR0.
 const XSAVE_ALL: u64 = 0xffff_ffff;
 
@@ -92,6 +95,10 @@ pub const OPTIONS_WHEN_EMULATED: &[(&str, &str)] = &[
     ("rcupdate.rcu_cpu_stall_suppress=1", "RCU CPU-stall warnings (false reports, as above)"),
 ];
 
+/// The options of [`OPTIONS_WHEN_EMULATED`] that turn off a protection of the guest
+/// kernel (write-protected text and rodata, speculation mitigations).
+pub const WEAKENS_SECURITY: &[&str] = &["rodata=off", "retbleed=off", "spec_rstack_overflow=off"];
+
 /// What the probe learned about this host's KVM.
 #[derive(Clone, Debug, Default)]
 pub struct HostQuirks {
@@ -114,6 +121,13 @@ pub struct HostQuirks {
     /// A KVM hypercall at CPL 0 never comes back from KVM_RUN: the paravirtual
     /// features that make hypercalls are hidden (see [`HYPERCALL_FEATURES`]).
     pub hypercall_hangs: bool,
+    /// XCR0 as guest user mode sees it while the guest kernel has not enabled XSAVE
+    /// (None: `xgetbv` faults there, as on hardware). See [`Self::user_state_needs_xsave`].
+    pub user_xcr0: Option<u64>,
+    /// The XSAVE probe's result where XSAVE stays on all the same (user state needs it).
+    pub xsave_kept: Option<ProbeResult>,
+    /// The XCR0 bits KVM lets the guest enable (CPUID leaf 0xD).
+    pub guest_xcr0: u64,
     pub probe_ms: f64,
 }
 
@@ -126,23 +140,63 @@ impl HostQuirks {
         self.cpl0_ns_per_insn > Self::EMULATED_NS
     }
 
+    /// Whether guest user mode can use register state beyond x87 and SSE (AVX,
+    /// AVX-512) without the guest kernel enabling it. A kernel that then falls back
+    /// to FXSAVE saves only x87/SSE across context switches, and processes corrupt
+    /// each other's YMM/ZMM registers: XSAVE must stay on, however slow.
+    pub fn user_state_needs_xsave(&self) -> bool {
+        self.user_xcr0.is_some_and(|x| x & !XCR0_X87_SSE != 0)
+    }
+
     /// Kernel command-line options that make a Linux guest avoid what KVM cannot run
     /// in its kernel mode but CPUID cannot hide: `clearcpuid=` with the kernel's
     /// feature names (Linux clears dependent features too, e.g. AVX with XSAVE).
-    /// Where guest kernel mode is emulated, also `initcall_blacklist=` with the
-    /// initcalls that take tens of seconds there and that a console guest does without.
-    pub fn linux_cmdline_extras(&self) -> Option<String> {
+    /// Where guest kernel mode is emulated, and unless `guest_defaults` asks to keep
+    /// the guest's own defaults, also the options that trade the guest's security or
+    /// features for boot time there: `initcall_blacklist=` with the initcalls that
+    /// take tens of seconds and [`OPTIONS_WHEN_EMULATED`] (rodata=off and the
+    /// mitigations among them). `clearcpuid=` is never dropped: without it the guest
+    /// kernel runs instructions that fail here.
+    pub fn linux_cmdline_extras(&self, guest_defaults: bool) -> Option<String> {
         let mut extras = Vec::new();
         let names: Vec<&str> = self.unhideable.iter().flat_map(|f| f.linux_names()).collect();
         if !names.is_empty() {
             extras.push(format!("clearcpuid={}", names.join(",")));
         }
-        if self.kernel_mode_emulated() {
+        if self.kernel_mode_emulated() && !guest_defaults {
             let calls: Vec<&str> = SLOW_WHEN_EMULATED.iter().map(|(name, _)| *name).collect();
             extras.push(format!("initcall_blacklist={}", calls.join(",")));
             extras.extend(OPTIONS_WHEN_EMULATED.iter().map(|(opt, _)| opt.to_string()));
         }
         (!extras.is_empty()).then(|| extras.join(" "))
+    }
+
+    /// Lines for `--stats`: what skiff added to the guest's command line and why,
+    /// naming the options that weaken the guest's security.
+    pub fn cmdline_report(&self, guest_defaults: bool) -> String {
+        let mut out = String::from("guest kernel options added by skiff:\n");
+        let names: Vec<&str> = self.unhideable.iter().flat_map(|f| f.linux_names()).collect();
+        if !names.is_empty() {
+            out.push_str(&format!("  clearcpuid={}: instructions that fail in guest kernel mode here (needed)\n", names.join(",")));
+        }
+        if !self.kernel_mode_emulated() {
+            return out;
+        }
+        if guest_defaults {
+            out.push_str("  none for boot time: --guest-defaults keeps the guest kernel's defaults\n");
+            return out;
+        }
+        out.push_str(&format!(
+            "  initcall_blacklist= ({} initcalls that take tens of seconds where kernel mode is emulated; \
+             the guest loses what they set up, and modules load unverified)\n",
+            SLOW_WHEN_EMULATED.len()
+        ));
+        for (opt, why) in OPTIONS_WHEN_EMULATED {
+            let weakens = WEAKENS_SECURITY.contains(opt);
+            out.push_str(&format!("  {opt}{}: {why}\n", if weakens { " (weakens the guest's security)" } else { "" }));
+        }
+        out.push_str("  (--guest-defaults drops all but clearcpuid=)\n");
+        out
     }
 
     /// Lines for `--stats`.
@@ -170,6 +224,25 @@ impl HostQuirks {
                 r => format!("fails in guest kernel mode ({r:?})"),
             };
             out.push_str(&format!("  {:<11} {what} ({}): {fate}\n", f.name, f.why));
+        }
+        match self.user_xcr0 {
+            Some(x) => out.push_str(&format!("  user mode   xgetbv with the guest's CR4.OSXSAVE clear returns XCR0 {x:#x}\n")),
+            None => out.push_str("  user mode   xgetbv with the guest's CR4.OSXSAVE clear faults, as on hardware\n"),
+        }
+        if let (Some(r), Some(x)) = (self.xsave_kept, self.user_xcr0) {
+            out.push_str(&format!(
+                "  xsave       fails in guest kernel mode ({r:?}): kept on, because guest user mode runs with XCR0 \
+                 {x:#x} whatever the guest kernel enables; the kernel must save that state across context \
+                 switches (skiff emulates xsave/xrstor/xgetbv: an exit per context switch)\n"
+            ));
+            if x & !self.guest_xcr0 != 0 {
+                out.push_str(&format!(
+                    "  WARNING     user-mode state {:#x} is outside what KVM lets the guest enable ({:#x}): \
+                     guest processes can corrupt each other's registers there\n",
+                    x & !self.guest_xcr0,
+                    self.guest_xcr0
+                ));
+            }
         }
         if self.hypercall_hangs {
             out.push_str(
@@ -326,6 +399,44 @@ impl ProbeVm {
         Ok(Self { _vm: vm, vcpu, mem, xcr0: supported_xcr0(cpuid) })
     }
 
+    /// Makes the vCPU start `code` (then the done marker) in 64-bit user mode at CODE:
+    /// user bit on the low identity map (the kernel-half map stays supervisor-only),
+    /// user code and data segments in the GDT (STAR's user base 0x20), RFLAGS
+    /// `rflags`. `adjust` may change the special registers before they are set.
+    fn enter_user_mode(&mut self, code: &[u8], rflags: u64, adjust: impl FnOnce(&mut kvm_bindings::kvm_sregs)) -> Result<(), String> {
+        let m = &self.mem;
+        let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
+        let set_user = |a: u64| -> Result<(), String> {
+            let v: u64 = m.read_obj(GuestAddress(a)).map_err(err)?;
+            m.write_obj(v | 4, GuestAddress(a)).map_err(err)
+        };
+        set_user(PML4)?;
+        set_user(PDPT)?;
+        for i in 0..512 {
+            set_user(PD + i * 8)?;
+        }
+        let user_data = gdt_entry(0xc0f3, 0, 0xfffff);
+        let user_code = gdt_entry(0xa0fb, 0, 0xfffff);
+        m.write_obj(user_data, GuestAddress(GDT + 5 * 8)).map_err(err)?;
+        m.write_obj(user_code, GuestAddress(GDT + 6 * 8)).map_err(err)?;
+        let mut bytes = code.to_vec();
+        bytes.extend_from_slice(&DONE);
+        m.write_slice(&bytes, GuestAddress(CODE)).map_err(err)?;
+        let mut sregs = self.vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
+        sregs.gdt.limit = 7 * 8 - 1;
+        sregs.cr4 &= !(CR4_SMEP | CR4_SMAP);
+        sregs.cs = kvm_segment_from_gdt(user_code, 0x33);
+        let ds = kvm_segment_from_gdt(user_data, 0x2b);
+        (sregs.ss, sregs.ds, sregs.es) = (ds, ds, ds);
+        adjust(&mut sregs);
+        self.vcpu.set_sregs(&sregs).map_err(|e| format!("probe: KVM_SET_SREGS: {e}"))?;
+        let mut regs = self.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
+        regs.rip = CODE;
+        regs.rflags = rflags;
+        regs.rsp = DATA + 0x800;
+        self.vcpu.set_regs(&regs).map_err(|e| format!("probe: KVM_SET_REGS: {e}"))
+    }
+
     /// Runs `code` (followed by the done marker) once.
     fn run(&mut self, code: &[u8], rax: u64) -> ProbeResult {
         self.run_with(code, rax, 0)
@@ -421,34 +532,12 @@ fn rep_string_cost(vm: &mut ProbeVm) -> ProbeResult {
 fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
     use kvm_bindings::{Msrs, kvm_msr_entry};
     let mut vm = ProbeVm::new(kvm, cpuid)?;
-    let m = vm.mem.clone();
-    let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
-    // User bit on the low identity map (PML4[0], PDPT[0], every PD entry); the
-    // kernel-half map (PML4[511]) stays supervisor-only.
-    let set_user = |a: u64| -> Result<(), String> {
-        let v: u64 = m.read_obj(GuestAddress(a)).map_err(err)?;
-        m.write_obj(v | 4, GuestAddress(a)).map_err(err)
-    };
-    set_user(PML4)?;
-    set_user(PDPT)?;
-    for i in 0..512 {
-        set_user(PD + i * 8)?;
-    }
-    // GDT: user data at 0x28, 64-bit user code at 0x30 (STAR's user base 0x20).
-    let user_data = gdt_entry(0xc0f3, 0, 0xfffff);
-    let user_code = gdt_entry(0xa0fb, 0, 0xfffff);
-    m.write_obj(user_data, GuestAddress(GDT + 5 * 8)).map_err(err)?;
-    m.write_obj(user_code, GuestAddress(GDT + 6 * 8)).map_err(err)?;
     // User code: syscall. Kernel entry (at CODE + 0x100 through the kernel half): the done marker.
-    m.write_slice(&[0x0f, 0x05], GuestAddress(CODE)).map_err(err)?;
-    m.write_slice(&DONE, GuestAddress(CODE + 0x100)).map_err(err)?;
+    vm.enter_user_mode(&[0x0f, 0x05], 0x202, |_| {})?;
+    let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
+    vm.mem.write_slice(&DONE, GuestAddress(CODE + 0x100)).map_err(err)?;
     let mut sregs = vm.vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
-    sregs.gdt.limit = 7 * 8 - 1;
-    sregs.cr4 &= !(CR4_SMEP | CR4_SMAP);
     sregs.efer |= EFER_SCE;
-    sregs.cs = kvm_segment_from_gdt(user_code, 0x33);
-    let ds = kvm_segment_from_gdt(user_data, 0x2b);
-    (sregs.ss, sregs.ds, sregs.es) = (ds, ds, ds);
     vm.vcpu.set_sregs(&sregs).map_err(|e| format!("probe: KVM_SET_SREGS: {e}"))?;
     let msrs = Msrs::from_entries(&[
         kvm_msr_entry { index: 0xc000_0081, data: (0x20 << 48) | (0x08 << 32), ..Default::default() },
@@ -457,12 +546,26 @@ fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> 
     ])
     .map_err(|e| format!("probe: {e:?}"))?;
     vm.vcpu.set_msrs(&msrs).map_err(|e| format!("probe: KVM_SET_MSRS: {e}"))?;
-    let mut regs = vm.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
-    regs.rip = CODE;
-    regs.rflags = 0x202;
-    regs.rsp = DATA + 0x800;
-    vm.vcpu.set_regs(&regs).map_err(|e| format!("probe: KVM_SET_REGS: {e}"))?;
     Ok(matches!(vm.vcpu.run(), Ok(VcpuExit::IoOut(DONE_PORT, _))))
+}
+
+/// The state components guest user mode can use whatever the guest kernel enabled:
+/// `xgetbv` (XCR0) run at CPL 3 while the guest's CR4.OSXSAVE is clear, as a kernel
+/// that manages only x87/SSE state (FXSAVE) leaves it. On hardware that raises #UD
+/// (None here). Where guest user mode runs on the host's own XCR0 (PVM), it returns
+/// it, and user code can use AVX or AVX-512 registers the guest kernel would then
+/// never save across context switches.
+fn user_xcr0_without_osxsave(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<u64>, String> {
+    let mut vm = ProbeVm::new(kvm, cpuid)?;
+    // xor ecx, ecx; xgetbv; then the done marker (`out` at CPL 3 with IOPL 3).
+    vm.enter_user_mode(&[0x31, 0xc9, 0x0f, 0x01, 0xd0], 0x3002, |s| s.cr4 &= !CR4_OSXSAVE)?;
+    match vm.vcpu.run() {
+        Ok(VcpuExit::IoOut(DONE_PORT, _)) => {
+            let regs = vm.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
+            Ok(Some((regs.rdx & 0xffff_ffff) << 32 | (regs.rax & 0xffff_ffff)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// KVM paravirtual features (CPUID 0x4000_0001 EAX) that make hypercalls: Linux
@@ -532,6 +635,8 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     let mut quirks = HostQuirks::default();
     let hypercall = start_hypercall_probe(kvm, cpuid)?;
     let mut vm = ProbeVm::new(kvm, cpuid)?;
+    quirks.user_xcr0 = user_xcr0_without_osxsave(kvm, cpuid)?;
+    quirks.guest_xcr0 = supported_xcr0(cpuid);
     for feature in GATED {
         // Probed whether or not KVM advertises it: some KVMs pass host feature bits
         // through to the guest regardless, and then the guest may use it.
@@ -545,7 +650,9 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
             let Some((code, rax)) = snippet(feature.name) else { continue };
             vm.run(code, rax)
         };
-        if result != ProbeResult::Works {
+        if result != ProbeResult::Works && feature.name == "xsave" && quirks.user_state_needs_xsave() {
+            quirks.xsave_kept = Some(result);
+        } else if result != ProbeResult::Works {
             quirks.hidden.push((feature, result));
         }
         // After an emulation failure the vCPU is still usable (its registers are set
@@ -597,13 +704,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn xsave_stays_on_when_user_mode_has_more_than_fxsave_state() {
+        let q = |user_xcr0| HostQuirks { user_xcr0, ..Default::default() };
+        assert!(q(Some(0xe7)).user_state_needs_xsave(), "AVX-512 state in user mode");
+        assert!(q(Some(0x7)).user_state_needs_xsave(), "AVX state in user mode");
+        assert!(!q(Some(0x3)).user_state_needs_xsave(), "x87/SSE only: FXSAVE covers it");
+        assert!(!q(None).user_state_needs_xsave(), "xgetbv faults in user mode, as on hardware");
+        let kept = HostQuirks { user_xcr0: Some(0xe7), xsave_kept: Some(ProbeResult::Faults), guest_xcr0: 0x7, ..Default::default() };
+        let report = kept.report();
+        assert!(report.contains("xsave       fails in guest kernel mode (Faults): kept on"), "{report}");
+        assert!(report.contains("WARNING     user-mode state 0xe0 is outside"), "{report}");
+        assert_eq!(kept.linux_cmdline_extras(false), None, "no clearcpuid=xsave");
+    }
+
+    #[test]
     fn cmdline_extras_follow_the_quirks() {
         let native = HostQuirks { cpl0_ns_per_insn: 0.5, ..Default::default() };
-        assert_eq!(native.linux_cmdline_extras(), None, "nothing to add on hardware-assisted KVM");
+        assert_eq!(native.linux_cmdline_extras(false), None, "nothing to add on hardware-assisted KVM");
 
         let erms = GATED.iter().find(|g| g.name == "erms").unwrap();
         let emulated = HostQuirks { cpl0_ns_per_insn: 600.0, unhideable: vec![erms], ..Default::default() };
-        let extras = emulated.linux_cmdline_extras().unwrap();
+        let kept = emulated.linux_cmdline_extras(true).unwrap();
+        assert_eq!(kept, "clearcpuid=erms,fsrm", "--guest-defaults keeps only what correctness needs");
+        let extras = emulated.linux_cmdline_extras(false).unwrap();
         assert!(extras.starts_with("clearcpuid=erms,fsrm "), "{extras}");
         let blacklist = extras.split(' ').find_map(|w| w.strip_prefix("initcall_blacklist=")).unwrap();
         assert!(blacklist.split(',').any(|c| c == "slab_sysfs_init"), "{blacklist}");
@@ -613,4 +736,5 @@ mod tests {
         assert!(extras.split(' ').any(|w| w == "nowatchdog"), "{extras}");
     }
 }
+
 

@@ -237,7 +237,7 @@ impl Vmm {
                 cpuid::clear(&mut base_cpuid, cpuid::FeatureBit { leaf: 0x4000_0001, subleaf: 0, reg: cpuid::Reg::Eax, bit });
             }
         }
-        let cmdline = match quirks.linux_cmdline_extras() {
+        let cmdline = match quirks.linux_cmdline_extras(config.guest_defaults) {
             Some(extra) => format!("{} {extra}", config.cmdline),
             None => config.cmdline.clone(),
         };

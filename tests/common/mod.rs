@@ -45,8 +45,6 @@ pub struct Guest {
     /// Everything the console printed so far.
     pub transcript: String,
     stderr: Option<std::thread::JoinHandle<String>>,
-    /// Commands run again because a guest process segfaulted (see `run`).
-    pub segfaults: u32,
 }
 
 impl Guest {
@@ -79,7 +77,7 @@ impl Guest {
             s
         });
         let stdin = child.stdin.take();
-        Guest { child, stdin, lines: rx, transcript: String::new(), stderr: Some(stderr), segfaults: 0 }
+        Guest { child, stdin, lines: rx, transcript: String::new(), stderr: Some(stderr) }
     }
 
     /// Waits for a console line containing `needle`; returns it.
@@ -132,24 +130,16 @@ impl Guest {
     }
 
     /// Runs a shell command in the guest and returns its output lines (between markers
-    /// the command itself cannot print by accident).
-    ///
-    /// KNOWN ISSUE: on this host (PVM), a guest user process occasionally dies with
-    /// SIGSEGV (about one in a hundred with 2 vCPUs, mostly after an in-place reboot;
-    /// cause not yet found, see the issue notes). A command whose only output is the
-    /// shell's "Segmentation fault" is run again, at most twice, and said so loudly;
-    /// `segfaults` counts them for the log.
+    /// the command itself cannot print by accident). A guest process that died of a
+    /// fault signal (the shell reports it: "Segmentation fault", "Illegal
+    /// instruction"...) fails the test at once with the console: such a death is a
+    /// defect of skiff's until shown otherwise, never something to run again.
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> Vec<String> {
-        for attempt in 1..=3 {
-            let out = self.run_once(cmd, timeout);
-            if attempt < 3 && out.iter().any(|l| l.contains("Segmentation fault")) {
-                self.segfaults += 1;
-                eprintln!("WARNING: a guest process segfaulted running {cmd:?} (attempt {attempt}): {out:?}; running it again");
-                continue;
-            }
-            return out;
+        let out = self.run_once(cmd, timeout);
+        if let Some(line) = out.iter().find(|l| fault_signal_report(l).is_some()) {
+            panic!("a guest process died of a fault signal running {cmd:?}: {line:?}\nconsole:\n{}", self.tail());
         }
-        unreachable!("the last attempt returns")
+        out
     }
 
     fn run_once(&mut self, cmd: &str, timeout: Duration) -> Vec<String> {
@@ -239,4 +229,20 @@ pub fn is_kernel_log(line: &str) -> bool {
 pub fn skiff(args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(SKIFF).args(args).stdin(Stdio::null()).output().expect("run skiff");
     (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The shell's report of a process killed by a signal that only a fault (or a broken
+/// program) raises, as busybox's sh words it; None for other lines. SIGTERM and
+/// SIGKILL are left out: tests send those themselves.
+pub fn fault_signal_report(line: &str) -> Option<&'static str> {
+    const FAULTS: [&str; 7] = [
+        "Segmentation fault",
+        "Illegal instruction",
+        "Bus error",
+        "Floating point exception",
+        "Aborted",
+        "Trace/breakpoint trap",
+        "Bad system call",
+    ];
+    FAULTS.into_iter().find(|f| line.contains(f))
 }
