@@ -6,6 +6,11 @@ first console byte, to the guest's "ready" line (the default guest's /init, or t
 tiny kernel's hello), and to process exit after the guest powers off. skiff's own
 --boot-time figures (which include the /init marker port) are printed beside them.
 
+Like with like: QEMU boots the same kernel (and initrd) with exactly the kernel
+command line skiff gave the guest in the run just before it, as skiff prints it with
+--stats ("kernel command line: ..."): skiff's defaults plus what its host probe
+appends (clearcpuid=..., and the rest). The command line is printed once per guest.
+
 Guests:
   tiny    guest/out/tiny.elf, skiff's own PVH test kernel (guest/tiny/build).
   debian  the default guest (Debian's vmlinux + busybox initramfs); QEMU is tried once
@@ -71,14 +76,22 @@ def skiff_cmd(guest):
     return [SKIFF, "run", "--boot-time", "--stats"]
 
 
-def qemu_cmd(guest):
+def qemu_cmd(guest, cmdline):
+    """QEMU booting what skiff_cmd boots, with `cmdline`: skiff's final command line."""
     base = ["qemu-system-x86_64", "-enable-kvm", "-m", "256", "-nographic", "-nodefaults",
-            "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
+            "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
+            "-M", "pc", "-append", cmdline]
     if guest == "tiny":
-        return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "tiny.elf")]
-    return base + ["-M", "pc", "-kernel", os.path.join(GUEST, "vmlinux"),
-                   "-initrd", os.path.join(GUEST, "initrd.cpio"),
-                   "-append", "console=ttyS0 reboot=k panic=-1 loglevel=4 cryptomgr.notests"]
+        return base + ["-kernel", os.path.join(GUEST, "tiny.elf")]
+    return base + ["-kernel", os.path.join(GUEST, "vmlinux"), "-initrd", os.path.join(GUEST, "initrd.cpio")]
+
+
+def skiff_cmdline(stderr):
+    """The kernel command line skiff gave the guest, from its --stats; None if absent."""
+    for line in stderr.splitlines():
+        if line.startswith("kernel command line: "):
+            return line[len("kernel command line: "):]
+    return None
 
 
 READY = {"tiny": "tiny: hello", "debian": "skiff-guest: ready"}
@@ -112,8 +125,16 @@ def bench(guest, runs, qemu_timeout):
                "qemu": {"first_byte": [], "ready": [], "exit": []}}
     qemu_note = None if have_qemu else "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
     send = "poweroff\n" if guest == "debian" else None
+    shown_cmdline = None
     for i in range(runs):
         r = run_vmm(skiff_cmd(guest), READY[guest], send)
+        cmdline = skiff_cmdline(r["stderr"])
+        if cmdline is None:
+            sys.exit(f"skiff's --stats did not name the kernel command line (status {r['status']}); "
+                     f"cannot give QEMU the same one:\n{r['stderr'].strip()[-500:]}")
+        if cmdline != shown_cmdline:
+            print(f"  kernel command line, both VMMs{' (changed)' if shown_cmdline else ''}: {cmdline}")
+            shown_cmdline = cmdline
         if r["status"] == 0 and "ready" in r:
             for k in results["skiff"]:
                 results["skiff"][k].append(r[k])
@@ -127,7 +148,7 @@ def bench(guest, runs, qemu_timeout):
         else:
             print(f"  run {i+1} skiff FAILED (status {r['status']}): {r['stderr'].strip()[-300:]}")
         if qemu_note is None:
-            q = run_vmm(qemu_cmd(guest), READY[guest], send, timeout=qemu_timeout)
+            q = run_vmm(qemu_cmd(guest, cmdline), READY[guest], send, timeout=qemu_timeout)
             # isa-debug-exit makes QEMU exit with (value << 1) | 1 = 1.
             ok = "ready" in q and q["status"] in (0, 1)
             if ok:

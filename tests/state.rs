@@ -7,8 +7,9 @@ mod common;
 
 use std::sync::Arc;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use skiff::vcpu::cpuid;
 use skiff::vcpu::msr::{self, MsrSet};
 use skiff::vcpu::reset::{self, ResetKind, Vendor};
 use skiff::vcpu::state::{VcpuState, VmState, apic_reg, lapic_get};
@@ -42,6 +43,11 @@ struct Machine {
 }
 
 fn machine(kvm: &Kvm) -> Machine {
+    machine_with(kvm, kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).expect("CPUID"))
+}
+
+/// A machine whose vCPU has `cpuid` (which gates the MSRs KVM lets it use).
+fn machine_with(kvm: &Kvm, cpuid: CpuId) -> Machine {
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     vm.set_tss_address(0xfffb_d000).expect("TSS");
     vm.create_irq_chip().expect("irqchip");
@@ -59,17 +65,16 @@ fn machine(kvm: &Kvm) -> Machine {
     // SAFETY: the mapping lives in `mem`, which the vCPU (and so the machine) keeps.
     unsafe { vm.set_user_memory_region(region) }.expect("memory region");
     let fd = vm.create_vcpu(0).expect("vCPU");
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).expect("CPUID");
     fd.set_cpuid2(&cpuid).expect("set CPUID");
     let msrs = MsrSet::discover(kvm, &fd).expect("MSR set");
-    let amd = skiff::vcpu::cpuid::find_entry(&cpuid, 0, 0).is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth"));
+    let amd = cpuid::find_entry(&cpuid, 0, 0).is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth"));
     let spec = Arc::new(StateSpec {
         msrs,
         xsave_size: usize::try_from(vm.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(0),
         sregs2: vm.check_extension_raw(kvm_bindings::KVM_CAP_SREGS2 as libc::c_ulong) > 0,
         tsc_khz: fd.get_tsc_khz().is_ok(),
         vendor: if amd { Vendor::Amd } else { Vendor::Intel },
-        signature: skiff::vcpu::cpuid::find_entry(&cpuid, 1, 0).map_or(0, |e| e.eax),
+        signature: cpuid::find_entry(&cpuid, 1, 0).map_or(0, |e| e.eax),
     });
     let mut vcpu = Vcpu::new(
         0,
@@ -103,8 +108,8 @@ fn every_msr_kvm_reports_is_saved_or_explained() {
     let refused: Vec<String> = set
         .refused
         .iter()
-        .filter(|(i, _)| !set.kvm_list.contains(i))
-        .map(|(i, why)| format!("  {i:#010x}: {why}"))
+        .filter(|d| !set.kvm_list.contains(&d.index))
+        .map(|d| format!("  {:#010x}: {}: {}", d.index, d.refusal.as_str(), d.why.unwrap_or("UNEXPLAINED")))
         .collect();
     eprintln!(
         "KVM lists {} MSRs; skiff saves {} (with the MSRs CPUID implies); of KVM's list not saved:\n{}\nimplied but refused here:\n{}",
@@ -123,6 +128,59 @@ fn every_msr_kvm_reports_is_saved_or_explained() {
             assert!(set.saved.contains(&index), "MSR {index:#x} (MTRR/PAT) is not saved: {:?}", set.why_not_saved(index));
         }
     }
+}
+
+/// The CPUIDs a skiff vCPU can have on this host: KVM's supported CPUID (what the
+/// other tests here use); that with everything hidden the probe finds failing here
+/// (what `skiff run` gives the guest on this host); and that with every gated feature
+/// and every hypercall feature hidden (the most any host's probe can take away).
+fn cpuid_variants(kvm: &Kvm) -> Vec<(&'static str, CpuId)> {
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).expect("CPUID");
+    let quirks = skiff::vcpu::probe::probe_host(kvm, &supported).expect("probe");
+    let mut probed = supported.clone();
+    for (feature, _) in &quirks.hidden {
+        cpuid::hide(&mut probed, feature);
+    }
+    let mut all_hidden = supported.clone();
+    for feature in cpuid::GATED {
+        cpuid::hide(&mut all_hidden, feature);
+    }
+    for bit in skiff::vcpu::probe::HYPERCALL_FEATURES {
+        let f = cpuid::FeatureBit { leaf: 0x4000_0001, subleaf: 0, reg: cpuid::Reg::Eax, bit };
+        cpuid::clear(&mut all_hidden, f);
+        if quirks.hypercall_hangs {
+            cpuid::clear(&mut probed, f);
+        }
+    }
+    vec![
+        ("KVM's supported CPUID", supported),
+        ("the CPUID skiff gives the guest here", cpuid::normalize(&probed, 0, 1)),
+        ("every gated and hypercall feature hidden", cpuid::normalize(&all_hidden, 0, 1)),
+    ]
+}
+
+/// Every MSR discovery drops (KVM refuses to read it, or to take back what it read)
+/// must have a reason written by a person on msr::MAY_BE_REFUSED: a refusal nobody
+/// explained fails here, whatever CPUID the vCPU has.
+#[test]
+fn every_msr_discovery_drops_has_a_written_reason() {
+    common::require_kvm();
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let mut unexplained = Vec::new();
+    for (name, cpuid) in cpuid_variants(&kvm) {
+        let m = machine_with(&kvm, cpuid);
+        let set = &m.vcpu.spec.msrs;
+        eprintln!("{name}: {} MSRs saved, {} dropped", set.saved.len(), set.refused.len());
+        for d in &set.refused {
+            eprintln!("  {:#010x}: {}: {}", d.index, d.refusal.as_str(), d.why.unwrap_or("UNEXPLAINED"));
+        }
+        unexplained.extend(set.unexplained().iter().map(|d| format!("{:#x} ({}; {name})", d.index, d.refusal.as_str())));
+    }
+    assert!(
+        unexplained.is_empty(),
+        "MSRs dropped without a written reason (add each to msr::MAY_BE_REFUSED once you know why): {}",
+        unexplained.join(", ")
+    );
 }
 
 #[test]
