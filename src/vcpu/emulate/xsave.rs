@@ -80,10 +80,11 @@ impl<C: EmuCpu> Cx<'_, C> {
         let enabled = self.cpu.xcr0()? | if supervisor { self.cpu.xss()? } else { 0 };
         let rfbm = ((self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff)) & enabled;
         let layout = self.cpu.xsave_layout();
-        if layout.unknown(enabled) != 0 || layout.standard_size > std::mem::size_of::<kvm_xsave>() {
+        // KVM_GET_XSAVE's 4 KiB must hold every component enabled (AMX's would not).
+        let needed = layout.area_size(enabled, false);
+        if layout.unknown(enabled) != 0 || needed > std::mem::size_of::<kvm_xsave>() {
             self.unhandled = Some(format!(
-                "{name}: XCR0 | IA32_XSS = {enabled:#x} names state skiff cannot hold (its XSAVE layout: {} bytes)",
-                layout.standard_size
+                "{name}: XCR0 | IA32_XSS = {enabled:#x} names state skiff cannot hold ({needed} bytes of XSAVE area)"
             ));
             return Ok(());
         }
