@@ -49,8 +49,8 @@ _start:
         /* Where KVM delivers real-mode exceptions through the IVT whatever IDTR's
            limit says (its emulator does), #UD comes back here: point vector 6 at
            label 6 below. There `popcnt` fails KVM's emulator where it lacks it;
-           skiff re-runs it, then injects #UD, which lands on `popcnt` again, until
-           skiff gives up and names it. Where the CPU runs real mode itself,
+           skiff re-runs it once, then, not emulating it either, stops the machine
+           and names it. Where the CPU runs real mode itself,
            popcnt runs, and ud2's #UD escalates to a triple fault (IDTR limit 0). */
         movw    $(6f - 0xffff0), 6*4
         movw    $0xffff, 6*4+2

@@ -97,6 +97,9 @@ pub struct Vcpu {
     pub diagnose_shutdown: bool,
     /// The last translator self-check request this vCPU answered.
     pub translate_checks_done: u32,
+    /// The guest's MAXPHYADDR for the page walker, read from the vCPU's CPUID at the
+    /// first emulation (0 until then).
+    pub maxphyaddr: u8,
 }
 
 impl Vcpu {
@@ -126,6 +129,7 @@ impl Vcpu {
             pristine: None,
             diagnose_shutdown: false,
             translate_checks_done: 0,
+            maxphyaddr: 0,
         }
     }
 

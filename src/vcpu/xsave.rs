@@ -1,16 +1,33 @@
-//! User-space emulation of the XSAVE family (XSAVE, XSAVEOPT, XSAVEC, XRSTOR) for
-//! hosts whose KVM cannot emulate them in guest kernel mode. The vCPU's extended state
-//! lives in KVM; skiff reads it with KVM_GET_XSAVE (standard, non-compacted layout),
-//! moves components between it and the guest's buffer, and writes it back with
-//! KVM_SET_XSAVE. Layout facts: Intel SDM vol. 1, 13.4 (XSAVE area) and 13.8-13.12.
+//! The XSAVE family's data movement (XSAVE, XSAVEOPT, XSAVEC, XSAVES, XRSTOR,
+//! XRSTORS) between KVM's copy of a vCPU's extended state and the guest's XSAVE
+//! area. KVM's copy (KVM_GET_XSAVE) is in the standard, non-compacted layout, with
+//! every user component filled in (KVM writes init values for components not in use);
+//! its XSTATE_BV says which components are in use (XINUSE).
+//!
+//! The guest's area is reached through [`Area`], so these functions touch only the
+//! bytes the instruction architecturally reads or writes. Layout facts: Intel SDM
+//! vol. 1, 13.4 (XSAVE area), 13.7-13.12 (operation of each instruction).
 
-use kvm_bindings::{CpuId, kvm_xsave};
+use kvm_bindings::CpuId;
 
 /// Size of the legacy region plus the XSAVE header.
 pub const LEGACY_AND_HEADER: usize = 576;
-const HEADER: usize = 512;
-/// XCOMP_BV bit 63: the buffer is in compacted form.
-const COMPACTED: u64 = 1 << 63;
+pub const HEADER: usize = 512;
+/// XCOMP_BV bit 63: the area is in compacted form.
+pub const COMPACTED: u64 = 1 << 63;
+/// MXCSR's offset in the legacy region, then MXCSR_MASK.
+pub const MXCSR: usize = 24;
+pub const MXCSR_MASK: usize = 28;
+/// MXCSR_MASK when the area says 0 (SDM vol. 1, 11.6.6).
+pub const DEFAULT_MXCSR_MASK: u32 = 0xffbf;
+/// MXCSR's value in SSE's initial configuration.
+pub const MXCSR_INIT: u32 = 0x1f80;
+/// FCW after FNINIT, in x87's initial configuration.
+pub const FCW_INIT: u16 = 0x37f;
+
+const X87: u64 = 1 << 0;
+const SSE: u64 = 1 << 1;
+const AVX: u64 = 1 << 2;
 
 /// Where each extended component (2..63) sits in the standard layout, its size, and
 /// whether the compacted form aligns it to 64 bytes (CPUID leaf 0xD, subleaf i).
@@ -26,51 +43,72 @@ impl XsaveLayout {
         let mut components = Vec::new();
         let mut standard_size = LEGACY_AND_HEADER;
         for e in cpuid.as_slice() {
-            if e.function == 0xd && (2..64).contains(&e.index) && e.eax != 0 {
+            // User components only (ECX bit 0 clear): supervisor ones have no place
+            // in the standard form, nor in KVM's copy of the state.
+            if e.function == 0xd && (2..64).contains(&e.index) && e.eax != 0 && e.ecx & 1 == 0 {
                 let (offset, size) = (e.ebx as usize, e.eax as usize);
                 components.push((e.index as u8, offset, size, e.ecx & 2 != 0));
-                standard_size = standard_size.max(offset + size);
+                standard_size = standard_size.max(offset.saturating_add(size));
             }
         }
         components.sort_by_key(|c| c.0);
         Self { components, standard_size }
     }
 
-    /// Offsets of the components of `xcomp_bv` in the compacted form.
-    pub fn compacted_offsets(&self, xcomp_bv: u64) -> Vec<(u8, usize, usize, usize)> {
+    /// The extended components of `mask`: (index, standard offset, size, compacted
+    /// offset for a compacted area whose XCOMP_BV is `mask`). No allocation.
+    pub fn placed(&self, mask: u64) -> impl Iterator<Item = (u8, usize, usize, usize)> + '_ {
         let mut offset = LEGACY_AND_HEADER;
-        let mut out = Vec::new();
-        for &(i, std_off, size, align) in &self.components {
-            if xcomp_bv & (1 << i) == 0 {
-                continue;
-            }
+        self.components.iter().filter(move |c| mask & bit(c.0) != 0).map(move |&(i, std_off, size, align)| {
             if align {
                 offset = offset.next_multiple_of(64);
             }
-            out.push((i, offset, std_off, size));
+            let here = offset;
             offset += size;
-        }
-        out
+            (i, std_off, size, here)
+        })
     }
 
-    /// Bytes a compacted buffer for `xcomp_bv` occupies.
-    pub fn compacted_size(&self, xcomp_bv: u64) -> usize {
-        self.compacted_offsets(xcomp_bv).last().map_or(LEGACY_AND_HEADER, |&(_, o, _, s)| o + s)
+    /// Bytes of the area an instruction for `mask` spans: the standard form up to
+    /// the end of the last component in `mask`, or the compacted form's size.
+    pub fn area_size(&self, mask: u64, compacted: bool) -> usize {
+        self.extent(mask, mask, compacted)
+    }
+
+    /// Bytes of the area up to the end of the last component of `touched`, placed
+    /// by `placement` (XCOMP_BV) when `compacted`. At least the legacy region and
+    /// header.
+    pub fn extent(&self, placement: u64, touched: u64, compacted: bool) -> usize {
+        self.placed(placement).filter(|c| touched & bit(c.0) != 0).fold(LEGACY_AND_HEADER, |end, (_, std_off, size, c_off)| {
+            end.max(if compacted { c_off + size } else { std_off + size })
+        })
+    }
+
+    /// Components of `mask` the layout does not describe (the area cannot hold them).
+    pub fn unknown(&self, mask: u64) -> u64 {
+        let known = self.components.iter().fold(X87 | SSE, |m, c| m | bit(c.0));
+        mask & !known
     }
 }
 
-/// KVM's xsave buffer as bytes.
-fn kvm_bytes(x: &kvm_xsave) -> &[u8] {
-    // SAFETY: `region` is a plain [u32; 1024] array; viewing it as bytes is sound.
-    unsafe { std::slice::from_raw_parts(x.region.as_ptr().cast::<u8>(), std::mem::size_of_val(&x.region)) }
+fn bit(i: u8) -> u64 {
+    1u64.checked_shl(u32::from(i)).unwrap_or(0)
 }
 
-fn kvm_bytes_mut(x: &mut kvm_xsave) -> &mut [u8] {
-    // SAFETY: as above, exclusively borrowed.
-    unsafe { std::slice::from_raw_parts_mut(x.region.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(&x.region)) }
+/// The guest's XSAVE area, at offsets from its base. Reads of bytes the area cannot
+/// supply fill with what the bus returns; the caller has already translated it.
+pub trait Area {
+    fn read(&mut self, offset: usize, out: &mut [u8]);
+    fn write(&mut self, offset: usize, data: &[u8]);
+
+    fn read_u64(&mut self, offset: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.read(offset, &mut b);
+        u64::from_le_bytes(b)
+    }
 }
 
-fn u64_at(b: &[u8], off: usize) -> u64 {
+pub fn u64_at(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     if let Some(s) = b.get(off..off + 8) {
         a.copy_from_slice(s);
@@ -78,190 +116,210 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn put_u64(b: &mut [u8], off: usize, v: u64) {
-    if let Some(s) = b.get_mut(off..off + 8) {
-        s.copy_from_slice(&v.to_le_bytes());
+pub fn u32_at(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    if let Some(s) = b.get(off..off + 4) {
+        a.copy_from_slice(s);
+    }
+    u32::from_le_bytes(a)
+}
+
+pub fn put(b: &mut [u8], off: usize, v: &[u8]) {
+    if let Some(s) = b.get_mut(off..off + v.len()) {
+        s.copy_from_slice(v);
     }
 }
 
-fn copy(dst: &mut [u8], dst_off: usize, src: &[u8], src_off: usize, len: usize) {
-    if let (Some(d), Some(s)) = (dst.get_mut(dst_off..dst_off + len), src.get(src_off..src_off + len)) {
-        d.copy_from_slice(s);
+fn zero(b: &mut [u8], off: usize, len: usize) {
+    if let Some(s) = b.get_mut(off..off + len) {
+        s.fill(0);
     }
 }
 
-/// The legacy-region pieces of components 0 (x87) and 1 (SSE).
-fn copy_legacy(dst: &mut [u8], src: &[u8], rfbm: u64) {
-    if rfbm & 1 != 0 {
-        copy(dst, 0, src, 0, 24); // FCW, FSW, FTW, FOP, FIP, FDP
-        copy(dst, 32, src, 32, 128); // ST0-ST7
-    }
-    if rfbm & 2 != 0 {
-        copy(dst, 160, src, 160, 256); // XMM0-XMM15
-    }
-    if rfbm & 6 != 0 {
-        copy(dst, 24, src, 24, 8); // MXCSR, MXCSR_MASK
+/// The MXCSR_MASK in force (from KVM's area; 0 there means the default).
+pub fn mxcsr_mask(kvm: &[u8]) -> u32 {
+    match u32_at(kvm, MXCSR_MASK) {
+        0 => DEFAULT_MXCSR_MASK,
+        m => m,
     }
 }
 
-/// Why an XSAVE-family access must fault (#GP).
-#[derive(Debug, PartialEq, Eq)]
+/// Which save instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveForm {
+    /// XSAVE and XSAVEOPT: standard form, XSTATE_BV updated for RFBM only.
+    Standard,
+    /// XSAVEC and XSAVES: compacted form, the whole header written.
+    Compacted,
+}
+
+/// Why an XRSTOR or XRSTORS faults (#GP(0) in every case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XsaveFault {
-    Misaligned,
+    /// Header bytes that must be zero are not (XCOMP_BV for the standard form).
     ReservedHeader,
+    /// XSTATE_BV or XCOMP_BV names a component outside XCR0 (| IA32_XSS).
+    NotEnabled,
+    /// XSTATE_BV names a component XCOMP_BV does not.
+    NotInCompacted,
+    /// The standard form of XRSTORS does not exist.
+    NotCompacted,
+    /// MXCSR would get reserved bits.
+    ReservedMxcsr,
 }
 
-/// XRSTOR from `guest` (the guest's buffer, at least the size its header implies) into
-/// KVM's state, for requested-feature bitmap `rfbm` (already ANDed with XCR0).
-pub fn xrstor(state: &mut kvm_xsave, guest: &[u8], rfbm: u64, layout: &XsaveLayout) -> Result<(), XsaveFault> {
-    let xstate_bv = u64_at(guest, HEADER);
-    let xcomp_bv = u64_at(guest, HEADER + 8);
-    let compacted = xcomp_bv & COMPACTED != 0;
-    if !compacted && xcomp_bv != 0 {
-        return Err(XsaveFault::ReservedHeader);
+/// Byte ranges of the legacy region: x87 (FCW..FDP, ST0-7), MXCSR + MXCSR_MASK,
+/// and the XMM registers (only XMM0-7 outside 64-bit mode, SDM vol. 1, 13.13).
+const X87_RANGES: [(usize, usize); 2] = [(0, 24), (32, 128)];
+const MXCSR_RANGE: (usize, usize) = (MXCSR, 8);
+fn xmm_range(long_mode: bool) -> (usize, usize) {
+    (160, if long_mode { 256 } else { 128 })
+}
+
+/// XSAVE / XSAVEOPT / XSAVEC / XSAVES of `kvm` (KVM's standard-form area) to the
+/// guest's area, for requested-feature bitmap `rfbm`.
+pub fn save(kvm: &[u8], area: &mut impl Area, rfbm: u64, form: SaveForm, layout: &XsaveLayout, long_mode: bool) {
+    let in_use = u64_at(kvm, HEADER) & rfbm;
+    // Standard form saves every requested component (KVM's copy holds init values
+    // for those not in use); the compacted forms save only those in use.
+    let saved = if form == SaveForm::Standard { rfbm } else { in_use };
+    let mut copy = |off: usize, len: usize| {
+        if let Some(s) = kvm.get(off..off + len) {
+            area.write(off, s);
+        }
+    };
+    if saved & X87 != 0 {
+        X87_RANGES.iter().for_each(|&(o, l)| copy(o, l));
     }
-    if compacted && xstate_bv & !xcomp_bv & !COMPACTED != 0 {
-        return Err(XsaveFault::ReservedHeader);
+    if saved & SSE != 0 {
+        let (o, l) = xmm_range(long_mode);
+        copy(o, l);
     }
-    let kvm = kvm_bytes_mut(state);
-    let mut bv = u64_at(kvm, HEADER);
-    // Legacy components: loaded if requested and present, else left in init state.
-    let load = rfbm & xstate_bv;
-    copy_legacy(kvm, guest, load & 3);
-    if rfbm & 6 != 0 {
-        // MXCSR is loaded whenever SSE or AVX is requested, even if not in XSTATE_BV.
-        copy(kvm, 24, guest, 24, 4);
+    // MXCSR goes with SSE or AVX in the standard form, with SSE in the compacted.
+    let mxcsr = if form == SaveForm::Standard { rfbm & (SSE | AVX) != 0 } else { rfbm & SSE != 0 };
+    if mxcsr {
+        copy(MXCSR_RANGE.0, MXCSR_RANGE.1);
     }
-    if compacted {
-        for (i, off, std_off, size) in layout.compacted_offsets(xcomp_bv & !COMPACTED) {
-            if load & (1 << i) != 0 {
-                copy(kvm, std_off, guest, off, size);
-            }
+    let compacted = form == SaveForm::Compacted;
+    for (i, std_off, size, c_off) in layout.placed(rfbm) {
+        if let Some(s) = kvm.get(std_off..std_off + size).filter(|_| saved & bit(i) != 0) {
+            area.write(if compacted { c_off } else { std_off }, s);
+        }
+    }
+    match form {
+        SaveForm::Standard => {
+            let old = area.read_u64(HEADER);
+            area.write(HEADER, &((old & !rfbm) | in_use).to_le_bytes());
+        }
+        SaveForm::Compacted => {
+            let mut header = [0u8; 64];
+            put(&mut header, 0, &in_use.to_le_bytes());
+            put(&mut header, 8, &(COMPACTED | rfbm).to_le_bytes());
+            area.write(HEADER, &header);
+        }
+    }
+}
+
+/// The header's checks, before anything is loaded. `enabled` is XCR0 (| IA32_XSS
+/// for XRSTORS); `only_compacted` for XRSTORS. Returns XSTATE_BV and XCOMP_BV.
+pub fn check_header(area: &mut impl Area, enabled: u64, only_compacted: bool) -> Result<(u64, u64), XsaveFault> {
+    let mut header = [0u8; 64];
+    area.read(HEADER, &mut header);
+    let xstate_bv = u64_at(&header, 0);
+    let xcomp_bv = u64_at(&header, 8);
+    if xcomp_bv & COMPACTED == 0 {
+        if only_compacted {
+            return Err(XsaveFault::NotCompacted);
+        }
+        // Standard form: bytes 23:8 of the header must be zero.
+        if xcomp_bv != 0 || u64_at(&header, 16) != 0 {
+            return Err(XsaveFault::ReservedHeader);
+        }
+        if xstate_bv & !enabled != 0 {
+            return Err(XsaveFault::NotEnabled);
         }
     } else {
-        for &(i, std_off, size, _) in &layout.components {
-            if load & (1 << i) != 0 {
-                copy(kvm, std_off, guest, std_off, size);
-            }
+        if xcomp_bv & !COMPACTED & !enabled != 0 {
+            return Err(XsaveFault::NotEnabled);
+        }
+        if xstate_bv & !xcomp_bv != 0 {
+            return Err(XsaveFault::NotInCompacted);
+        }
+        if header.get(16..).is_some_and(|r| r.iter().any(|b| *b != 0)) {
+            return Err(XsaveFault::ReservedHeader);
         }
     }
-    // Requested components not present in the buffer go to their init state, which the
-    // cleared XSTATE_BV bit expresses.
-    bv = (bv & !rfbm) | (xstate_bv & rfbm);
-    put_u64(kvm, HEADER, bv);
-    put_u64(kvm, HEADER + 8, 0);
+    Ok((xstate_bv, xcomp_bv))
+}
+
+/// XRSTOR / XRSTORS from the guest's area into `kvm` (KVM's standard-form area), for
+/// `rfbm`, after [`check_header`] returned `xstate_bv` and `xcomp_bv`. Requested
+/// components absent from XSTATE_BV get their initial configuration, written out
+/// (KVM keeps MXCSR only while x87, SSE or AVX is marked in use, so components are
+/// never left to an XSTATE_BV bit alone). Nothing in `kvm` changes on a fault.
+pub fn restore(
+    kvm: &mut [u8],
+    area: &mut impl Area,
+    rfbm: u64,
+    (xstate_bv, xcomp_bv): (u64, u64),
+    layout: &XsaveLayout,
+    long_mode: bool,
+) -> Result<(), XsaveFault> {
+    let compacted = xcomp_bv & COMPACTED != 0;
+    let load = rfbm & xstate_bv;
+    // MXCSR first: the only value that can still fault.
+    let mxcsr = if !compacted && rfbm & (SSE | AVX) != 0 || compacted && load & SSE != 0 {
+        let mut b = [0u8; 4];
+        area.read(MXCSR, &mut b);
+        Some(u32::from_le_bytes(b))
+    } else if rfbm & SSE != 0 {
+        Some(MXCSR_INIT)
+    } else {
+        None
+    };
+    if let Some(m) = mxcsr {
+        if m & !mxcsr_mask(kvm) != 0 {
+            return Err(XsaveFault::ReservedMxcsr);
+        }
+        put(kvm, MXCSR, &m.to_le_bytes());
+    }
+    if rfbm & X87 != 0 {
+        for &(o, l) in &X87_RANGES {
+            match kvm.get_mut(o..o + l) {
+                Some(d) if load & X87 != 0 => area.read(o, d),
+                _ => zero(kvm, o, l),
+            }
+        }
+        if load & X87 == 0 {
+            put(kvm, 0, &FCW_INIT.to_le_bytes());
+        }
+    }
+    if rfbm & SSE != 0 {
+        let (o, l) = xmm_range(long_mode);
+        match kvm.get_mut(o..o + l) {
+            Some(d) if load & SSE != 0 => area.read(o, d),
+            _ => zero(kvm, o, l),
+        }
+    }
+    // Extended components: every requested one to its initial configuration (all
+    // zeros for each user component), then those present loaded from where the
+    // area's form puts them (XCOMP_BV decides the compacted placement).
+    for &(i, std_off, size, _) in &layout.components {
+        if rfbm & bit(i) != 0 {
+            zero(kvm, std_off, size);
+        }
+    }
+    let placement = if compacted { xcomp_bv & !COMPACTED } else { rfbm };
+    for (i, std_off, size, c_off) in layout.placed(placement) {
+        if let Some(d) = kvm.get_mut(std_off..std_off + size).filter(|_| load & bit(i) != 0) {
+            area.read(if compacted { c_off } else { std_off }, d);
+        }
+    }
+    let bv = u64_at(kvm, HEADER) | rfbm;
+    put(kvm, HEADER, &bv.to_le_bytes());
+    put(kvm, HEADER + 8, &0u64.to_le_bytes());
     Ok(())
 }
 
-/// XSAVE / XSAVEOPT (standard form) or XSAVEC (`compact`) of KVM's state into the
-/// guest's buffer `guest` (which holds the buffer's current bytes on entry).
-pub fn xsave(state: &kvm_xsave, guest: &mut [u8], rfbm: u64, compact: bool, layout: &XsaveLayout) {
-    let kvm = kvm_bytes(state);
-    let in_use = u64_at(kvm, HEADER) & rfbm;
-    copy_legacy(guest, kvm, rfbm & 3);
-    if rfbm & 6 != 0 {
-        copy(guest, 24, kvm, 24, 8);
-    }
-    if compact {
-        for (i, off, std_off, size) in layout.compacted_offsets(rfbm) {
-            if in_use & (1 << i) != 0 {
-                copy(guest, off, kvm, std_off, size);
-            }
-        }
-        put_u64(guest, HEADER, in_use);
-        put_u64(guest, HEADER + 8, COMPACTED | rfbm);
-    } else {
-        for &(i, std_off, size, _) in &layout.components {
-            if rfbm & (1 << i) != 0 {
-                copy(guest, std_off, kvm, std_off, size);
-            }
-        }
-        let old = u64_at(guest, HEADER);
-        put_u64(guest, HEADER, (old & !rfbm) | in_use);
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use kvm_bindings::kvm_cpuid_entry2;
-
-    fn layout() -> XsaveLayout {
-        let e = |index, eax, ebx, ecx| kvm_cpuid_entry2 { function: 0xd, index, eax, ebx, ecx, ..Default::default() };
-        let cpuid = CpuId::from_entries(&[
-            e(0, 0xe7, 0x980, 0x980),
-            e(2, 0x100, 0x240, 0),
-            e(5, 0x40, 0x340, 0),
-            e(6, 0x200, 0x380, 0),
-            e(7, 0x400, 0x580, 0),
-        ])
-        .unwrap();
-        XsaveLayout::from_cpuid(&cpuid)
-    }
-
-    #[test]
-    fn layout_from_cpuid() {
-        let l = layout();
-        assert_eq!(l.components.len(), 4);
-        assert_eq!(l.standard_size, 0x980);
-        // Compacted: AVX right after the header, then opmask...
-        let offs = l.compacted_offsets(0xe7);
-        assert_eq!(offs[0], (2, 576, 0x240, 0x100));
-        assert_eq!(offs[1], (5, 576 + 0x100, 0x340, 0x40));
-        assert_eq!(l.compacted_size(0x7), 576 + 0x100);
-    }
-
-    #[test]
-    fn standard_round_trip_and_init() {
-        let l = layout();
-        let mut kvm = kvm_xsave::default();
-        {
-            let b = kvm_bytes_mut(&mut kvm);
-            b[0] = 0x7f; // FCW
-            b[24] = 0x80; // MXCSR
-            b[160] = 0xaa; // XMM0
-            b[0x240] = 0xbb; // YMM0 high
-            put_u64(b, HEADER, 0x7);
-        }
-        let mut guest = vec![0u8; 0x980];
-        xsave(&kvm, &mut guest, 0x7, false, &l);
-        assert_eq!((guest[0], guest[24], guest[160], guest[0x240]), (0x7f, 0x80, 0xaa, 0xbb));
-        assert_eq!(u64_at(&guest, HEADER), 0x7);
-
-        // Restore into a fresh state; AVX requested but absent from XSTATE_BV -> init.
-        let mut fresh = kvm_xsave::default();
-        put_u64(&mut guest, HEADER, 0x3);
-        xrstor(&mut fresh, &guest, 0x7, &l).unwrap();
-        let b = kvm_bytes(&fresh);
-        assert_eq!((b[0], b[24], b[160]), (0x7f, 0x80, 0xaa));
-        assert_eq!(b[0x240], 0, "AVX not loaded");
-        assert_eq!(u64_at(b, HEADER), 0x3);
-    }
-
-    #[test]
-    fn compacted_save_restore() {
-        let l = layout();
-        let mut kvm = kvm_xsave::default();
-        {
-            let b = kvm_bytes_mut(&mut kvm);
-            b[0x340] = 0x11; // opmask k0
-            put_u64(b, HEADER, 0x23);
-        }
-        let mut guest = vec![0u8; 0x980];
-        xsave(&kvm, &mut guest, 0x27, true, &l);
-        assert_eq!(u64_at(&guest, HEADER + 8), COMPACTED | 0x27);
-        assert_eq!(u64_at(&guest, HEADER), 0x23);
-        assert_eq!(guest[576 + 0x100], 0x11, "opmask after AVX in compacted form");
-        let mut fresh = kvm_xsave::default();
-        xrstor(&mut fresh, &guest, 0x27, &l).unwrap();
-        assert_eq!(kvm_bytes(&fresh)[0x340], 0x11);
-    }
-
-    #[test]
-    fn reserved_header_faults() {
-        let l = layout();
-        let mut guest = vec![0u8; 0x980];
-        put_u64(&mut guest, HEADER + 8, 0x4); // XCOMP_BV without bit 63
-        assert_eq!(xrstor(&mut kvm_xsave::default(), &guest, 0x7, &l), Err(XsaveFault::ReservedHeader));
-    }
-}
+pub(crate) mod tests;

@@ -80,10 +80,14 @@ pub fn bitness(sregs: &kvm_sregs) -> u32 {
 /// access. An instruction may cross into a page that does not translate; what was
 /// fetched before the boundary is decoded, and is good if the instruction ends there.
 pub fn fetch<M: PhysMem>(mem: &M, sregs: &kvm_sregs, rip: u64, rflags: u64) -> Result<FetchedInsn, FetchError> {
+    fetch_in(mem, sregs, &PagingContext::from_sregs(sregs, rflags), rip)
+}
+
+/// [`fetch`] through a given walk (the vCPU's MAXPHYADDR, for one).
+pub fn fetch_in<M: PhysMem>(mem: &M, sregs: &kvm_sregs, ctx: &PagingContext, rip: u64) -> Result<FetchedInsn, FetchError> {
     let bits = bitness(sregs);
     // 64-bit mode ignores CS's base (only FS and GS keep one).
     let cs = if bits == 64 { Segment::default() } else { Segment::from_kvm(&sregs.cs) };
-    let ctx = PagingContext::from_sregs(sregs, rflags);
     // The limit check is for the first byte; bytes past the limit are cut below.
     let linear = linear_address(&cs, rip, 1, bits).map_err(|r| FetchError::Translate(Translation::Fail(r)))?;
     let mut want = MAX_INSN_LEN;
@@ -94,7 +98,7 @@ pub fn fetch<M: PhysMem>(mem: &M, sregs: &kvm_sregs, rip: u64, rflags: u64) -> R
     }
     let mut bytes = [0u8; MAX_INSN_LEN];
     let mut len = 0usize;
-    let first = for_each_piece(mem, &ctx, linear, want, Access::Execute, |gpa, done, n| {
+    let first = for_each_piece(mem, ctx, linear, want, Access::Execute, |gpa, done, n| {
         if len == done && bytes.get_mut(done..done + n).is_some_and(|dst| mem.read_bytes(gpa, dst)) {
             len += n;
         }

@@ -127,7 +127,9 @@ pub enum PagingMode {
 }
 
 impl PagingContext {
-    pub fn from_sregs(s: &kvm_bindings::kvm_sregs, rflags: u64) -> Self {
+    /// The walk a vCPU's own accesses get: its control registers, CPL and RFLAGS, its
+    /// PKRU (protection keys, with CR4.PKE) and its MAXPHYADDR (reserved bits).
+    pub fn for_vcpu(s: &kvm_bindings::kvm_sregs, rflags: u64, pkru: u32, maxphyaddr: u8) -> Self {
         PagingContext {
             cr0: s.cr0,
             cr3: s.cr3,
@@ -135,10 +137,17 @@ impl PagingContext {
             efer: s.efer,
             cpl: s.cs.dpl,
             rflags,
-            pkru: 0,
-            maxphyaddr: 0,
+            pkru,
+            maxphyaddr,
             a20_masked: false,
         }
+    }
+
+    /// A walk with no protection-key restriction and the widest physical address
+    /// (52 bits): for diagnostics and checks that must not depend on either, and for
+    /// instruction fetches (protection keys never apply to them).
+    pub fn from_sregs(s: &kvm_bindings::kvm_sregs, rflags: u64) -> Self {
+        Self::for_vcpu(s, rflags, 0, 0)
     }
 
     pub fn mode(&self) -> PagingMode {
