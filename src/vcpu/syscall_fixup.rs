@@ -105,7 +105,7 @@ impl SyscallFixup {
                 if std::env::var_os("SKIFF_DEBUG_SYSCALL").is_some() {
                     eprintln!("syscall-fixup: frame {frame:x?} r11={:#x} rcx={:#x} cr2={:#x} sfmask={sfmask:#x} star={star:#x}", regs.r11, regs.rcx, sregs.cr2);
                 }
-                is_half_done_syscall(&vcpu.mem, &frame, &regs, &sregs, lstar, sfmask).then_some((frame, star, sfmask))
+                is_half_done_syscall(&vcpu.mem, &frame, &regs, &sregs, lstar, sfmask, vcpu.maxphyaddr).then_some((frame, star, sfmask))
             }
             None => None,
         };
@@ -183,7 +183,15 @@ const RFLAGS_COMPARED: u64 = !RFLAGS_RF;
 
 /// Whether the #PF whose frame this is was raised by a SYSCALL that jumped to LSTAR
 /// without leaving user mode, and not by a user jumping there itself (module notes).
-fn is_half_done_syscall(mem: &GuestMemoryMmap, frame: &Frame, regs: &kvm_regs, sregs: &kvm_sregs, lstar: u64, sfmask: u64) -> bool {
+fn is_half_done_syscall(
+    mem: &GuestMemoryMmap,
+    frame: &Frame,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    lstar: u64,
+    sfmask: u64,
+    maxphyaddr: u8,
+) -> bool {
     let fetch_from_user = frame.error & (PF_USER | PF_FETCH) == PF_USER | PF_FETCH
         && frame.error & (PF_WRITE | PF_RSVD) == 0;
     if frame.rip != lstar || frame.cs & 3 != 3 || sregs.cr2 != lstar || !fetch_from_user {
@@ -196,13 +204,14 @@ fn is_half_done_syscall(mem: &GuestMemoryMmap, frame: &Frame, regs: &kvm_regs, s
     if flags != r11 && flags != r11 & !sfmask {
         return false;
     }
-    syscall_before(mem, sregs, regs.rcx)
+    syscall_before(mem, sregs, regs.rcx, maxphyaddr)
 }
 
 /// Whether the two bytes before `rcx` are `syscall` (0f 05), fetched as user mode
 /// fetches them (user-accessible, executable pages).
-fn syscall_before(mem: &GuestMemoryMmap, sregs: &kvm_sregs, rcx: u64) -> bool {
-    let mut ctx = PagingContext::from_sregs(sregs, 0);
+fn syscall_before(mem: &GuestMemoryMmap, sregs: &kvm_sregs, rcx: u64, maxphyaddr: u8) -> bool {
+    // Protection keys never apply to instruction fetches; reserved address bits do.
+    let mut ctx = PagingContext::for_vcpu(sregs, 0, 0, maxphyaddr);
     ctx.cpl = 3;
     let at = rcx.wrapping_sub(2);
     let byte = |gva: u64| match paging::translate(mem, &ctx, gva, paging::Access::Execute) {
@@ -379,17 +388,17 @@ mod tests {
     #[test]
     fn a_real_half_done_syscall_is_recognised() {
         let (mem, frame, regs, sregs) = half_done();
-        assert!(is_half_done_syscall(&mem, &frame, &regs, &sregs, LSTAR, SFMASK));
+        assert!(is_half_done_syscall(&mem, &frame, &regs, &sregs, LSTAR, SFMASK, 48));
         // Where KVM applied SFMASK before the fault, the frame holds the masked flags.
         let masked = Frame { rflags: USER_FLAGS & !SFMASK, ..frame };
-        assert!(is_half_done_syscall(&mem, &masked, &regs, &sregs, LSTAR, SFMASK));
+        assert!(is_half_done_syscall(&mem, &masked, &regs, &sregs, LSTAR, SFMASK, 48));
     }
 
     #[test]
     fn a_user_jump_to_lstar_is_not_a_syscall() {
         let (mem, frame, regs, sregs) = half_done();
         let check = |frame: &Frame, regs: &kvm_regs, sregs: &kvm_sregs| {
-            is_half_done_syscall(&mem, frame, regs, sregs, LSTAR, SFMASK)
+            is_half_done_syscall(&mem, frame, regs, sregs, LSTAR, SFMASK, 48)
         };
         // R11 forged with IOPL 3 (or TF, or AC): not the user's own RFLAGS.
         for forged in [0x3000, 0x100, 0x4_0000] {
