@@ -56,6 +56,8 @@ struct Queue {
     discarded: u64,
     /// The writer thread ends once the queue is empty.
     closing: bool,
+    /// A drain gave up on this console: later ones do not wait again.
+    abandoned: bool,
 }
 
 /// The console's queue and its writer thread, shared by the UART (through
@@ -163,11 +165,15 @@ impl Console {
             if q.failed || (q.bytes.is_empty() && !q.writing) {
                 return q.discarded;
             }
+            if q.abandoned {
+                return q.discarded + q.bytes.len() as u64;
+            }
             if q.written != last.0 {
                 last = (q.written, Instant::now());
             }
             let left = stall.saturating_sub(last.1.elapsed());
             if left.is_zero() {
+                q.abandoned = true;
                 return q.discarded + q.bytes.len() as u64;
             }
             self.work.notify_one();
@@ -430,6 +436,10 @@ mod tests {
         let left = console.drain(Duration::from_millis(300));
         assert!(left > QUEUE_CAP as u64, "{left}");
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        // And does not wait a second time.
+        let t = Instant::now();
+        assert_eq!(console.drain(Duration::from_secs(10)), left);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -391,6 +391,16 @@ impl Vmm {
             }
         }
         let _finish = Finish(self.control.clone());
+        // On an error path out of here the guest's last output still reaches the
+        // console (as long as it takes it); the normal path drains it below.
+        struct Drain(Arc<Console>);
+        impl Drop for Drain {
+            fn drop(&mut self) {
+                self.0.drain(crate::output::STALL);
+                self.0.close();
+            }
+        }
+        let _drain = Drain(self.console.clone());
         {
             let control = self.control.clone();
             let buses = self.buses.clone();
@@ -454,7 +464,9 @@ impl Vmm {
                 self.control.request_fatal(storm.describe(source));
                 break;
             }
-            // Registers at the triple fault that would complete a storm, for its report.
+            // Registers at the triple fault that would complete a storm, for its report
+            // (none kept from a boot that did not).
+            self.control.take_diagnostic();
             for vcpu in &mut self.vcpus {
                 vcpu.diagnose_shutdown = self.config.on_reboot == OnReboot::Exit || storm.next_completes();
             }
