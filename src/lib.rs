@@ -6,9 +6,16 @@
 //! - [`vcpu`]: one vCPU: run loop, exit dispatch, CPUID, emulation-failure handling.
 //! - [`x86`]: architecture facts that need no KVM: boot protocol, paging, decode.
 //! - [`devices`]: the I/O bus and the devices on it.
+//! - [`output`]: skiff's own messages, which a closed or unread stdout/stderr cannot
+//!   turn into a panic or a hang.
+
+// A write to a closed pipe panics in println!/eprintln! (and the release profile
+// aborts on panic): use `output`.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod config;
 pub mod devices;
+pub mod output;
 pub mod stats;
 pub mod vcpu;
 pub mod vmm;

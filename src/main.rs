@@ -1,14 +1,21 @@
 //! skiff's command line: parse, validate, run, and turn every error into one line and
-//! a non-zero exit status. The terminal is restored on every path.
+//! a non-zero exit status. The terminal is restored on every path, and a stop signal
+//! (SIGTERM, SIGHUP, SIGINT) is honoured in every phase: probe, build, run, stop.
 
+// println!/eprintln! panic on a closed pipe: skiff::output writes instead.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use skiff::config::{self, OnReboot, VmConfig};
-use skiff::vmm::control::StopReason;
+use skiff::output;
+use skiff::vmm::control::{STOP_SIGNAL, StopReason};
 use skiff::vmm::{EXIT_REBOOT, RunReport, Vmm};
 
 mod terminal;
@@ -95,6 +102,8 @@ enum RebootAction {
 fn main() -> ExitCode {
     let started = Instant::now();
     terminal::restore_on_panic();
+    // Before anything takes time: a stop signal in any phase is a clean stop.
+    terminal::install_stop_signals();
     let cli = parse_command_line();
     match cli.command {
         Command::Run(args) => finish(run(args, started)),
@@ -119,16 +128,50 @@ fn finish(result: Result<ExitCode, String>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(msg) => {
-            eprintln!("skiff: {msg}");
+            output::stderr(&format!("skiff: {msg}\n"));
             ExitCode::from(1)
         }
     }
 }
 
+/// Runs `work` on its own thread and waits for it while watching for a stop signal:
+/// one that comes first ends the wait with "stopped by signal N while `phase`". The
+/// thread is left to end with the process; it holds nothing that outlives it (KVM
+/// file descriptors, memory), and the terminal is not in raw mode yet.
+fn interruptible<T: Send + 'static>(
+    phase: &'static str,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("skiff-build".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(|e| format!("creating a thread: {e}"))?;
+    loop {
+        let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+        if sig != 0 {
+            return Err(format!("stopped by signal {sig} while {phase}"));
+        }
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(result) => return result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(format!("{phase}: the thread doing it ended without a result"));
+            }
+        }
+    }
+}
+
 fn probe() -> Result<ExitCode, String> {
-    let quirks = skiff::vmm::probe_host().map_err(|e| e.to_string())?;
-    print!("{}", quirks.report());
-    Ok(ExitCode::SUCCESS)
+    let quirks = interruptible("probing the host", || skiff::vmm::probe_host().map_err(|e| e.to_string()))?;
+    match output::stdout(&quirks.report()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The reader closed the pipe (`skiff probe | head -3`): it has what it wanted.
+        Err(e) if e.raw_os_error() == Some(libc::EPIPE) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(format!("writing the report to stdout: {e}")),
+    }
 }
 
 fn build_config(args: RunArgs) -> Result<VmConfig, String> {
@@ -167,8 +210,12 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
 
 fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
     let config = build_config(args)?;
-    terminal::install_stop_signals();
-    let vmm = Vmm::build(&config, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
+    let vmm = {
+        let config = config.clone();
+        interruptible("building the machine", move || {
+            Vmm::build(&config, Box::new(output::RawStdout)).map_err(|e| e.to_string())
+        })?
+    };
     let report = {
         // Raw mode only while the guest runs; the guard restores it on every path out.
         let _raw = terminal::RawMode::enter_if_tty();
@@ -178,20 +225,34 @@ fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
     match &report.reason {
         StopReason::Poweroff => Ok(ExitCode::SUCCESS),
         StopReason::Reboot(source) => {
+            let mut text = String::new();
             if let Some(d) = &report.diagnostic {
-                eprintln!("skiff: {d}");
+                let _ = writeln!(text, "skiff: {d}");
             }
-            eprintln!("skiff: guest rebooted ({source}); exiting with status {EXIT_REBOOT}");
+            let _ = writeln!(text, "skiff: guest rebooted ({source}); exiting with status {EXIT_REBOOT}");
+            output::stderr(&text);
             Ok(ExitCode::from(EXIT_REBOOT as u8))
         }
-        StopReason::Error(e) => Err(e.clone()),
+        StopReason::Error(e) => {
+            // Registers and the instruction at CS:RIP, where a vCPU recorded them (the
+            // last triple fault of a reboot storm).
+            if let Some(d) = &report.diagnostic {
+                output::stderr(&format!("skiff: {d}\n"));
+            }
+            Err(e.clone())
+        }
     }
 }
 
 fn print_reports(config: &VmConfig, r: &RunReport) {
+    let mut out = String::new();
+    if r.console_unwritten > 0 {
+        let _ = writeln!(out, "skiff: {} bytes of guest console output not written (stdout closed or not read)", r.console_unwritten);
+    }
     if config.boot_time || config.stats {
         let ms = |v: Option<f64>| v.map_or("never".to_string(), |v| format!("{v:.1} ms"));
-        eprintln!(
+        let _ = writeln!(
+            out,
             "boot: first console byte {}, /init marker {}, exit {:.1} ms",
             ms(r.boot.first_console_byte_ms),
             ms(r.boot.init_marker_ms),
@@ -199,49 +260,31 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         );
     }
     if (config.boot_time || config.stats) && !r.reboots.is_empty() {
-        for (i, rb) in r.reboots.iter().enumerate() {
-            eprintln!("{}", rb.describe(i + 1));
-        }
-        let mut reset: Vec<f64> = r.reboots.iter().map(|x| x.reset_ms).collect();
-        let mut marker: Vec<f64> = r.reboots.iter().filter_map(|x| x.marker_ms).collect();
-        eprintln!(
-            "reboots: {} in place; reset median {}, reboot request to /init marker median {}",
-            r.reboots.len(),
-            median_ms(&mut reset),
-            median_ms(&mut marker)
-        );
+        out.push_str(&r.reboots.report());
     }
     if config.stats {
-        eprint!("{}", r.stats.report());
-        eprintln!("unclaimed port I/O: {} reads, {} writes", r.unclaimed.0, r.unclaimed.1);
-        eprintln!("unclaimed MMIO: {} reads, {} writes", r.unclaimed_mmio.0, r.unclaimed_mmio.1);
-        eprintln!(
+        out.push_str(&r.stats.report());
+        let _ = writeln!(out, "unclaimed port I/O: {} reads, {} writes", r.unclaimed.0, r.unclaimed.1);
+        let _ = writeln!(out, "unclaimed MMIO: {} reads, {} writes", r.unclaimed_mmio.0, r.unclaimed_mmio.1);
+        let _ = writeln!(
+            out,
             "coalesced writes: {} port I/O, {} MMIO ({})",
             r.coalesced.0, r.coalesced.1, r.coalescing
         );
-        eprintln!("doorbell writes (ioeventfd, no exit): {} ({})", r.doorbells_rung, r.doorbells);
-        eprintln!("KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
-        eprint!("{}", r.quirks.report());
+        let _ = writeln!(out, "doorbell writes (ioeventfd, no exit): {} ({})", r.doorbells_rung, r.doorbells);
+        let _ = writeln!(out, "KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
+        out.push_str(&r.quirks.report());
         if let Some(rss) = r.rss {
-            eprintln!(
+            let _ = writeln!(
+            out,
                 "memory: skiff RSS {} KiB excluding {} KiB of resident guest RAM (total {} KiB)",
                 rss.vmm_kib(),
                 rss.guest_kib,
                 rss.total_kib
             );
         }
-        eprint!("{}", r.quirks.cmdline_report(config.guest_defaults));
-        eprintln!("kernel command line: {}", r.cmdline);
+        out.push_str(&r.quirks.cmdline_report(config.guest_defaults));
+        let _ = writeln!(out, "kernel command line: {}", r.cmdline);
     }
-}
-
-/// The median of `v` as "N.N ms", or "n/a" when empty.
-fn median_ms(v: &mut [f64]) -> String {
-    if v.is_empty() {
-        return "n/a".into();
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    let m = if v.len().is_multiple_of(2) { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] };
-    format!("{m:.1} ms")
+    output::stderr(&out);
 }

@@ -59,18 +59,39 @@ pub fn restore_on_panic() {
     }));
 }
 
-/// First SIGTERM/SIGHUP/SIGINT: ask the machine to stop cleanly (skiff's stop watcher
-/// sees it), so statistics and profiles are still written and the terminal restored
-/// on the normal path. A second one: restore the terminal and die at once.
+/// How long after the first stop signal further ones are the same request. GNU
+/// `timeout` signals the child and then its whole process group, and a shell may pass
+/// one Ctrl-C to several processes: these repeats come within milliseconds.
+const GRACE_NS: u64 = 2_000_000_000;
+
+/// CLOCK_MONOTONIC at the first stop signal, in ns (0: none yet).
+static FIRST_STOP_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime is async-signal-safe and fills the timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// First SIGTERM/SIGHUP/SIGINT: ask skiff to stop cleanly (in whatever phase it is), so
+/// statistics and profiles are still written and the terminal restored on the normal
+/// path. Another within [`GRACE_NS`] is the same request. One after that (the clean
+/// stop did not end skiff): restore the terminal and die of the signal at once.
 extern "C" fn on_stop_signal(sig: libc::c_int) {
     use std::sync::atomic::Ordering;
-    if skiff::vmm::control::STOP_SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
-        restore();
-        // SAFETY: resetting to the default action and re-raising ends the process with
-        // the signal's usual status.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            libc::raise(sig);
+    let now = monotonic_ns().max(1);
+    match FIRST_STOP_NS.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => skiff::vmm::control::STOP_SIGNAL.store(sig, Ordering::SeqCst),
+        Err(first) if now.saturating_sub(first) < GRACE_NS => {}
+        Err(_) => {
+            restore();
+            // SAFETY: resetting to the default action and re-raising ends the process
+            // with the signal's usual status.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+            }
         }
     }
 }
@@ -79,12 +100,12 @@ extern "C" fn on_check_translate_signal(_: libc::c_int) {
     skiff::vmm::control::CHECK_TRANSLATE_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Installs the stop-signal handlers (Ctrl-C reaches the guest instead when the
-/// console is in raw mode, since the terminal then sends no SIGINT).
+/// Installs the stop-signal handlers, first thing in main (Ctrl-C reaches the guest
+/// instead when the console is in raw mode, since the terminal then sends no SIGINT).
 pub fn install_stop_signals() {
     for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
-        // SAFETY: the handler only uses an atomic swap and async-signal-safe calls
-        // (tcsetattr, signal, raise) plus an uncontended try_lock.
+        // SAFETY: the handler only uses atomics and async-signal-safe calls
+        // (clock_gettime, tcsetattr, signal, raise) plus an uncontended try_lock.
         unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
     }
     // SIGUSR1: the page walker's self-check against KVM_TRANSLATE on every vCPU.

@@ -135,6 +135,79 @@ fn kvm_device_missing() {
     assert!(stderr.contains("/dev/kvm: does not exist"), "{stderr}");
 }
 
+/// Runs skiff with a deadline (a hang fails the test instead of hanging it) and checks
+/// it failed the way bad input must: status 1, one line naming every needle.
+fn one_line_error_within(limit: std::time::Duration, args: &[&str], needles: &[&str]) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(common::SKIFF)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run skiff");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?}: skiff did not end within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: expected one line, got:\n{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: {n:?} missing from {stderr:?}");
+    }
+    assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+}
+
+#[test]
+fn elf_with_a_huge_sparse_note_is_refused_at_once() {
+    // A 64 GiB PT_NOTE (sparse: no disk space) kept the loader reading for 90 minutes.
+    common::require_kvm();
+    let dir = tempdir();
+    let p = dir.join("huge-note.elf");
+    let mut b = vec![0u8; 64];
+    b[..4].copy_from_slice(b"\x7fELF");
+    (b[4], b[5], b[6]) = (2, 1, 1);
+    b[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    b[0x18..0x20].copy_from_slice(&0x100000u64.to_le_bytes()); // entry
+    b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // program headers at 64
+    b[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+    b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    b[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    let mut ph = [0u8; 56];
+    ph[..4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+    ph[0x20..0x28].copy_from_slice(&(64u64 << 30).to_le_bytes());
+    ph[0x28..0x30].copy_from_slice(&(64u64 << 30).to_le_bytes());
+    b.extend_from_slice(&ph);
+    std::fs::write(&p, &b).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(0x1000 + (64 << 30)).unwrap();
+    let ps = p.to_str().unwrap();
+    one_line_error_within(std::time::Duration::from_secs(30), &["run", "--kernel", ps], &[ps, "PT_NOTE", "64 KiB"]);
+    let _ = std::fs::remove_file(&p);
+}
+
+#[test]
+fn half_a_bzimage_is_refused() {
+    // Half a bzImage booted into its missing half: a silent triple-fault reboot loop.
+    common::require_kvm();
+    let bz = common::guest_dir().join("bzImage");
+    assert!(bz.is_file(), "{} missing: run scripts/fetch-guest", bz.display());
+    let whole = std::fs::read(&bz).unwrap();
+    let dir = tempdir();
+    let p = dir.join("half-bzImage");
+    std::fs::write(&p, &whole[..whole.len() / 2]).unwrap();
+    let ps = p.to_str().unwrap();
+    one_line_error_within(std::time::Duration::from_secs(60), &["run", "--kernel", ps], &[ps, "bzImage is truncated"]);
+}
+
 fn tempdir() -> std::path::PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let d = std::env::temp_dir().join(format!(

@@ -80,7 +80,7 @@ impl Vcpu {
                 Next::Sample => {
                     if self.control.translate_checks() != self.translate_checks_done {
                         self.translate_checks_done = self.control.translate_checks();
-                        eprint!("{}", super::translate_check::run(self).replace('\n', "\r\n"));
+                        crate::output::stderr(&super::translate_check::run(self).replace('\n', "\r\n"));
                     }
                     if let Some((start, samples)) = self.rip_samples.as_mut()
                         && let Ok(regs) = self.fd.get_regs()

@@ -20,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::Buses;
 use crate::stats::ExitStats;
-use crate::vmm::control::Control;
+use crate::vmm::control::{Control, StopReason};
 use crate::x86::boot::{
     BOOT_GDT, SEL_CODE32, SEL_CODE64, SEL_DATA, SEL_TSS, kvm_segment_from_gdt,
 };
@@ -65,6 +65,33 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
+
+/// Held by a vCPU's thread for its whole life: however the thread ends (it returns,
+/// or unwinds from a panic) while the machine is not stopping, a stop is requested,
+/// so the VMM, waiting for a stop, never waits for a vCPU that is gone. (The release
+/// profile aborts on panic; this matters for a vCPU loop that returns early, and for
+/// builds that unwind.)
+pub struct ThreadExit {
+    control: Arc<Control>,
+    index: u8,
+}
+
+impl ThreadExit {
+    pub fn new(control: Arc<Control>, index: u8) -> Self {
+        Self { control, index }
+    }
+}
+
+impl Drop for ThreadExit {
+    fn drop(&mut self) {
+        let i = self.index;
+        if std::thread::panicking() {
+            self.control.request_fatal(format!("vCPU {i}'s thread ended: it panicked"));
+        } else if !self.control.stopping() {
+            self.control.request_stop(StopReason::Error(format!("vCPU {i}'s thread ended while the machine was running")));
+        }
+    }
+}
 
 pub struct Vcpu {
     pub index: u8,
@@ -253,5 +280,83 @@ impl Vcpu {
         lapic_set(&mut lapic, apic_reg::LVT1, lvt1);
         self.fd.set_lapic(&lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A stand-in for a vCPU thread: runs `body` with a ThreadExit, as run_vcpus does.
+    fn vcpu_thread(control: &Arc<Control>, index: u8, body: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let _exit = ThreadExit::new(control, index);
+            body();
+        })
+    }
+
+    /// Threads that run "until the machine stops", as vCPUs do.
+    fn runners(control: &Arc<Control>, n: u8) -> Vec<std::thread::JoinHandle<()>> {
+        (1..=n)
+            .map(|i| {
+                let c = control.clone();
+                vcpu_thread(control, i, move || {
+                    while !c.stopping() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Waits for a stop like the VMM does, but at most 10 s.
+    fn stops_within_10s(control: &Arc<Control>) -> bool {
+        let c = control.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            c.wait_stopping();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10)).is_ok()
+    }
+
+    #[test]
+    fn a_vcpu_thread_that_returns_stops_the_machine() {
+        let control = Arc::new(Control::new());
+        let others = runners(&control, 2);
+        vcpu_thread(&control, 0, || {}).join().unwrap();
+        assert!(stops_within_10s(&control), "the machine waits for a vCPU that is gone");
+        assert_eq!(control.reason(), Some(StopReason::Error("vCPU 0's thread ended while the machine was running".into())));
+        for t in others {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_vcpu_thread_that_panics_stops_the_machine() {
+        let control = Arc::new(Control::new());
+        let others = runners(&control, 1);
+        // A reboot was already on its way: a panicked vCPU must not let it go on.
+        control.request_stop(StopReason::Reboot("i8042"));
+        let t = vcpu_thread(&control, 0, || panic!("a bug in the exit handler"));
+        assert!(t.join().is_err());
+        assert!(stops_within_10s(&control));
+        assert_eq!(control.reason(), Some(StopReason::Error("vCPU 0's thread ended: it panicked".into())));
+        for t in others {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_vcpu_thread_that_ends_after_the_stop_changes_nothing() {
+        let control = Arc::new(Control::new());
+        let others = runners(&control, 2);
+        control.request_stop(StopReason::Poweroff);
+        for t in others {
+            t.join().unwrap();
+        }
+        assert_eq!(control.reason(), Some(StopReason::Poweroff));
     }
 }

@@ -598,6 +598,12 @@ fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, Str
     let runner = std::thread::Builder::new()
         .name("skiff-probe-hc".into())
         .spawn(move || {
+            // A kick sets this vCPU's immediate_exit, so one that lands before KVM_RUN
+            // is not lost (KVM_RUN then returns EINTR at once).
+            // SAFETY: the kvm_run page belongs to `vm.vcpu`, which outlives the guard.
+            let _kick_target = unsafe { super::kick::RunPage::enter(vm.vcpu.get_kvm_run()) };
+            #[cfg(test)]
+            std::thread::sleep(tests_hypercall::runner_delay());
             let r = vm.run(code, 0xffff);
             let _ = tx.send(());
             r
@@ -613,13 +619,52 @@ impl HypercallProbe {
         let left = HYPERCALL_TIMEOUT.saturating_sub(self.started.elapsed());
         let returned = self.returned.recv_timeout(left).is_ok();
         if !returned {
-            // SAFETY: the thread is alive until joined below; the kick signal has a
-            // handler (installed when the probe started), so it only interrupts
-            // KVM_RUN with EINTR.
-            unsafe { libc::pthread_kill(self.runner.as_pthread_t(), super::kick::kick_signal()) };
+            // Kick until the runner is out of KVM_RUN: a kick that lands before the
+            // runner registered its kvm_run page (see above) would be lost.
+            loop {
+                // SAFETY: the thread is alive until joined below; the kick signal has
+                // a handler (installed when the probe started), so it only interrupts
+                // KVM_RUN with EINTR (or sets immediate_exit before it).
+                unsafe { libc::pthread_kill(self.runner.as_pthread_t(), super::kick::kick_signal()) };
+                match self.returned.recv_timeout(std::time::Duration::from_millis(5)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+            }
         }
         let result = self.runner.join().map_err(|_| "probe: hypercall thread panicked".to_string())?;
         Ok(returned && result == ProbeResult::Works)
+    }
+}
+
+/// The hypercall probe when its kick comes before KVM_RUN (the runner held back).
+#[cfg(test)]
+mod tests_hypercall {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static RUNNER_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn runner_delay() -> std::time::Duration {
+        std::time::Duration::from_millis(RUNNER_DELAY_MS.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn a_kick_before_kvm_run_is_not_lost() {
+        let Ok(kvm) = Kvm::new() else { panic!("this test needs /dev/kvm") };
+        let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        // The runner enters KVM_RUN well after the probe's timeout: the kick lands
+        // first. Where a hypercall hangs, a lost kick hangs the join for good.
+        RUNNER_DELAY_MS.store(HYPERCALL_TIMEOUT.as_millis() as u64 * 5, Ordering::Relaxed);
+        let probe = start_hypercall_probe(&kvm, &cpuid).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(probe.returns());
+        });
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(20));
+        RUNNER_DELAY_MS.store(0, Ordering::Relaxed);
+        let answer = answer.expect("the hypercall probe's join hangs: its kick was lost");
+        assert_eq!(answer, Ok(false), "a hypercall that came back late counts as hanging");
     }
 }
 

@@ -411,7 +411,7 @@ impl Part<VcpuCtx<'_>> for MsrValues {
             // KVM stops at the first MSR it refuses: name it.
             let index = entries.get(n).map_or(0, |e| e.index);
             return Err(("KVM_GET_MSRS refused an MSR of the saved set", kvm_ioctls::Error::new(libc::EINVAL)))
-                .inspect_err(|_| eprintln!("skiff: KVM_GET_MSRS stopped at MSR {index:#x}"));
+                .inspect_err(|_| crate::output::stderr(&format!("skiff: KVM_GET_MSRS stopped at MSR {index:#x}\n")));
         }
         Ok(MsrValues(msrs.as_slice().to_vec()))
     }
@@ -420,7 +420,7 @@ impl Part<VcpuCtx<'_>> for MsrValues {
         let n = c.fd.set_msrs(&msrs).map_err(fail("KVM_SET_MSRS"))?;
         if n != self.0.len() {
             let index = self.0.get(n).map_or(0, |e| e.index);
-            eprintln!("skiff: KVM_SET_MSRS stopped at MSR {index:#x}");
+            crate::output::stderr(&format!("skiff: KVM_SET_MSRS stopped at MSR {index:#x}\n"));
             return Err(("KVM_SET_MSRS refused an MSR of the saved set", kvm_ioctls::Error::new(libc::EINVAL)));
         }
         Ok(())

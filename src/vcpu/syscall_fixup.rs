@@ -102,9 +102,6 @@ impl SyscallFixup {
         let syscall = match candidate {
             Some(frame) => {
                 let (star, sfmask) = read_star_sfmask(vcpu)?;
-                if std::env::var_os("SKIFF_DEBUG_SYSCALL").is_some() {
-                    eprintln!("syscall-fixup: frame {frame:x?} r11={:#x} rcx={:#x} cr2={:#x} sfmask={sfmask:#x} star={star:#x}", regs.r11, regs.rcx, sregs.cr2);
-                }
                 is_half_done_syscall(&vcpu.mem, &frame, &regs, &sregs, lstar, sfmask, vcpu.maxphyaddr).then_some((frame, star, sfmask))
             }
             None => None,

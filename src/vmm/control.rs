@@ -66,6 +66,22 @@ impl Control {
         self.kick();
     }
 
+    /// Stops the machine with an error, whatever stop was requested before: a reboot
+    /// or poweroff in progress cannot go on soundly once this happened (a vCPU thread
+    /// gone, a reboot storm). An earlier error stays (it came first).
+    pub fn request_fatal(&self, text: String) {
+        {
+            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*r, Some(StopReason::Error(_))) {
+                return;
+            }
+            *r = Some(StopReason::Error(text));
+            self.stopping.store(true, Ordering::Release);
+        }
+        self.stopped.notify_all();
+        self.kick();
+    }
+
     /// Blocks until a stop has been requested.
     pub fn wait_stopping(&self) {
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,6 +181,21 @@ mod tests {
         c.wait_stopping();
         assert!(!c.rearm_after_reboot(), "a poweroff is not re-armed");
         assert!(c.stopping());
+    }
+
+    #[test]
+    fn a_fatal_stop_overrides_a_reboot_not_an_error() {
+        let c = Control::new();
+        c.request_stop(StopReason::Reboot("i8042"));
+        c.request_fatal("vCPU 1's thread panicked".into());
+        assert_eq!(c.reason(), Some(StopReason::Error("vCPU 1's thread panicked".into())));
+        assert!(!c.rearm_after_reboot(), "no reboot after a fatal stop");
+        c.request_fatal("later".into());
+        assert_eq!(c.reason(), Some(StopReason::Error("vCPU 1's thread panicked".into())));
+        let c = Control::new();
+        c.request_fatal("storm".into());
+        assert!(c.stopping());
+        c.wait_stopping();
     }
 
     #[test]

@@ -73,7 +73,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     let mut head = [0u8; 0x210];
     let n = read_up_to(&mut file, &mut head).map_err(|e| err(e.to_string()))?;
     let head = &head[..n];
+    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
     if head.starts_with(&ELF_MAGIC) {
+        check_elf(&mut file, len, mem.last_addr().0 + 1).map_err(err)?;
         let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| load_err("x86-64 vmlinux", e))?;
         let pvh_entry = match r.pvh_boot_cap {
@@ -82,6 +84,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
         };
         Ok(LoadedKernel { format: KernelFormat::Elf, entry: r.kernel_load.0, pvh_entry, end: r.kernel_end, header: None })
     } else if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(&BZIMAGE_MAGIC[..]) {
+        check_bzimage(head, len).map_err(err)?;
         let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| load_err("bzImage", e))?;
         let hdr = r.setup_header.ok_or_else(|| err("bzImage without a setup header".into()))?;
@@ -98,6 +101,102 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     } else {
         Err(err("not a kernel: neither an ELF vmlinux nor a bzImage".into()))
     }
+}
+
+/// The most the PT_NOTE segments of a kernel may hold: Linux's take a few hundred
+/// bytes. linux-loader reads notes 12 bytes at a time, so a huge (sparse) note segment
+/// would otherwise keep it reading for hours.
+pub const MAX_NOTE_BYTES: u64 = 64 << 10;
+/// Program headers a kernel may have (Linux has a handful).
+pub const MAX_PHDRS: u16 = 64;
+
+const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
+const PHDR_SIZE: u64 = 56;
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2).map_or(0, |v| u16::from_le_bytes([v[0], v[1]]))
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4).map_or(0, |v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8).and_then(|v| v.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+/// Checks an ELF kernel's program headers before linux-loader reads it, so that what
+/// it reads is bounded by the file and by guest memory: every segment lies inside the
+/// file, every loaded one inside guest memory (`mem_end` bytes), notes are small.
+fn check_elf(file: &mut File, len: u64, mem_end: u64) -> Result<(), String> {
+    use std::io::{Seek, SeekFrom};
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    if read_up_to(file, &mut ehdr).map_err(|e| e.to_string())? < ehdr.len() {
+        return Err("not a loadable x86-64 vmlinux: the ELF header is cut short".into());
+    }
+    let (phoff, phentsize, phnum) = (le_u64(&ehdr, 0x20), le_u16(&ehdr, 0x36), le_u16(&ehdr, 0x38));
+    if ehdr[4] != 2 || ehdr[5] != 1 || phentsize as u64 != PHDR_SIZE {
+        return Err("not a loadable x86-64 vmlinux: not a 64-bit little-endian ELF".into());
+    }
+    if phnum > MAX_PHDRS {
+        return Err(format!("{phnum} program headers: more than the {MAX_PHDRS} skiff reads"));
+    }
+    let table = phnum as u64 * PHDR_SIZE;
+    if phoff.checked_add(table).is_none_or(|end| end > len) {
+        return Err(format!("the program headers (offset {phoff:#x}) run past the end of the file ({len} bytes): truncated?"));
+    }
+    let mut phdrs = vec![0u8; table as usize];
+    file.seek(SeekFrom::Start(phoff)).map_err(|e| e.to_string())?;
+    if read_up_to(file, &mut phdrs).map_err(|e| e.to_string())? < phdrs.len() {
+        return Err("the program headers are cut short: truncated?".into());
+    }
+    let mut notes = 0u64;
+    for (i, ph) in phdrs.chunks_exact(PHDR_SIZE as usize).enumerate() {
+        let (kind, offset, paddr, filesz, memsz) = (le_u32(ph, 0), le_u64(ph, 8), le_u64(ph, 0x18), le_u64(ph, 0x20), le_u64(ph, 0x28));
+        let what = match kind {
+            PT_LOAD => "PT_LOAD",
+            PT_NOTE => "PT_NOTE",
+            _ => continue,
+        };
+        if offset.checked_add(filesz).is_none_or(|end| end > len) {
+            return Err(format!(
+                "program header {i} ({what}): {filesz} bytes at offset {offset:#x} run past the end of the file ({len} bytes): truncated?"
+            ));
+        }
+        if kind == PT_NOTE {
+            notes = notes.saturating_add(filesz);
+            if notes > MAX_NOTE_BYTES {
+                return Err(format!(
+                    "program header {i} (PT_NOTE): {filesz} bytes of notes, more than the {} KiB skiff reads",
+                    MAX_NOTE_BYTES >> 10
+                ));
+            }
+        } else if filesz > 0 && paddr.checked_add(memsz.max(filesz)).is_none_or(|end| end > mem_end) {
+            return Err(format!(
+                "does not fit in {} MiB of guest memory: program header {i} (PT_LOAD) needs {:#x}..{:#x}",
+                mem_end >> 20,
+                paddr,
+                paddr.saturating_add(memsz.max(filesz))
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a bzImage's length against its setup header: the setup sectors and the
+/// protected-mode code (`syssize` paragraphs, boot protocol 2.04+) must all be there.
+/// A cut-off bzImage would otherwise boot into its missing half.
+fn check_bzimage(head: &[u8], len: u64) -> Result<(), String> {
+    let version = le_u16(head, 0x206);
+    let sects = head.get(0x1f1).copied().unwrap_or(0);
+    let setup = (if sects == 0 { 4 } else { sects as u64 } + 1) * 512;
+    let needed = setup + le_u32(head, 0x1f4) as u64 * 16;
+    if version >= 0x0204 && len < needed {
+        return Err(format!("bzImage is truncated: its header says {needed} bytes, the file has {len}"));
+    }
+    Ok(())
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -193,6 +292,77 @@ pub fn write_boot_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ELF64 header and program headers: (type, offset, paddr, filesz, memsz).
+    fn elf(phdrs: &[(u32, u64, u64, u64, u64)]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(&ELF_MAGIC);
+        (b[4], b[5], b[6]) = (2, 1, 1);
+        b[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        b[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        b[0x18..0x20].copy_from_slice(&0x100000u64.to_le_bytes());
+        b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        b[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        b[0x38..0x3a].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+        for &(kind, offset, paddr, filesz, memsz) in phdrs {
+            let mut p = [0u8; 56];
+            p[..4].copy_from_slice(&kind.to_le_bytes());
+            p[8..16].copy_from_slice(&offset.to_le_bytes());
+            p[0x10..0x18].copy_from_slice(&paddr.to_le_bytes());
+            p[0x18..0x20].copy_from_slice(&paddr.to_le_bytes());
+            p[0x20..0x28].copy_from_slice(&filesz.to_le_bytes());
+            p[0x28..0x30].copy_from_slice(&memsz.to_le_bytes());
+            b.extend_from_slice(&p);
+        }
+        b
+    }
+
+    fn check(bytes: &[u8], len: u64) -> Result<(), String> {
+        let path = std::env::temp_dir().join(format!("skiff-loader-{}-{}", std::process::id(), len));
+        std::fs::write(&path, bytes).unwrap();
+        let mut f = File::open(&path).unwrap();
+        let r = check_elf(&mut f, len, 256 << 20);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    #[test]
+    fn elf_reads_are_bounded() {
+        let good = elf(&[(PT_LOAD, 0x1000, 0x100000, 0x1000, 0x2000), (PT_NOTE, 0x200, 0, 0x18, 0x18)]);
+        assert_eq!(check(&good, 0x2000), Ok(()));
+        // 64 GiB of notes (sparse on disk): refused before anything reads them.
+        let e = check(&elf(&[(PT_NOTE, 0x1000, 0, 64 << 30, 64 << 30)]), (64 << 30) + 0x1000).unwrap_err();
+        assert!(e.contains("PT_NOTE") && e.contains("64 KiB"), "{e}");
+        // Segments past the end of the file, or past guest memory.
+        let e = check(&elf(&[(PT_LOAD, 0x1000, 0x100000, 0x10000, 0x10000)]), 0x2000).unwrap_err();
+        assert!(e.contains("past the end of the file"), "{e}");
+        let e = check(&elf(&[(PT_LOAD, 0x1000, 0x100000, 0x1000, 1 << 30)]), 0x2000).unwrap_err();
+        assert!(e.contains("does not fit in 256 MiB"), "{e}");
+        let e = check(&elf(&[(PT_LOAD, 0x1000, u64::MAX - 10, 0x1000, 0x1000)]), 0x2000).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
+        let e = check(&elf(&[(PT_LOAD, u64::MAX, 0, 2, 2)]), 0x2000).unwrap_err();
+        assert!(e.contains("past the end"), "{e}");
+        // Too many program headers, or a table past the end.
+        let many = elf(&vec![(PT_NOTE, 0, 0, 0, 0); MAX_PHDRS as usize + 1]);
+        assert!(check(&many, many.len() as u64).unwrap_err().contains("program headers"));
+        let mut cut = elf(&[(PT_LOAD, 0x1000, 0x100000, 0x10, 0x10)]);
+        cut.truncate(80);
+        assert!(check(&cut, 80).unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn a_cut_bzimage_is_refused() {
+        let mut head = vec![0u8; 0x210];
+        head[0x1f1] = 39;
+        head[0x1f4..0x1f8].copy_from_slice(&512_544u32.to_le_bytes());
+        head[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        let whole = 40 * 512 + 512_544 * 16;
+        assert_eq!(check_bzimage(&head, whole), Ok(()));
+        assert_eq!(check_bzimage(&head, whole + 1472), Ok(()));
+        let e = check_bzimage(&head, whole / 2).unwrap_err();
+        assert!(e.contains("truncated") && e.contains(&whole.to_string()), "{e}");
+    }
 
     #[test]
     fn initrd_goes_high_and_must_fit() {

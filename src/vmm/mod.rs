@@ -8,6 +8,7 @@ pub mod control;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod reboot;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -22,7 +23,7 @@ use crate::config::VmConfig;
 use crate::devices::legacy::{BootMarker, I8042, PostPort, ResetControl};
 use crate::devices::pm::{PM_BLOCK_LEN, PmBlock};
 use crate::devices::rtc::Cmos;
-use crate::devices::serial::{ConsoleOut, SerialDevice, spawn_stdin_pump};
+use crate::devices::serial::{Console, ConsoleOut, SerialDevice, spawn_stdin_pump};
 use crate::devices::{BusDevice, Buses};
 use crate::stats::ExitStats;
 use crate::config::OnReboot;
@@ -32,6 +33,8 @@ use crate::vcpu::reset::{ResetKind, Vendor};
 use crate::vcpu::state::VmState;
 use crate::vcpu::{BootEntry, StateSpec, Vcpu, cpuid, kick, probe};
 use control::{Control, StopReason};
+pub use reboot::{RebootRecord, RebootSummary};
+use reboot::StormWatch;
 use layout::*;
 
 /// Process exit status when the guest reboots and `--on-reboot=exit` applies.
@@ -127,10 +130,13 @@ pub struct RunReport {
     pub failure_bytes: &'static str,
     pub rss: Option<RssReport>,
     pub cmdline: String,
-    /// Every in-place reboot, in order.
-    pub reboots: Vec<RebootRecord>,
+    /// The in-place reboots: how many, and the first and latest in detail.
+    pub reboots: RebootSummary,
     /// Registers and the instruction at CS:RIP when the run ended by a triple fault.
     pub diagnostic: Option<String>,
+    /// Guest console output never written: the console failed (closed pipe) or took
+    /// nothing for a while at the end (nobody reads it).
+    pub console_unwritten: u64,
 }
 
 /// Boot timing, each from skiff's start.
@@ -153,19 +159,14 @@ impl RssReport {
     }
 }
 
-/// One in-place reboot, for `--stats` and the reboot benchmark.
-#[derive(Clone, Debug)]
-pub struct RebootRecord {
-    /// What asked for it (i8042, 0xcf9, ACPI reset register, triple fault).
-    pub source: &'static str,
-    /// Time to reset the machine (vCPUs, devices, RAM, kernel reload), in ms.
-    pub reset_ms: f64,
-    /// From the reboot request to the next boot's /init marker, in ms.
-    pub marker_ms: Option<f64>,
-    /// skiff's own resources right after the reset: they must not grow per reboot.
-    pub threads: u64,
-    pub fds: u64,
-    pub vmm_rss_kib: Option<u64>,
+/// Test hooks for tests/process.rs, named in `SKIFF_TEST_HOOK` (comma-separated);
+/// unset in normal use, and nothing else reads it:
+/// - `slow-build`: the build sleeps 60 s after loading the kernel (as a slow load
+///   would), so a test can signal skiff while the machine is built;
+/// - `vcpu-return`: vCPU 0's thread returns at once instead of running (a vCPU thread
+///   that ends early must stop the machine, not leave it waiting).
+pub fn test_hook(name: &str) -> bool {
+    std::env::var("SKIFF_TEST_HOOK").is_ok_and(|v| v.split(',').any(|h| h == name))
 }
 
 /// A built machine, ready to run.
@@ -178,6 +179,10 @@ pub struct Vmm {
     control: Arc<Control>,
     buses: Arc<Buses>,
     serial: Arc<SerialDevice>,
+    /// The console's queue and writer thread (drained at the end of the run).
+    console: Arc<Console>,
+    /// Bytes the guest wrote to its console (a boot that wrote any showed life).
+    console_bytes: Arc<std::sync::atomic::AtomicU64>,
     marker: Arc<BootMarker>,
     quirks: HostQuirks,
     console_first_byte: Arc<OnceLock<Instant>>,
@@ -224,6 +229,9 @@ impl Vmm {
         memory::register_with_kvm(&vm, &mem)?;
         // Load the kernel while the probe runs (the command line is written later).
         let kernel = loader::load_kernel(&mem, &config.kernel)?;
+        if test_hook("slow-build") {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
         let quirks = probe
             .join()
             .map_err(|_| VmmError::Probe("the probe thread panicked".into()))?
@@ -244,11 +252,13 @@ impl Vmm {
         let entry = write_guest_tables(&mem, &kernel, config, &cmdline)?;
 
         let control = Arc::new(Control::new());
-        let out = ConsoleOut::new(console);
+        let console = Console::start(console).map_err(VmmError::Thread)?;
+        let out = ConsoleOut::new(console.clone());
+        let console_bytes = out.bytes.clone();
         let console_first_byte = out.first_byte.clone();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| VmmError::Kvm("KVM_IRQFD (COM1)", e))?;
-        let serial = Arc::new(SerialDevice::new(serial_irq, out).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?);
+        let serial = Arc::new(SerialDevice::new(serial_irq, out, control.clone()).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?);
         let marker = Arc::new(BootMarker::default());
         let init_marker = marker.reached.clone();
 
@@ -320,6 +330,8 @@ impl Vmm {
             control,
             buses,
             serial,
+            console,
+            console_bytes,
             marker,
             quirks,
             console_first_byte,
@@ -379,6 +391,16 @@ impl Vmm {
             }
         }
         let _finish = Finish(self.control.clone());
+        // On an error path out of here the guest's last output still reaches the
+        // console (as long as it takes it); the normal path drains it below.
+        struct Drain(Arc<Console>);
+        impl Drop for Drain {
+            fn drop(&mut self) {
+                self.0.drain(crate::output::STALL);
+                self.0.close();
+            }
+        }
+        let _drain = Drain(self.console.clone());
         {
             let control = self.control.clone();
             let buses = self.buses.clone();
@@ -408,10 +430,14 @@ impl Vmm {
         let idle_threads = thread_and_fd_counts(None).0;
         let mut stats = ExitStats::default();
         let mut samples: Vec<(u32, u8, u64)> = Vec::new();
-        let mut reboots: Vec<RebootRecord> = Vec::new();
-        let mut pending: Option<(Instant, usize)> = None;
+        let mut reboots = RebootSummary::default();
+        let mut storm = StormWatch::default();
+        // When the latest reboot was requested, until its next boot is looked at.
+        let mut pending: Option<Instant> = None;
         loop {
             let vcpus = std::mem::take(&mut self.vcpus);
+            let boot_started = Instant::now();
+            let console_before = self.console_bytes.load(std::sync::atomic::Ordering::Relaxed);
             let (back, gen_stats, gen_samples) = run_vcpus(vcpus, &self.control, profile.is_some().then_some(started))?;
             self.vcpus = back;
             stats.merge(&gen_stats);
@@ -419,10 +445,11 @@ impl Vmm {
             // Every vCPU is stopped: nothing deferred may be lost to a reset or the end.
             self.buses.flush_coalesced();
             self.buses.drain_doorbells();
-            if let Some((t, i)) = pending.take()
-                && let Some(r) = reboots.get_mut(i)
+            let reached_marker = self.marker.this_boot();
+            if let Some(t) = pending.take()
+                && let Some(m) = reached_marker
             {
-                r.marker_ms = self.marker.this_boot().map(|m| m.saturating_duration_since(t).as_secs_f64() * 1e3);
+                reboots.set_latest_marker(m.saturating_duration_since(t).as_secs_f64() * 1e3);
             }
             let source = match self.control.reason() {
                 Some(StopReason::Reboot(source)) if self.config.on_reboot == OnReboot::Reset => source,
@@ -432,22 +459,26 @@ impl Vmm {
                 // A vCPU thread died; there is nothing sound to reset.
                 break;
             }
+            let printed = self.console_bytes.load(std::sync::atomic::Ordering::Relaxed) != console_before;
+            if storm.reboot(boot_started.elapsed(), printed || reached_marker.is_some()) {
+                self.control.request_fatal(storm.describe(source));
+                break;
+            }
+            // Registers at the triple fault that would complete a storm, for its report
+            // (none kept from a boot that did not).
+            self.control.take_diagnostic();
+            for vcpu in &mut self.vcpus {
+                vcpu.diagnose_shutdown = self.config.on_reboot == OnReboot::Exit || storm.next_completes();
+            }
             let t = Instant::now();
             self.reset_machine()?;
             let reset_ms = t.elapsed().as_secs_f64() * 1e3;
             let (threads, fds) = thread_and_fd_counts(Some(idle_threads));
-            reboots.push(RebootRecord {
-                source,
-                reset_ms,
-                marker_ms: None,
-                threads,
-                fds,
-                vmm_rss_kib: rss_report(&self.mem).map(|r| r.vmm_kib()),
-            });
-            pending = Some((t, reboots.len() - 1));
+            reboots.push(source, reset_ms, threads, fds, rss_report(&self.mem).map(|r| r.vmm_kib()));
+            pending = Some(t);
             if self.config.stats || self.config.boot_time {
-                let r = reboots.last().map(|r| r.describe(reboots.len())).unwrap_or_default();
-                eprintln!("\r\nskiff: {r}\r");
+                let r = reboots.latest().map(|r| r.describe()).unwrap_or_default();
+                crate::output::stderr(&format!("\r\nskiff: {r}\r\n"));
             }
             if !self.control.rearm_after_reboot() {
                 break;
@@ -457,9 +488,13 @@ impl Vmm {
             samples.sort_unstable();
             let text: String = samples.iter().map(|(ms, cpu, rip)| format!("{ms} {cpu} {rip:#x}\n")).collect();
             if let Err(e) = std::fs::write(&path, text) {
-                eprintln!("skiff: writing the profile to {}: {e}", path.display());
+                crate::output::stderr(&format!("skiff: writing the profile to {}: {e}\n", path.display()));
             }
         }
+        // What the guest wrote reaches the console before skiff reports and exits, as
+        // long as the console takes it (a console nobody reads does not hold the stop).
+        let console_unwritten = self.console.drain(crate::output::STALL);
+        self.console.close();
         let rss = rss_report(&self.mem);
         let since = |t: &OnceLock<Instant>| t.get().map(|t| t.duration_since(started).as_secs_f64() * 1e3);
         let boot = BootTimes {
@@ -484,19 +519,8 @@ impl Vmm {
             cmdline: self.cmdline,
             reboots,
             diagnostic: self.control.take_diagnostic(),
+            console_unwritten,
         })
-    }
-}
-
-impl RebootRecord {
-    /// One line for `--stats`.
-    pub fn describe(&self, n: usize) -> String {
-        let marker = self.marker_ms.map_or(String::new(), |m| format!(", /init marker {m:.1} ms after the request"));
-        let rss = self.vmm_rss_kib.map_or(String::new(), |k| format!(", RSS {k} KiB without guest RAM"));
-        format!(
-            "reboot {n} ({}): machine reset in place in {:.1} ms{marker}; threads {}, fds {}{rss}",
-            self.source, self.reset_ms, self.threads, self.fds
-        )
     }
 }
 
@@ -511,9 +535,17 @@ fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<Control>, profile: Option<Instant>)
         }
         let h = std::thread::Builder::new()
             .name(format!("skiff-vcpu{}", vcpu.index))
-            .spawn(move || {
-                vcpu.run();
-                vcpu
+            .spawn({
+                let control = control.clone();
+                let returns_at_once = test_hook("vcpu-return") && vcpu.index == 0;
+                move || {
+                    // However this thread ends, the machine does not wait for it.
+                    let _exit = crate::vcpu::ThreadExit::new(control, vcpu.index);
+                    if !returns_at_once {
+                        vcpu.run();
+                    }
+                    vcpu
+                }
             })
             .map_err(VmmError::Thread);
         match h {
@@ -554,7 +586,9 @@ fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<Control>, profile: Option<Instant>)
                 }
                 back.push(vcpu);
             }
-            Err(_) => control.request_stop(StopReason::Error("a vCPU thread panicked".into())),
+            // The thread asked for the stop as it unwound; this overrides a reboot
+            // that raced with it.
+            Err(_) => control.request_fatal("a vCPU thread panicked".into()),
         }
     }
     Ok((back, stats, samples))
