@@ -106,8 +106,6 @@ pub struct HostQuirks {
     pub hidden: Vec<(&'static GatedFeature, ProbeResult)>,
     /// Nanoseconds per instruction of a simple loop at guest CPL 0.
     pub cpl0_ns_per_insn: f64,
-    /// MSRs KVM_SET_MSRS refused although KVM lists them.
-    pub refused_msrs: Vec<u32>,
     /// Hidden features the guest still sees (the host's bit passes through KVM): the
     /// emulation-failure path handles them when the guest uses them.
     pub unhideable: Vec<&'static GatedFeature>,
@@ -255,9 +253,6 @@ impl HostQuirks {
                 "  syscall     from user mode stays at CPL 3 at an upper-half LSTAR: completed by skiff \
                  (breakpoint on the guest's #PF handler)\n",
             );
-        }
-        for m in &self.refused_msrs {
-            out.push_str(&format!("  KVM_SET_MSRS refuses MSR {m:#x}\n"));
         }
         out
     }
