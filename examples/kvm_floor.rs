@@ -11,7 +11,8 @@
 use std::io::Write;
 use std::time::Instant;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use skiff::x86::boot::{gdt_entry, kvm_segment_from_gdt};
 use kvm_ioctls::{Kvm, VcpuExit};
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -67,21 +68,8 @@ fn run() -> Result<(), String> {
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(GDT_ADDR + i as u64 * 8)).map_err(|e| e.to_string())?;
     }
-    let flat = |selector: u16, type_: u8| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
+    // Flat 32-bit segments (present, DPL 0, 4 KiB granularity) as their GDT entries say.
+    let flat = |selector: u16, type_: u8| kvm_segment_from_gdt(gdt_entry(0xc090 | u16::from(type_), 0, 0xfffff), selector);
     let mut sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;

@@ -17,7 +17,8 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_sregs, kvm_userspace_memory_region};
+use skiff::x86::boot::{gdt_entry, kvm_segment_from_gdt};
 use kvm_ioctls::{Kvm, VcpuExit};
 use skiff::x86::insn;
 use skiff::x86::paging::{self, Access, PagingContext, PagingMode, Translation};
@@ -98,21 +99,8 @@ fn run_bare(name: &str) -> BareRun {
     let mut vcpu = vm.create_vcpu(0).expect("vCPU");
     vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).expect("CPUID")).expect("set CPUID");
     let mut sregs = vcpu.get_sregs().expect("sregs");
-    let flat = |selector: u16, type_: u8| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
+    // Flat 32-bit segments (present, DPL 0, 4 KiB granularity) as their GDT entries say.
+    let flat = |selector: u16, type_: u8| kvm_segment_from_gdt(gdt_entry(0xc090 | u16::from(type_), 0, 0xfffff), selector);
     sregs.cs = flat(0x08, 0xb);
     for seg in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
         *seg = flat(0x10, 0x3);
