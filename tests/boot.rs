@@ -73,7 +73,9 @@ fn processes_keep_their_vector_registers(g: &mut Guest) {
     let info = g.run("skiff-check vec-info", CMD_TIMEOUT);
     eprintln!("guest user mode: {info:?}");
     let started = std::time::Instant::now();
-    let out = g.run("skiff-check stress 1000 4", 4 * CMD_TIMEOUT);
+    // About 15 minutes here (a fork, exit and wait cost the emulated guest kernel about
+    // a second each): the timeout only bounds a hang.
+    let out = g.run("skiff-check stress 1000 4", 8 * CMD_TIMEOUT);
     let summary = out.iter().find(|l| l.contains(" stress processes "));
     assert_eq!(
         summary.map(String::as_str),
