@@ -36,3 +36,36 @@ fn probe_reports_host_quirks() {
     }
     eprintln!("{stdout}");
 }
+
+/// `--stats` names every option skiff adds to the guest's command line and marks those
+/// that weaken the guest's security; `--guest-defaults` drops all but `clearcpuid=`.
+#[test]
+fn guest_defaults_keeps_the_guest_kernel_s_own_options() {
+    common::require_kvm();
+    let kernel = common::tiny_kernel("tiny");
+    let kernel = kernel.to_str().unwrap();
+    let cmdline = |extra: &[&str]| {
+        let mut args = vec!["run", "--kernel", kernel, "--boot", "pvh", "--stats"];
+        args.extend_from_slice(extra);
+        let (status, _, stderr) = common::skiff(&args);
+        assert!(status.success(), "{stderr}");
+        let line = stderr.lines().find_map(|l| l.strip_prefix("kernel command line: ")).unwrap().to_string();
+        (line, stderr)
+    };
+    let (kept, stderr) = cmdline(&["--guest-defaults"]);
+    for weak in skiff::vcpu::probe::WEAKENS_SECURITY {
+        assert!(!kept.split(' ').any(|w| w == *weak), "--guest-defaults still adds {weak}: {kept}");
+    }
+    assert!(!kept.contains("initcall_blacklist="), "{kept}");
+    assert!(stderr.contains("guest kernel options added by skiff:"), "{stderr}");
+    let (default, stderr) = cmdline(&[]);
+    if stderr.contains("(emulated by KVM, not run natively)") {
+        for weak in skiff::vcpu::probe::WEAKENS_SECURITY {
+            assert!(default.split(' ').any(|w| w == *weak), "{default}");
+            assert!(stderr.contains(&format!("  {weak} (weakens the guest's security): ")), "{stderr}");
+        }
+    }
+    // clearcpuid= is needed for correctness: kept either way.
+    let clear = |l: &str| l.split(' ').find(|w| w.starts_with("clearcpuid=")).map(str::to_string);
+    assert_eq!(clear(&kept), clear(&default));
+}
