@@ -2,6 +2,8 @@
 //!
 //! Rooms, one concern each (see DESIGN.md in the shared folder):
 //! - [`config`]: every user-settable knob, validated once.
+//! - [`control`]: how devices, vCPUs and signals ask the machine to stop, and wake
+//!   the event loop (below `vmm`, which drives it, and beside the rooms that use it).
 //! - [`vmm`]: the machine as a whole: build, run, stop.
 //! - [`vcpu`]: one vCPU: run loop, exit dispatch, CPUID, emulation-failure handling.
 //! - [`x86`]: architecture facts that need no KVM: boot protocol, paging, decode.
@@ -14,6 +16,7 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod output;
 pub mod stats;

@@ -15,7 +15,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use skiff::config::{self, OnReboot, VmConfig};
 use skiff::output;
-use skiff::vmm::control::{STOP_SIGNAL, StopReason};
+use skiff::control::{STOP_SIGNAL, StopReason};
 use skiff::vmm::{EXIT_REBOOT, RunReport, Vmm};
 
 mod terminal;

@@ -82,7 +82,10 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
     use std::sync::atomic::Ordering;
     let now = monotonic_ns().max(1);
     match FIRST_STOP_NS.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst) {
-        Ok(_) => skiff::vmm::control::STOP_SIGNAL.store(sig, Ordering::SeqCst),
+        Ok(_) => {
+            skiff::control::STOP_SIGNAL.store(sig, Ordering::SeqCst);
+            skiff::control::wake_event_loop();
+        }
         Err(first) if now.saturating_sub(first) < GRACE_NS => {}
         Err(_) => {
             restore();
@@ -97,7 +100,8 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
 }
 
 extern "C" fn on_check_translate_signal(_: libc::c_int) {
-    skiff::vmm::control::CHECK_TRANSLATE_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
+    skiff::control::CHECK_TRANSLATE_SIGNAL.store(true, std::sync::atomic::Ordering::SeqCst);
+    skiff::control::wake_event_loop();
 }
 
 /// Installs the stop-signal handlers, first thing in main (Ctrl-C reaches the guest

@@ -82,7 +82,7 @@ fn probe_reports_every_operation_and_port_0x80_is_coalesced() {
 
     let exits = port_exits(&stderr, 0x80);
     let coalesced = coalesced_pio(&stderr);
-    assert!(stderr.contains("zones port 0x80+1"), "port 0x80 not registered as a coalesced zone:\n{stderr}");
+    assert!(stderr.contains("port 0x80+1"), "port 0x80 not registered as a coalesced zone:\n{stderr}");
     assert!(exits < PORT80_WRITES / 10, "{exits} exits for {PORT80_WRITES} port 0x80 writes:\n{stderr}");
     assert!(exits + coalesced >= PORT80_WRITES, "writes lost: {exits} exits + {coalesced} coalesced");
     // The boot-marker port is a doorbell: KVM signals an eventfd, no exit to skiff.

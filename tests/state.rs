@@ -81,7 +81,7 @@ fn machine_with(kvm: &Kvm, cpuid: CpuId) -> Machine {
         fd,
         mem,
         Arc::default(),
-        Arc::new(skiff::vmm::control::Control::new()),
+        Arc::new(skiff::control::Control::new()),
         Arc::new(skiff::vcpu::xsave::XsaveLayout::from_cpuid(&cpuid)),
         spec,
     );

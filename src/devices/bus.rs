@@ -305,15 +305,9 @@ impl Buses {
         self.doorbells.set(bells)
     }
 
-    /// Waits up to `timeout_ms` for a doorbell and rings its device (the helper
-    /// thread's loop); sleeps that long when there are none.
-    pub fn wait_for_doorbells(&self, timeout_ms: i32) {
-        match self.doorbells.get() {
-            Some(d) => {
-                d.wait_and_drain(timeout_ms);
-            }
-            None => std::thread::sleep(std::time::Duration::from_millis(timeout_ms.max(0) as u64)),
-        }
+    /// The attached doorbells, for the event loop.
+    pub fn doorbell_set(&self) -> Option<&Doorbells> {
+        self.doorbells.get()
     }
 
     /// Rings every doorbell written so far (when the vCPUs have stopped).

@@ -1,7 +1,7 @@
 //! Doorbells: device registers whose writes only say "something happened" (the value
 //! does not matter), handled without a vCPU exit to skiff. KVM signals an eventfd for
-//! each write (KVM_IOEVENTFD) and the guest runs on; skiff's helper thread waits on the
-//! eventfds and rings the device. An exit that skiff would spend microseconds on costs
+//! each write (KVM_IOEVENTFD) and the guest runs on; skiff's event loop (vmm/event_loop.rs)
+//! waits on the eventfds and rings the device. An exit that skiff would spend microseconds on costs
 //! the vCPU only KVM's in-kernel signal. This is what virtio queue notifications use;
 //! today the boot-marker port is one.
 //!
@@ -65,18 +65,22 @@ impl Doorbells {
         total
     }
 
-    /// Waits up to `timeout_ms` for any doorbell, then drains them (with none, it just
-    /// waits). Returns early on a signal; the caller loops.
-    pub fn wait_and_drain(&self, timeout_ms: i32) -> u64 {
-        let mut fds: Vec<libc::pollfd> = self
-            .bells
-            .iter()
-            .map(|b| libc::pollfd { fd: b.event.as_raw_fd(), events: libc::POLLIN, revents: 0 })
-            .collect();
-        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs that poll may
-        // write `revents` into; no other memory is touched.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if ready > 0 { self.drain() } else { 0 }
+    /// The eventfds, in order, for the event loop to watch.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.bells.iter().map(|b| b.event.as_raw_fd()).collect()
+    }
+
+    /// Rings doorbell `i` if it was written (the event loop saw its fd readable).
+    pub fn ring(&self, i: usize) -> u64 {
+        let Some(b) = self.bells.get(i) else { return 0 };
+        match b.event.read() {
+            Ok(n) => {
+                b.device.doorbell(b.offset);
+                self.rung.fetch_add(n, Ordering::Relaxed);
+                n
+            }
+            Err(_) => 0,
+        }
     }
 }
 
@@ -110,10 +114,11 @@ mod tests {
             bells.bells[0].event.write(1).unwrap();
         }
         bells.bells[1].event.write(1).unwrap();
-        assert_eq!(bells.wait_and_drain(100), 4);
+        assert_eq!(bells.ring(0) + bells.ring(1), 4);
         assert_eq!(bells.rung(), 4);
         // A signal folds writes together: the device is rung once per drain.
         assert_eq!(*dev.0.lock().unwrap(), vec![0, 4]);
-        assert_eq!(bells.wait_and_drain(1), 0, "drained");
+        assert_eq!(bells.drain(), 0, "drained");
+        assert_eq!(bells.fds().len(), 2);
     }
 }

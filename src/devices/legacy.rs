@@ -8,7 +8,7 @@ use std::time::Instant;
 use vm_superio::{I8042Device, Trigger};
 
 use super::BusDevice;
-use crate::vmm::control::{Control, StopReason};
+use crate::control::{Control, StopReason};
 
 /// Turns a device's reset line into a machine reset request.
 #[derive(Clone)]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Instant;
 
 use super::BusDevice;
-use crate::vmm::control::{Control, StopReason};
+use crate::control::{Control, StopReason};
 use crate::vmm::layout::{PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SLP_TYP_S5};
 
 pub const PM_TIMER_HZ: u128 = 3_579_545;

@@ -20,7 +20,7 @@ use vm_superio::{Serial, Trigger, serial::NoEvents};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
-use crate::vmm::control::Control;
+use crate::control::Control;
 
 /// Raises the serial interrupt by writing the irqfd KVM listens on.
 pub struct IrqTrigger(pub EventFd);
@@ -323,7 +323,7 @@ pub fn spawn_stdin_pump(serial: Arc<SerialDevice>) -> io::Result<std::thread::Jo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::control::StopReason;
+    use crate::control::StopReason;
 
     struct Shared(Arc<Mutex<Vec<u8>>>);
     impl Write for Shared {

@@ -13,7 +13,7 @@ use super::emulate::{self, Emulated};
 use super::kick::RunPage;
 use super::syscall_fixup::{MSR_LSTAR, SyscallFixup};
 use crate::stats::ExitKind;
-use crate::vmm::control::StopReason;
+use crate::control::StopReason;
 
 /// What the loop does after an exit was handled.
 enum Next {
@@ -67,13 +67,14 @@ impl KvmInsnBytes {
 }
 
 impl Vcpu {
-    /// Runs the vCPU until the machine stops. The stop reason goes to `Control`.
-    pub fn run(&mut self) {
+    /// Runs the vCPU until the machine stops or `pending` says its thread has an event
+    /// (vcpu/thread.rs). The stop reason goes to `Control`.
+    pub fn run(&mut self, pending: &std::sync::atomic::AtomicBool) {
         let run_page: *mut kvm_run = self.fd.get_kvm_run();
         // SAFETY: the kvm_run page belongs to `self.fd`, which outlives the guard (the
         // guard is dropped at the end of this function, before `self` can be).
         let _kick_target = unsafe { RunPage::enter(run_page) };
-        while !self.control.stopping() {
+        while !self.control.stopping() && !pending.load(std::sync::atomic::Ordering::SeqCst) {
             let next = self.run_once(run_page);
             match next {
                 Next::Continue => {}

@@ -10,6 +10,7 @@ pub mod probe;
 pub mod reset;
 pub mod state;
 pub mod syscall_fixup;
+pub mod thread;
 pub mod translate_check;
 pub mod xsave;
 
@@ -20,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::Buses;
 use crate::stats::ExitStats;
-use crate::vmm::control::{Control, StopReason};
+use crate::control::{Control, StopReason};
 use crate::x86::boot::{
     BOOT_GDT, SEL_CODE32, SEL_CODE64, SEL_DATA, SEL_TSS, kvm_segment_from_gdt,
 };
@@ -261,6 +262,18 @@ impl Vcpu {
         }
         self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
         self.fd.set_regs(&regs).map_err(self.kvm_err("KVM_SET_REGS"))?;
+        Ok(())
+    }
+
+    /// Power-on: RESET (reset.rs), then what firmware would set up, then, on the
+    /// bootstrap processor, the kernel's entry state. The same at a cold start and at
+    /// every in-place reboot.
+    pub fn power_on(&mut self, entry: BootEntry) -> Result<(), VcpuError> {
+        self.reset(reset::ResetKind::Power)?;
+        self.set_firmware_state()?;
+        if self.index == 0 {
+            self.set_boot_state(entry)?;
+        }
         Ok(())
     }
 

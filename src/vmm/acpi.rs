@@ -3,8 +3,8 @@
 //! The machine is a (non-hardware-reduced) legacy PC as far as ACPI is concerned: a
 //! fixed-hardware PM1a event/control block and PM timer in port I/O, an SCI on ISA
 //! IRQ 9, a reset register, one local APIC per vCPU plus one I/O APIC, and a DSDT that
-//! names the soft-off sleep state (`\_S5_`) and the legacy ISA devices (COM1, RTC,
-//! PS/2 controller).
+//! names the soft-off sleep state (`\_S5_`) and the devices the device manager
+//! declares (vmm/devices.rs: COM1, the RTC, virtio-mmio devices).
 //!
 //! Everything is written into guest memory in `[ACPI_START, ACPI_END)`, the RSDP first,
 //! at [`ACPI_START`] (16-byte aligned, inside the BIOS area that Linux scans for the
@@ -24,9 +24,9 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::layout::{
-    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_START, COM1_IRQ, COM1_PORT,
+    ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_START,
     IOAPIC_ADDR, LAPIC_ADDR, PM_TMR_LEN, PM_TMR_PORT, PM1A_CNT_LEN, PM1A_CNT_PORT, PM1A_EVT_LEN,
-    PM1A_EVT_PORT, RTC_PORT, SCI_IRQ, SLP_TYP_S5,
+    PM1A_EVT_PORT, SCI_IRQ, SLP_TYP_S5,
 };
 
 /// Most vCPUs the MADT can describe. Local APIC IDs are the vCPU indices
@@ -57,6 +57,10 @@ pub enum AcpiError {
         #[source]
         source: GuestMemoryError,
     },
+    #[error("ACPI device name {0:?} is not four characters of A-Z, 0-9 and _")]
+    BadDeviceName(String),
+    #[error("IRQ {0} is not an ISA IRQ (0-15)")]
+    BadIrq(u32),
 }
 
 /// Guest-physical address of the RSDP, the root the guest finds the other tables from.
@@ -78,8 +82,9 @@ pub fn rsdp_addr() -> GuestAddress {
 pub fn create_acpi_tables(
     mem: &GuestMemoryMmap<()>,
     num_cpus: u8,
+    devices: &[AcpiDevice],
 ) -> Result<GuestAddress, AcpiError> {
-    let tables = build_tables(num_cpus, ACPI_START, ACPI_END)?;
+    let tables = build_tables(num_cpus, devices, ACPI_START, ACPI_END)?;
     for table in &tables.tables {
         mem.write_slice(&table.bytes, GuestAddress(table.addr))
             .map_err(|source| AcpiError::GuestMemory {
@@ -121,12 +126,6 @@ const SCI_INT: u16 = {
 };
 const SCI_ISA_IRQ: u8 = SCI_INT as u8;
 
-/// ISA IRQ of the PC-standard RTC (layout.rs does not name it).
-const RTC_IRQ: u32 = 8;
-/// The RTC/CMOS occupies an index and a data port.
-const RTC_PORT_LEN: u8 = 2;
-/// A 16550 UART decodes eight consecutive ports.
-const UART_PORT_LEN: u8 = 8;
 
 // ---------------------------------------------------------------------------------
 // Table building.
@@ -227,7 +226,7 @@ fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
 }
 
 /// Builds and places all tables in `[start, end)`, RSDP at `start`.
-fn build_tables(num_cpus: u8, start: u64, end: u64) -> Result<AcpiTables, AcpiError> {
+fn build_tables(num_cpus: u8, devices: &[AcpiDevice], start: u64, end: u64) -> Result<AcpiTables, AcpiError> {
     if num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -236,7 +235,7 @@ fn build_tables(num_cpus: u8, start: u64, end: u64) -> Result<AcpiTables, AcpiEr
     }
 
     // Tables whose contents do not depend on where the others are.
-    let dsdt = build_dsdt();
+    let dsdt = build_dsdt(devices)?;
     let madt = build_madt(num_cpus);
     let facs = aml_bytes(&FACS::new());
 
@@ -400,17 +399,10 @@ struct IrqNoFlags {
 }
 
 impl IrqNoFlags {
-    /// `mask` has one bit per ISA IRQ; build it with [`isa_irq_mask`].
+    /// `mask` has one bit per ISA IRQ.
     const fn new(mask: u16) -> Self {
         IrqNoFlags { mask }
     }
-}
-
-/// The IRQ-descriptor bit mask for an ISA IRQ, rejecting (at compile time, when used
-/// in a constant) anything that is not one.
-const fn isa_irq_mask(irq: u32) -> u16 {
-    assert!(irq < 16);
-    1 << irq
 }
 
 impl Aml for IrqNoFlags {
@@ -421,52 +413,118 @@ impl Aml for IrqNoFlags {
     }
 }
 
-const COM1_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(COM1_IRQ));
-const RTC_IRQ_NO_FLAGS: IrqNoFlags = IrqNoFlags::new(isa_irq_mask(RTC_IRQ));
-
 /// A fixed 16-bit-decoded I/O port range.
 fn io_range(port: u16, len: u8) -> aml::IO {
     aml::IO::new(port, port, 1, len)
 }
 
-/// An ISA device: `Device (name) { _HID EisaId(hid), [_UID uid,] _CRS resources }`.
-fn isa_device(name: &str, hid: &str, uid: Option<u8>, resources: Vec<&dyn Aml>) -> Vec<u8> {
-    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new(hid));
-    let uid = uid.map(|uid| aml::Name::new("_UID".into(), &uid));
-    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources));
-    let mut children: Vec<&dyn Aml> = vec![&hid];
-    if let Some(uid) = &uid {
-        children.push(uid);
-    }
-    children.push(&crs);
-    aml_bytes(&aml::Device::new(name.into(), children))
+/// How a device names itself to the OS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AcpiHid {
+    /// A compressed EISA id such as "PNP0501".
+    Eisa(&'static str),
+    /// A string id such as "LNRO0005" (virtio-mmio).
+    Str(&'static str),
 }
 
-/// The DSDT's AML: `\_S5_` and the legacy ISA devices under `\_SB_`.
-fn dsdt_aml() -> Vec<u8> {
+/// A device's register window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcpiWindow {
+    Io { port: u16, len: u8 },
+    Mmio { base: u32, len: u32 },
+}
+
+/// A device's interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcpiIrq {
+    /// A legacy ISA IRQ (short descriptor: edge, active high).
+    Isa(u32),
+    /// A GSI of the I/O APIC, edge-triggered, active high (extended descriptor).
+    EdgeGsi(u32),
+}
+
+/// One device's entry in the DSDT, as the device manager (vmm/devices.rs) declares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcpiDevice {
+    /// The four-character ACPI name.
+    pub name: String,
+    pub hid: AcpiHid,
+    pub uid: Option<u8>,
+    pub window: AcpiWindow,
+    pub irq: Option<AcpiIrq>,
+}
+
+impl AcpiDevice {
+    /// `Device (name) { _HID hid, [_UID uid,] _CRS { window, irq } }`.
+    fn aml(&self) -> Result<Vec<u8>, AcpiError> {
+        if self.name.len() != 4 || !self.name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') {
+            return Err(AcpiError::BadDeviceName(self.name.clone()));
+        }
+        let eisa;
+        let string;
+        let hid_value: &dyn Aml = match self.hid {
+            AcpiHid::Eisa(id) => {
+                eisa = aml::EISAName::new(id);
+                &eisa
+            }
+            AcpiHid::Str(id) => {
+                string = id;
+                &string
+            }
+        };
+        let hid = aml::Name::new("_HID".into(), hid_value);
+        let uid = self.uid.map(|uid| aml::Name::new("_UID".into(), &uid));
+        let io;
+        let mmio;
+        let window: &dyn Aml = match self.window {
+            AcpiWindow::Io { port, len } => {
+                io = io_range(port, len);
+                &io
+            }
+            AcpiWindow::Mmio { base, len } => {
+                mmio = aml::Memory32Fixed::new(true, base, len);
+                &mmio
+            }
+        };
+        let isa;
+        let ext;
+        let mut resources: Vec<&dyn Aml> = vec![window];
+        match self.irq {
+            Some(AcpiIrq::Isa(irq)) if irq < 16 => {
+                isa = IrqNoFlags::new(1 << irq);
+                resources.push(&isa);
+            }
+            Some(AcpiIrq::Isa(irq)) => return Err(AcpiError::BadIrq(irq)),
+            Some(AcpiIrq::EdgeGsi(gsi)) => {
+                ext = aml::Interrupt::new(true, true, false, false, gsi);
+                resources.push(&ext);
+            }
+            None => {}
+        }
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources));
+        let mut children: Vec<&dyn Aml> = vec![&hid];
+        if let Some(uid) = &uid {
+            children.push(uid);
+        }
+        children.push(&crs);
+        Ok(aml_bytes(&aml::Device::new(self.name.as_str().into(), children)))
+    }
+}
+
+/// The DSDT's AML: `\_S5_` and the machine's devices under `\_SB_`.
+fn dsdt_aml(devices: &[AcpiDevice]) -> Result<Vec<u8>, AcpiError> {
     // \_S5_: { SLP_TYPa, SLP_TYPb, reserved, reserved }.
     let s5_package = aml::Package::new(vec![&SLP_TYP_S5, &SLP_TYP_S5, &0u8, &0u8]);
     let mut bytes = aml_bytes(&aml::Name::new("\\_S5_".into(), &s5_package));
-
-    // COM1: 16550 UART.
-    let com1 = isa_device(
-        "COM1",
-        "PNP0501",
-        Some(0),
-        vec![&io_range(COM1_PORT, UART_PORT_LEN), &COM1_IRQ_NO_FLAGS],
-    );
-    // RTC: AT real-time clock / CMOS.
-    let rtc = isa_device(
-        "RTC_",
-        "PNP0B00",
-        None,
-        vec![&io_range(RTC_PORT, RTC_PORT_LEN), &RTC_IRQ_NO_FLAGS],
-    );
-    bytes.extend(aml::Scope::raw("\\_SB_".into(), [com1, rtc].concat()));
-    bytes
+    let mut body = Vec::new();
+    for d in devices {
+        body.extend(d.aml()?);
+    }
+    bytes.extend(aml::Scope::raw("\\_SB_".into(), body));
+    Ok(bytes)
 }
 
-fn build_dsdt() -> Vec<u8> {
+fn build_dsdt(devices: &[AcpiDevice]) -> Result<Vec<u8>, AcpiError> {
     let mut dsdt = Sdt::new(
         *b"DSDT",
         36,
@@ -475,8 +533,8 @@ fn build_dsdt() -> Vec<u8> {
         OEM_TABLE_ID,
         OEM_REVISION,
     );
-    dsdt.append_slice(&dsdt_aml());
-    dsdt.as_slice().to_vec()
+    dsdt.append_slice(&dsdt_aml(devices)?);
+    Ok(dsdt.as_slice().to_vec())
 }
 
 #[cfg(test)]

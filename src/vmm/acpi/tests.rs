@@ -1,6 +1,7 @@
 //! The ACPI tables read back as a guest and ACPICA's iasl read them.
 
 use super::*;
+use crate::vmm::layout::COM1_PORT;
 
 const MEM_SIZE: usize = 0x10_0000; // 1 MiB: covers the whole ACPI area.
 
@@ -48,7 +49,7 @@ struct Guest {
 
 fn tables_for(num_cpus: u8) -> Guest {
     let mem = guest_mem();
-    let rsdp_at = create_acpi_tables(&mem, num_cpus).unwrap();
+    let rsdp_at = create_acpi_tables(&mem, num_cpus, &crate::vmm::devices::legacy_acpi_devices()).unwrap();
     assert_eq!(rsdp_at, rsdp_addr());
     let rsdp = read(&mem, rsdp_at.0, 36);
     let xsdt = read_table(&mem, u64_at(&rsdp, 24));
@@ -120,7 +121,7 @@ fn rsdp_fields() {
 #[test]
 fn the_bios_area_scan_finds_the_rsdp() {
     let mem = guest_mem();
-    let rsdp = create_acpi_tables(&mem, 2).unwrap();
+    let rsdp = create_acpi_tables(&mem, 2, &crate::vmm::devices::legacy_acpi_devices()).unwrap();
     let area = read(&mem, 0xe_0000, 0x2_0000);
     let found = (0..area.len())
         .step_by(16)
@@ -144,7 +145,7 @@ fn xsdt_lists_fadt_and_madt() {
 
 #[test]
 fn all_tables_lie_in_the_acpi_area_without_overlap() {
-    let t = build_tables(MAX_CPUS, ACPI_START, ACPI_END).unwrap();
+    let t = build_tables(MAX_CPUS, &crate::vmm::devices::legacy_acpi_devices(), ACPI_START, ACPI_END).unwrap();
     assert_eq!(t.rsdp, ACPI_START);
     let mut spans: Vec<(u64, u64)> = t
         .tables
@@ -293,11 +294,11 @@ fn dsdt_contains_s5_and_devices() {
 fn cpu_count_is_validated() {
     let mem = guest_mem();
     assert!(matches!(
-        create_acpi_tables(&mem, 0),
+        create_acpi_tables(&mem, 0, &crate::vmm::devices::legacy_acpi_devices()),
         Err(AcpiError::NoCpus)
     ));
     assert!(matches!(
-        create_acpi_tables(&mem, 255),
+        create_acpi_tables(&mem, 255, &crate::vmm::devices::legacy_acpi_devices()),
         Err(AcpiError::TooManyCpus(255))
     ));
     // Nothing was written for a rejected request.
@@ -307,7 +308,7 @@ fn cpu_count_is_validated() {
 #[test]
 fn tables_that_do_not_fit_are_an_error() {
     // The full ACPI area always fits 254 CPUs; a smaller window must fail cleanly.
-    let fits = build_tables(64, ACPI_START, ACPI_END).unwrap();
+    let fits = build_tables(64, &crate::vmm::devices::legacy_acpi_devices(), ACPI_START, ACPI_END).unwrap();
     let used = fits
         .tables
         .iter()
@@ -315,7 +316,7 @@ fn tables_that_do_not_fit_are_an_error() {
         .max()
         .unwrap()
         - ACPI_START;
-    let err = build_tables(64, ACPI_START, ACPI_START + used - 1).unwrap_err();
+    let err = build_tables(64, &crate::vmm::devices::legacy_acpi_devices(), ACPI_START, ACPI_START + used - 1).unwrap_err();
     match err {
         AcpiError::TablesTooLarge { needed, available } => {
             assert_eq!(needed, used);
@@ -324,12 +325,12 @@ fn tables_that_do_not_fit_are_an_error() {
         other => panic!("unexpected error {other:?}"),
     }
     assert!(matches!(
-        build_tables(MAX_CPUS, ACPI_START, ACPI_START + 0x100),
+        build_tables(MAX_CPUS, &crate::vmm::devices::legacy_acpi_devices(), ACPI_START, ACPI_START + 0x100),
         Err(AcpiError::TablesTooLarge { .. })
     ));
     // Placement near the top of the address space does not overflow.
     assert!(matches!(
-        build_tables(1, u64::MAX - 0x40, u64::MAX),
+        build_tables(1, &crate::vmm::devices::legacy_acpi_devices(), u64::MAX - 0x40, u64::MAX),
         Err(AcpiError::TablesTooLarge { .. })
     ));
 }
@@ -338,7 +339,7 @@ fn tables_that_do_not_fit_are_an_error() {
 fn missing_guest_memory_is_an_error() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
     assert!(matches!(
-        create_acpi_tables(&mem, 1),
+        create_acpi_tables(&mem, 1, &crate::vmm::devices::legacy_acpi_devices()),
         Err(AcpiError::GuestMemory { table: "RSDP", .. })
     ));
 }
@@ -353,7 +354,7 @@ fn an_os_following_the_tables_drives_skiff_s_devices() {
     use crate::devices::bus::Bus;
     use crate::devices::legacy::ResetControl;
     use crate::devices::pm::{PM_BLOCK_LEN, PmBlock};
-    use crate::vmm::control::{Control, StopReason};
+    use crate::control::{Control, StopReason};
     use crate::vmm::layout::RESET_CF9_PORT;
     use std::sync::Arc;
 
@@ -478,7 +479,7 @@ fn hex(value: &str) -> u64 {
 #[test]
 fn iasl_round_trips_tables() {
     let iasl = Iasl::new("round-trip");
-    let tables = build_tables(4, ACPI_START, ACPI_END).unwrap();
+    let tables = build_tables(4, &crate::vmm::devices::legacy_acpi_devices(), ACPI_START, ACPI_END).unwrap();
     // iasl does not take a bare RSDP; the_bios_area_scan_finds_the_rsdp checks it.
     for t in tables.tables.iter().filter(|t| t.name != "RSDP") {
         let name = t.name.to_lowercase();
@@ -501,7 +502,7 @@ fn iasl_round_trips_tables() {
 #[test]
 fn iasl_reads_the_fadt_skiff_means() {
     let iasl = Iasl::new("fadt");
-    let tables = build_tables(1, ACPI_START, ACPI_END).unwrap();
+    let tables = build_tables(1, &crate::vmm::devices::legacy_acpi_devices(), ACPI_START, ACPI_END).unwrap();
     let placed = |name: &str| tables.tables.iter().find(|t| t.name == name).unwrap();
     let fadt = iasl.disassemble("fadt", &placed("FADT").bytes);
     let expect = [
@@ -549,7 +550,7 @@ fn iasl_reads_the_fadt_skiff_means() {
 fn iasl_reads_the_dsdt_skiff_means() {
     let iasl = Iasl::new("dsdt");
     let asl: String = iasl
-        .disassemble("dsdt", &build_dsdt())
+        .disassemble("dsdt", &build_dsdt(&crate::vmm::devices::legacy_acpi_devices()).unwrap())
         .lines()
         .map(|l| l.split("//").next().unwrap().trim())
         .filter(|l| !l.is_empty() && !l.starts_with('*') && !l.starts_with("/*"))

@@ -20,6 +20,28 @@ pub enum StopReason {
 /// and turned into a stop request by the VMM's watcher.
 pub static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
+/// The event loop's wake-up eventfd (-1 until the loop exists). Signal handlers and
+/// stop requests write to it, so the loop learns of them at once instead of polling.
+/// A raw fd in an atomic because a signal handler may use nothing else.
+static WAKE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Makes `fd` (an eventfd owned by the event loop, open for the rest of the process)
+/// the one [`wake_event_loop`] writes to.
+pub fn set_wake_fd(fd: std::os::fd::RawFd) {
+    WAKE_FD.store(fd, Ordering::SeqCst);
+}
+
+/// Wakes the event loop (async-signal-safe: one atomic load and one write(2)).
+pub fn wake_event_loop() {
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an eventfd the loop keeps open
+        // for the life of the process; a failure (counter full) still leaves it readable.
+        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    }
+}
+
 /// Set from SIGUSR1's handler: every vCPU cross-checks skiff's page walker against
 /// KVM_TRANSLATE on its current address space (vcpu/translate_check.rs).
 pub static CHECK_TRANSLATE_SIGNAL: AtomicBool = AtomicBool::new(false);
@@ -27,8 +49,6 @@ pub static CHECK_TRANSLATE_SIGNAL: AtomicBool = AtomicBool::new(false);
 #[derive(Default)]
 pub struct Control {
     stopping: AtomicBool,
-    /// The machine is finished for good (no reboot follows): helper threads end.
-    finished: AtomicBool,
     reason: Mutex<Option<StopReason>>,
     stopped: Condvar,
     /// Called once when the first stop request arrives, to kick the vCPUs out of
@@ -64,6 +84,7 @@ impl Control {
         }
         self.stopped.notify_all();
         self.kick();
+        wake_event_loop();
     }
 
     /// Stops the machine with an error, whatever stop was requested before: a reboot
@@ -80,6 +101,7 @@ impl Control {
         }
         self.stopped.notify_all();
         self.kick();
+        wake_event_loop();
     }
 
     /// Blocks until a stop has been requested.
@@ -111,14 +133,6 @@ impl Control {
         } else {
             false
         }
-    }
-
-    pub fn finish(&self) {
-        self.finished.store(true, Ordering::Release);
-    }
-
-    pub fn finished(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
     }
 
     pub fn kick(&self) {

@@ -1,0 +1,202 @@
+//! A vCPU's thread as a small state machine: paused, running, gone. It lives as long
+//! as the machine (across in-place reboots), owns its `Vcpu`, and is moved only by
+//! events on its channel; each event is answered on a second channel, so the VMM
+//! knows when every vCPU has really left KVM_RUN ("paused" means that, not "asked").
+//!
+//! ```text
+//!            Resume                    Pause / machine stop
+//!  Paused ──────────▶ Running ─────────────────────────────▶ Paused
+//!    │  PowerOn, TakeStats answered while paused                 │
+//!    └─────────────────────── Exit ──────────────────────────────┴──▶ gone
+//! ```
+//!
+//! A sender that wants a running vCPU's attention sets its `pending` flag and kicks
+//! the thread (a signal that makes KVM_RUN return); the run loop checks the flag
+//! before every KVM_RUN, so a kick that lands between the check and the ioctl is not
+//! lost (vcpu/kick.rs sets `immediate_exit`). Single-step for a debugger is one more
+//! event here.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
+use std::time::{Duration, Instant};
+
+use super::{BootEntry, ThreadExit, Vcpu, VcpuError, kick};
+use crate::control::Control;
+use crate::stats::ExitStats;
+
+/// What the VMM asks of a vCPU thread.
+pub enum VcpuEvent {
+    /// Leave KVM_RUN and wait (answered once out of it).
+    Pause,
+    /// Run the guest (unless the machine is stopping).
+    Resume,
+    /// RESET, firmware state and (on the boot vCPU) the kernel entry; only while
+    /// paused. The flag: explain a triple fault that would end the run.
+    PowerOn(BootEntry, bool),
+    /// Hand over the exit statistics and profile samples gathered so far.
+    TakeStats,
+    /// End the thread.
+    Exit,
+}
+
+/// A vCPU thread's answer to one event.
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    PoweredOn(Result<(), VcpuError>),
+    Stats(Box<ExitStats>, Vec<(u32, u64)>),
+    Exited,
+}
+
+/// The VMM's end of one vCPU thread.
+pub struct VcpuHandle {
+    pub index: u8,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+    pending: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ThreadError {
+    #[error("vCPU {0}'s thread is gone")]
+    Gone(u8),
+    #[error("vCPU {0} did not answer within {1:?} (stuck in KVM_RUN?)")]
+    Timeout(u8, Duration),
+    #[error("vCPU {0} answered out of turn")]
+    OutOfTurn(u8),
+    #[error("creating vCPU {0}'s thread: {1}")]
+    Spawn(u8, std::io::Error),
+}
+
+impl VcpuHandle {
+    /// Starts `vcpu`'s thread, paused. `returns_at_once` is a test hook: the thread
+    /// ends at once, as a crashed one would.
+    pub fn spawn(mut vcpu: Vcpu, control: Arc<Control>, returns_at_once: bool) -> Result<Self, ThreadError> {
+        let index = vcpu.index;
+        let (events, event_rx) = channel();
+        let (response_tx, responses) = channel();
+        let pending = Arc::new(AtomicBool::new(false));
+        let flag = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("skiff-vcpu{index}"))
+            .spawn(move || {
+                // However this thread ends, the machine does not wait for it.
+                let _exit = ThreadExit::new(control.clone(), index);
+                if !returns_at_once {
+                    thread_main(&mut vcpu, &control, &flag, &event_rx, &response_tx);
+                }
+            })
+            .map_err(|e| ThreadError::Spawn(index, e))?;
+        Ok(Self { index, events, responses, pending, thread: Some(thread) })
+    }
+
+    /// The pthread to kick, while the thread is not joined.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        self.thread.as_ref().map(|t| t.as_pthread_t())
+    }
+
+    /// Sends `event` and makes sure a running vCPU notices it.
+    pub fn send(&self, event: VcpuEvent) -> Result<(), ThreadError> {
+        self.events.send(event).map_err(|_| ThreadError::Gone(self.index))?;
+        self.pending.store(true, Ordering::SeqCst);
+        if let Some(t) = self.pthread() {
+            // SAFETY: the thread is not joined yet (`thread` is Some), so its id is
+            // valid; the kick handler is installed before any vCPU thread exists.
+            unsafe { libc::pthread_kill(t, kick::kick_signal()) };
+        }
+        Ok(())
+    }
+
+    /// Waits for the answer to the last event, until `deadline`.
+    pub fn answer(&self, deadline: Instant) -> Result<VcpuResponse, ThreadError> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.responses.recv_timeout(wait) {
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => Err(ThreadError::Timeout(self.index, wait)),
+            Err(RecvTimeoutError::Disconnected) => Err(ThreadError::Gone(self.index)),
+        }
+    }
+
+    /// Ends the thread and joins it (bounded: a thread that does not answer within
+    /// `wait` is left to the process's exit rather than hanging it).
+    pub fn exit(mut self, wait: Duration) -> Result<(), ThreadError> {
+        let sent = self.send(VcpuEvent::Exit);
+        let answered = sent.and_then(|()| self.answer(Instant::now() + wait));
+        // A thread that is gone (it crashed or ended) can be joined at once.
+        if matches!(answered, Ok(VcpuResponse::Exited) | Err(ThreadError::Gone(_)))
+            && let Some(t) = self.thread.take()
+        {
+            let _ = t.join();
+        }
+        answered.map(|_| ())
+    }
+}
+
+/// The thread's life: answer events while paused; run the guest while running.
+fn thread_main(
+    vcpu: &mut Vcpu,
+    control: &Control,
+    pending: &AtomicBool,
+    events: &Receiver<VcpuEvent>,
+    responses: &Sender<VcpuResponse>,
+) {
+    let mut running = false;
+    loop {
+        let event = if running {
+            match events.try_recv() {
+                Ok(e) => Some(e),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match events.recv() {
+                Ok(e) => Some(e),
+                Err(_) => return,
+            }
+        };
+        let Some(event) = event else {
+            // Cleared before the last look at the channel: an event sent after this
+            // sets it again and ends the next run at once.
+            pending.store(false, Ordering::SeqCst);
+            if let Ok(e) = events.try_recv() {
+                running = handle(vcpu, control, e, running, responses);
+                continue;
+            }
+            vcpu.run(pending);
+            // A machine stop (poweroff, reboot, error) parks every vCPU; the VMM then
+            // pauses them all to know they are out.
+            if control.stopping() {
+                running = false;
+            }
+            continue;
+        };
+        if matches!(event, VcpuEvent::Exit) {
+            let _ = responses.send(VcpuResponse::Exited);
+            return;
+        }
+        running = handle(vcpu, control, event, running, responses);
+    }
+}
+
+/// Handles one event (never `Exit`); returns whether the vCPU runs after it.
+fn handle(vcpu: &mut Vcpu, control: &Control, event: VcpuEvent, running: bool, responses: &Sender<VcpuResponse>) -> bool {
+    let (answer, run) = match event {
+        VcpuEvent::Pause => (VcpuResponse::Paused, false),
+        VcpuEvent::Resume => (VcpuResponse::Resumed, !control.stopping()),
+        VcpuEvent::PowerOn(entry, diagnose) => {
+            vcpu.diagnose_shutdown = diagnose;
+            (VcpuResponse::PoweredOn(vcpu.power_on(entry)), running)
+        }
+        VcpuEvent::TakeStats => {
+            let stats = Box::new(std::mem::take(&mut vcpu.stats));
+            let samples = vcpu.rip_samples.as_mut().map(|(_, s)| std::mem::take(s)).unwrap_or_default();
+            (VcpuResponse::Stats(stats, samples), running)
+        }
+        VcpuEvent::Exit => (VcpuResponse::Exited, false),
+    };
+    let _ = responses.send(answer);
+    run
+}

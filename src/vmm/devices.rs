@@ -1,0 +1,278 @@
+//! The device manager: every device of the machine declared in one place, with its
+//! bus range, interrupt line and ACPI entry. The buses, the irqfds, the DSDT's device
+//! list, KVM's coalesced zones and doorbells, and reset are all derived from that one
+//! list, so a device cannot be on the bus but missing from ACPI, or reset but forgotten.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::VmmError;
+use super::acpi::{AcpiDevice, AcpiHid, AcpiIrq, AcpiWindow};
+use super::layout::*;
+use crate::control::Control;
+use crate::devices::legacy::{BootMarker, I8042, PostPort, ResetControl};
+use crate::devices::pm::{PM_BLOCK_LEN, PmBlock};
+use crate::devices::rtc::Cmos;
+use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::{BusDevice, Buses};
+
+/// ISA IRQ of the PC-standard RTC.
+pub const RTC_IRQ: u32 = 8;
+/// The RTC/CMOS decodes an index and a data port.
+const RTC_PORT_LEN: u8 = 2;
+/// A 16550 UART decodes eight consecutive ports.
+const UART_PORT_LEN: u8 = 8;
+
+/// Which address space a device sits in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    Pio,
+    Mmio,
+}
+
+/// How a write-only part of a device's range may skip the exit to skiff.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastWrite {
+    /// Writes may wait in KVM's coalesced ring until the next exit.
+    Coalesced,
+    /// Only "the guest wrote" matters: an ioeventfd instead of an exit.
+    Doorbell,
+}
+
+/// One device as the machine declares it.
+pub struct Declared {
+    pub name: &'static str,
+    pub space: Space,
+    pub base: u64,
+    pub len: u64,
+    pub device: Arc<dyn BusDevice>,
+    /// Its ACPI entry, if the OS should find it there.
+    pub acpi: Option<AcpiDevice>,
+    /// Part of the range (absolute base, length) whose writes need no exit.
+    pub fast: Option<(u64, u64, FastWrite)>,
+}
+
+/// The legacy PC devices, each with what it needs from the machine.
+pub struct Legacy {
+    pub serial: Arc<SerialDevice>,
+    pub marker: Arc<BootMarker>,
+}
+
+/// The machine's devices and the buses built from them.
+pub struct DeviceManager {
+    pub buses: Arc<Buses>,
+    pub declared: Vec<Declared>,
+    pub legacy: Legacy,
+}
+
+impl DeviceManager {
+    /// Declares the legacy devices; `serial_out` is the console the UART writes to.
+    pub fn new(vm: &VmFd, control: &Arc<Control>, serial_out: ConsoleOut) -> Result<Self, VmmError> {
+        let serial_irq = irq_line(vm, COM1_IRQ, "COM1")?;
+        let serial = Arc::new(SerialDevice::new(serial_irq, serial_out, control.clone()).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?);
+        let marker = Arc::new(BootMarker::default());
+        let pio = |name, base: u16, len: u64, device: Arc<dyn BusDevice>| Declared {
+            name,
+            space: Space::Pio,
+            base: base as u64,
+            len,
+            device,
+            acpi: None,
+            fast: None,
+        };
+        let declared = vec![
+            Declared {
+                acpi: Some(com1_acpi()),
+                ..pio("COM1 16550 UART", COM1_PORT, UART_PORT_LEN as u64, serial.clone())
+            },
+            pio("i8042", I8042_PORT, 5, Arc::new(I8042::new(control.clone()))),
+            Declared {
+                acpi: Some(rtc_acpi()),
+                // The index write can wait: the data port's exit delivers it first.
+                fast: Some((RTC_PORT as u64, 1, FastWrite::Coalesced)),
+                ..pio("CMOS RTC", RTC_PORT, RTC_PORT_LEN as u64, Arc::new(Cmos::default()))
+            },
+            Declared {
+                fast: Some((POST_PORT as u64, 1, FastWrite::Coalesced)),
+                ..pio("POST port", POST_PORT, 1, Arc::new(PostPort::default()))
+            },
+            pio("0xcf9 reset control", RESET_CF9_PORT, 1, Arc::new(ResetControl::new(control.clone(), "0xcf9 reset control"))),
+            pio("ACPI PM block", PM1A_EVT_PORT, PM_BLOCK_LEN, Arc::new(PmBlock::new(control.clone()))),
+            Declared {
+                fast: Some((BOOT_MARKER_PORT as u64, 1, FastWrite::Doorbell)),
+                ..pio("boot marker", BOOT_MARKER_PORT, 1, marker.clone())
+            },
+        ];
+        Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker } })
+    }
+
+    /// Puts every declared device on its bus. Call once, after every declaration.
+    pub fn build_buses(&mut self) -> Result<(), VmmError> {
+        let mut buses = Buses::default();
+        for d in &self.declared {
+            let bus = match d.space {
+                Space::Pio => &mut buses.pio,
+                Space::Mmio => &mut buses.mmio,
+            };
+            let err = |e: crate::devices::bus::BusError| VmmError::Device(format!("{}: {e}", d.name));
+            bus.insert(d.device.clone(), d.base, d.len).map_err(err)?;
+            match d.fast {
+                Some((base, len, FastWrite::Coalesced)) => bus.mark_coalescable(base, len).map_err(err)?,
+                Some((base, len, FastWrite::Doorbell)) => bus.mark_doorbell(base, len).map_err(err)?,
+                None => {}
+            }
+        }
+        self.buses = Arc::new(buses);
+        Ok(())
+    }
+
+    /// The DSDT's device list.
+    pub fn acpi_devices(&self) -> Vec<AcpiDevice> {
+        self.declared.iter().filter_map(|d| d.acpi.clone()).collect()
+    }
+
+    /// Every device back to its power-up state (an in-place reboot).
+    pub fn reset(&self) {
+        for d in &self.declared {
+            d.device.reset();
+        }
+    }
+}
+
+/// An edge-triggered interrupt line: an eventfd KVM injects GSI `gsi` for.
+pub fn irq_line(vm: &VmFd, gsi: u32, what: &str) -> Result<EventFd, VmmError> {
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device(format!("{what}: eventfd: {e}")))?;
+    vm.register_irqfd(&fd, gsi).map_err(|e| VmmError::Device(format!("{what}: KVM_IRQFD for GSI {gsi}: {e}")))?;
+    Ok(fd)
+}
+
+fn com1_acpi() -> AcpiDevice {
+    AcpiDevice {
+        name: "COM1".into(),
+        hid: AcpiHid::Eisa("PNP0501"),
+        uid: Some(0),
+        window: AcpiWindow::Io { port: COM1_PORT, len: UART_PORT_LEN },
+        irq: Some(AcpiIrq::Isa(COM1_IRQ)),
+    }
+}
+
+fn rtc_acpi() -> AcpiDevice {
+    AcpiDevice {
+        name: "RTC_".into(),
+        hid: AcpiHid::Eisa("PNP0B00"),
+        uid: None,
+        window: AcpiWindow::Io { port: RTC_PORT, len: RTC_PORT_LEN },
+        irq: Some(AcpiIrq::Isa(RTC_IRQ)),
+    }
+}
+
+/// The legacy devices' ACPI entries alone (for the ACPI tables' own tests).
+pub fn legacy_acpi_devices() -> Vec<AcpiDevice> {
+    vec![com1_acpi(), rtc_acpi()]
+}
+
+/// Registers every coalescable range of both buses with KVM and attaches the ring to
+/// the buses. Capabilities are checked at run time; whatever KVM refuses simply keeps
+/// exiting as before. Returns a line for `--stats`.
+pub fn setup_coalescing(kvm: &Kvm, vm: &VmFd, vcpu: &kvm_ioctls::VcpuFd, buses: &Buses) -> String {
+    use kvm_ioctls::IoEventAddress;
+    if !kvm.check_extension(Cap::CoalescedMmio) {
+        return "off: KVM lacks KVM_CAP_COALESCED_MMIO (no ring)".into();
+    }
+    let pio_ok = kvm.check_extension(Cap::CoalescedPio);
+    let ring = match crate::devices::coalesced::CoalescedRing::map(vcpu) {
+        Ok(r) => r,
+        Err(e) => return format!("off: mapping the coalesced ring failed: {e}"),
+    };
+    // Attached before any zone exists, so no deferred write can go unread.
+    if buses.attach_ring(ring).is_err() {
+        return "off: a ring was already attached".into();
+    }
+    let mut zones = Vec::new();
+    let mut refused = Vec::new();
+    let pio = buses.pio.coalescable().iter().map(|&(b, l)| (true, b, l));
+    let mmio = buses.mmio.coalescable().iter().map(|&(b, l)| (false, b, l));
+    for (is_pio, base, len) in pio.chain(mmio) {
+        let name = if is_pio { format!("port {base:#x}") } else { format!("MMIO {base:#x}") };
+        let Ok(size) = u32::try_from(len) else {
+            refused.push(format!("{name} (too long)"));
+            continue;
+        };
+        if is_pio && !pio_ok {
+            refused.push(format!("{name} (no KVM_CAP_COALESCED_PIO)"));
+            continue;
+        }
+        let addr = if is_pio { IoEventAddress::Pio(base) } else { IoEventAddress::Mmio(base) };
+        match vm.register_coalesced_mmio(addr, size) {
+            Ok(()) => zones.push(format!("{name}+{len}")),
+            Err(e) => refused.push(format!("{name} ({e})")),
+        }
+    }
+    let mut line = if zones.is_empty() { "no zones".to_string() } else { format!("zones {}", zones.join(", ")) };
+    if !refused.is_empty() {
+        line.push_str(&format!("; not coalesced: {}", refused.join(", ")));
+    }
+    line
+}
+
+/// Registers every doorbell range of the port bus with KVM (KVM_IOEVENTFD, any access
+/// size, any value) and attaches them to the buses. What KVM refuses keeps exiting, as
+/// before. Returns a line for `--stats`.
+pub fn setup_doorbells(kvm: &Kvm, vm: &VmFd, buses: &Buses) -> String {
+    use crate::devices::doorbell::{Doorbell, Doorbells};
+    use kvm_ioctls::{IoEventAddress, NoDatamatch};
+    if !kvm.check_extension(Cap::Ioeventfd) {
+        return "off: KVM lacks KVM_CAP_IOEVENTFD".into();
+    }
+    let mut bells = Vec::new();
+    let mut names = Vec::new();
+    let mut refused = Vec::new();
+    for (port, device, offset) in buses.pio.doorbells() {
+        let event = match Doorbells::eventfd() {
+            Ok(e) => e,
+            Err(e) => {
+                refused.push(format!("port {port:#x} (eventfd: {e})"));
+                continue;
+            }
+        };
+        match vm.register_ioevent(&event, &IoEventAddress::Pio(port), NoDatamatch) {
+            Ok(()) => {
+                names.push(format!("port {port:#x}"));
+                bells.push(Doorbell { event, device, offset });
+            }
+            Err(e) => refused.push(format!("port {port:#x} ({e})")),
+        }
+    }
+    if !bells.is_empty() && buses.attach_doorbells(Doorbells::new(bells)).is_err() {
+        return "off: doorbells were already attached".into();
+    }
+    let mut line = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+    if !refused.is_empty() {
+        line.push_str(&format!("; not doorbells: {}", refused.join(", ")));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_declared_list_gives_the_legacy_acpi_entries() {
+        // What the ACPI tests check the DSDT against is what the manager declares.
+        let kvm = match Kvm::new() {
+            Ok(k) => k,
+            Err(e) => panic!("/dev/kvm is needed for this test: {e}"),
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let console = crate::devices::serial::Console::start(Box::new(std::io::sink())).unwrap();
+        let mut m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console)).unwrap();
+        m.build_buses().unwrap();
+        assert_eq!(m.acpi_devices(), legacy_acpi_devices());
+        assert!(m.buses.pio.lookup(COM1_PORT as u64 + 7, 1).is_some());
+        assert_eq!(m.buses.pio.coalescable(), &[(RTC_PORT as u64, 1), (POST_PORT as u64, 1)]);
+    }
+}
