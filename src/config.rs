@@ -43,6 +43,51 @@ pub enum ConfigError {
          (and --initrd), or set SKIFF_GUEST_DIR"
     )]
     NoDefaultGuest(PathBuf),
+    #[error("--disk {0}: {1}")]
+    Disk(String, String),
+}
+
+/// Most disks one machine takes (each a virtio-mmio slot with its own GSI).
+pub const MAX_DISKS: usize = 7;
+
+/// One `--disk PATH[,ro][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (VIRTIO_BLK_T_GET_ID): at most 20 bytes.
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// `PATH[,ro][,id=NAME]`; options after the first comma, each once.
+    fn from_str(arg: &str) -> Result<Self, ConfigError> {
+        let err = |why: &str| ConfigError::Disk(arg.to_string(), why.to_string());
+        let mut parts = arg.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| err("no path before the options"))?;
+        let mut disk = DiskConfig { path: PathBuf::from(path), read_only: false, id: None };
+        let mut seen_ro = false;
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" && !seen_ro => {
+                    seen_ro = true;
+                    disk.read_only = true;
+                }
+                None if opt == "ro" => return Err(err("`ro` given twice")),
+                Some(("id", name)) if disk.id.is_none() => {
+                    if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(err("id= must be 1 to 20 printable ASCII characters"));
+                    }
+                    disk.id = Some(name.to_string());
+                }
+                Some(("id", _)) => return Err(err("id= given twice")),
+                _ => return Err(err(&format!("unknown option `{opt}` (known: ro, id=NAME)"))),
+            }
+        }
+        Ok(disk)
+    }
 }
 
 /// What to do when the guest asks for a reboot.
@@ -77,6 +122,10 @@ pub struct VmConfig {
     /// correctly on this host (`clearcpuid=`), none that trade security or features
     /// for boot time where guest kernel mode is emulated (vcpu/probe.rs).
     pub guest_defaults: bool,
+    /// Block devices (virtio-blk), in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// A virtio entropy device fed from the host's getrandom (on unless --no-rng).
+    pub rng: bool,
 }
 
 /// Where the default guest lives: `$SKIFF_GUEST_DIR`, else `guest/out` in the source
@@ -155,6 +204,28 @@ pub fn default_kernel(dir: &Path) -> Result<PathBuf, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_arguments_parse_or_say_what_is_wrong() {
+        let d: DiskConfig = "a.img".parse().unwrap();
+        assert_eq!(d, DiskConfig { path: "a.img".into(), read_only: false, id: None });
+        let d: DiskConfig = "/x/b.img,ro,id=data1".parse().unwrap();
+        assert_eq!(d, DiskConfig { path: "/x/b.img".into(), read_only: true, id: Some("data1".into()) });
+        for (bad, why) in [
+            ("", "no path"),
+            (",ro", "no path"),
+            ("a,rw", "unknown option `rw`"),
+            ("a,ro,ro", "twice"),
+            ("a,id=", "id="),
+            ("a,id=123456789012345678901", "id="),
+            ("a,id=x,id=y", "twice"),
+            ("a,id=a b", "id="),
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(e.contains(why) && e.starts_with("--disk "), "{bad}: {e}");
+            assert_eq!(e.lines().count(), 1);
+        }
+    }
 
     #[test]
     fn memory_sizes() {

@@ -84,6 +84,15 @@ struct RunArgs {
     /// retbleed=off, spec_rstack_overflow=off, initcall_blacklist=...).
     #[arg(long)]
     guest_defaults: bool,
+    /// A disk for the guest (virtio-blk): a raw image file or a block device, its
+    /// size a multiple of 512 bytes; `ro` makes it read-only, `id=NAME` sets the serial
+    /// the guest reads. Repeatable: the first is /dev/vda, the next /dev/vdb, ...
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    disk: Vec<String>,
+    /// No virtio entropy device (by default the guest gets one, fed from the host's
+    /// getrandom).
+    #[arg(long)]
+    no_rng: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -190,6 +199,10 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     if let Some(i) = &initrd {
         config::check_readable(i).map_err(|r| format!("initrd {}: {r}", i.display()))?;
     }
+    let disks = args.disk.iter().map(|d| d.parse::<config::DiskConfig>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    if disks.len() > config::MAX_DISKS {
+        return Err(format!("--disk: {} disks given, at most {} are supported", disks.len(), config::MAX_DISKS));
+    }
     Ok(VmConfig {
         kernel,
         initrd,
@@ -205,6 +218,8 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         pvh: matches!(args.boot, BootProtocol::Pvh),
         coalesce: !args.no_coalesce,
         guest_defaults: args.guest_defaults,
+        disks,
+        rng: !args.no_rng,
     })
 }
 
@@ -273,6 +288,9 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         );
         let _ = writeln!(out, "doorbell writes (ioeventfd, no exit): {} ({})", r.doorbells_rung, r.doorbells);
         let _ = writeln!(out, "KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
+        for v in &r.virtio {
+            let _ = writeln!(out, "virtio {v}");
+        }
         out.push_str(&r.quirks.report());
         if let Some(rss) = r.rss {
             let _ = writeln!(

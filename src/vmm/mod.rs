@@ -59,6 +59,8 @@ pub enum VmmError {
     Probe(String),
     #[error("device setup: {0}")]
     Device(String),
+    #[error("{0}")]
+    Disk(String),
     #[error("creating a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -133,6 +135,8 @@ pub struct RunReport {
     pub reboots: RebootSummary,
     /// Registers and the instruction at CS:RIP when the run ended by a triple fault.
     pub diagnostic: Option<String>,
+    /// Each virtio device: its name and what it did.
+    pub virtio: Vec<String>,
     /// Guest console output never written: the console failed (closed pipe) or took
     /// nothing for a while at the end (nobody reads it).
     pub console_unwritten: u64,
@@ -212,6 +216,8 @@ impl Vmm {
                 .spawn(move || probe::probe_host(&kvm_fd, &supported))
                 .map_err(VmmError::Thread)?
         };
+        // Disks first: a wrong path or a locked image is reported before any work.
+        let disks = open_disks(config)?;
         let (vm, vm_pristine) = create_vm(&kvm)?;
         let mem = memory::create_guest_memory(config.memory)?;
         memory::register_with_kvm(&vm, &mem)?;
@@ -236,6 +242,12 @@ impl Vmm {
         let console_bytes = out.bytes.clone();
         let console_first_byte = out.first_byte.clone();
         let mut devices = DeviceManager::new(&vm, &control, out)?;
+        if config.rng {
+            devices.add_virtio(&vm, &mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
+        }
+        for (disk, block) in config.disks.iter().zip(disks) {
+            devices.add_virtio(&vm, &mem, format!("disk {}", disk.path.display()), Box::new(block))?;
+        }
         devices.build_buses()?;
         let entry = write_guest_tables(&mem, &kernel, config, &cmdline, &devices.acpi_devices())?;
 
@@ -248,7 +260,13 @@ impl Vmm {
             Some(v) if config.coalesce => devices::setup_coalescing(&kvm, &vm, &v.fd, &devices.buses),
             _ => "off (--no-coalesce)".to_string(),
         };
-        let doorbells = if config.coalesce { devices::setup_doorbells(&kvm, &vm, &devices.buses) } else { "off (--no-coalesce)".to_string() };
+        let doorbells = if config.coalesce {
+            let bells = devices::setup_doorbells(&kvm, &vm, &devices.buses);
+            let queues = devices.setup_queue_notifiers(&vm);
+            format!("{bells}; {queues}")
+        } else {
+            "off (--no-coalesce)".to_string()
+        };
         let mut vmm = Vmm {
             _kvm: kvm,
             vm,
@@ -277,6 +295,15 @@ impl Vmm {
     pub fn msr_set(&self) -> Option<&crate::vcpu::msr::MsrSet> {
         self.vcpus.first().map(|v| &v.spec.msrs)
     }
+}
+
+/// Opens every `--disk` (checked and locked: vmm/devices.rs declares them later).
+fn open_disks(config: &VmConfig) -> Result<Vec<crate::devices::virtio::block::Block>, VmmError> {
+    config
+        .disks
+        .iter()
+        .map(|d| crate::devices::virtio::block::Block::open(&d.path, d.read_only, d.id.clone()).map_err(|e| VmmError::Disk(e.to_string())))
+        .collect()
 }
 
 /// The VM with its in-kernel chipset (PICs, I/O APIC, PIT), and that chipset's

@@ -4,6 +4,7 @@
 //! out of KVM_RUN when that returns), then either resets the machine in place and
 //! resumes it, or ends the run.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -99,6 +100,14 @@ impl Vmm {
                 lp.add(fd, Source::Doorbell(i)).map_err(err)?;
             }
         }
+        for (device, v) in self.devices.virtio.iter().enumerate() {
+            for (queue, fd) in &v.notifiers {
+                lp.add(fd.as_raw_fd(), Source::Queue { device, queue: *queue }).map_err(err)?;
+            }
+            for (index, fd) in v.device.backend_fds().into_iter().enumerate() {
+                lp.add(fd, Source::Backend { device, index }).map_err(err)?;
+            }
+        }
         if profiling {
             lp.add_profile_tick(Duration::from_millis(10)).map_err(err)?;
         }
@@ -125,7 +134,12 @@ impl Vmm {
                         }
                         hooks.after_doorbell(self, set);
                     }
-                    Source::Queue { .. } | Source::Backend { .. } => {}
+                    Source::Queue { device, queue } => self.on_queue_notify(device, queue),
+                    Source::Backend { device, index } => {
+                        if let Some(v) = self.devices.virtio.get(device) {
+                            v.device.backend_ready(index);
+                        }
+                    }
                 }
             }
             if self.control.stopping() {
@@ -134,6 +148,16 @@ impl Vmm {
                     AfterStop::Finished => return Ok(()),
                 }
             }
+        }
+    }
+
+    /// KVM signalled a virtio queue's notifier: take the count and tell the device.
+    fn on_queue_notify(&self, device: usize, queue: u16) {
+        let Some(v) = self.devices.virtio.get(device) else { return };
+        if let Some((_, fd)) = v.notifiers.iter().find(|(q, _)| *q == queue)
+            && fd.read().is_ok()
+        {
+            v.device.notify(queue);
         }
     }
 
@@ -247,6 +271,7 @@ impl Vmm {
             cmdline: self.cmdline,
             reboots,
             diagnostic: self.control.take_diagnostic(),
+            virtio: self.devices.virtio.iter().map(|v| format!("{}: {:?}", v.name, v.device.stats())).collect(),
             console_unwritten,
         }
     }
