@@ -3,6 +3,8 @@
 //! guest kernel mode is emulated.
 
 mod common;
+#[path = "boot/disk.rs"]
+mod disk;
 
 use std::time::Duration;
 
@@ -12,8 +14,23 @@ const CMD_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn boot_and_check(cpus: u32) {
     let cpus_arg = cpus.to_string();
-    let mut g = Guest::boot(&["--cpus", &cpus_arg, "--stats", "--boot-time"]);
+    // Disks: the 2-vCPU boot writes an ext4 disk and powers off, with a read-only
+    // disk beside it; the 1-vCPU boot writes one and is killed right after `sync`.
+    let data = disk::ext4_image(&format!("data{cpus}.img"), 64);
+    let ro = disk::pattern_image("ro.img", 4);
+    let ro_sum = disk::sha256_file(&ro);
+    let data_arg = data.display().to_string();
+    let ro_arg = format!("{},ro,id=skiff-ro", ro.display());
+    let mut args = vec!["--cpus", &cpus_arg, "--stats", "--boot-time", "--disk", &data_arg];
+    if cpus == 2 {
+        args.extend(["--disk", &ro_arg]);
+    }
+    // The 2-vCPU boot is paused and resumed 100 times as its /init starts.
+    let hooks: &[(&str, &str)] = if cpus == 2 { &[("SKIFF_TEST_HOOK", "pause-storm")] } else { &[] };
+    let mut g = Guest::boot_env(&args, hooks);
     g.wait_for("skiff-guest: ready", BOOT_TIMEOUT);
+    guest_time_is_the_hosts(&mut g);
+    virtio_devices_are_there(&mut g, cpus);
 
     let nproc = g.run("nproc", CMD_TIMEOUT);
     assert_eq!(nproc, vec![cpus_arg.clone()], "nproc in the guest");
@@ -37,12 +54,35 @@ fn boot_and_check(cpus: u32) {
         ask_for_translate_checks(&mut g);
         a_jump_to_the_syscall_entry_is_not_a_syscall(&mut g);
     }
+    let mut files = Vec::new();
     if cpus == 2 {
+        files = disk::write_files(&mut g, "vda", 3);
+        g.run("umount /mnt", CMD_TIMEOUT);
+        disk::read_only_disk_refuses_writes(&mut g, "vdb");
         processes_keep_their_vector_registers(&mut g);
         kernel_text_patching_while_the_other_vcpu_runs(&mut g);
         mtrrs_are_reset_by_reboot(&mut g, cpus);
+        // The disk after the in-place reboot: the same files, read through a device
+        // that was reset and set up again by a new kernel.
+        virtio_devices_are_there(&mut g, cpus);
+        let out = g.run("mount -t ext4 /dev/vda /mnt && sha256sum /mnt/file* && umount /mnt", CMD_TIMEOUT);
+        for (name, sum) in &files {
+            assert!(out.contains(&format!("{sum}  /mnt/{name}")), "{name} after the reboot: {out:?}");
+        }
     }
     no_process_died_of_a_fault(&mut g);
+    if cpus == 1 {
+        // Data the guest synced survives skiff being killed at once.
+        let sums = disk::write_files(&mut g, "vda", 2);
+        let synced = g.run("sync; echo synced", CMD_TIMEOUT);
+        assert_eq!(synced, vec!["synced".to_string()]);
+        let (status, stderr) = g.kill9();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{stderr}");
+        disk::survives_sigkill(&data, &sums);
+        translator_agreed_with_kvm(&stderr);
+        eprintln!("--- 1 vCPU (killed after sync) ---\n{stderr}");
+        return;
+    }
 
     g.send("poweroff\n");
     let (status, stderr, console) = g.wait_exit(CMD_TIMEOUT);
@@ -50,17 +90,54 @@ fn boot_and_check(cpus: u32) {
     assert!(stderr.contains("boot: first console byte"), "{stderr}");
     assert!(stderr.contains("exits:"), "{stderr}");
     assert!(stderr.contains("host quirks"), "{stderr}");
-    if cpus == 2 {
-        assert!(stderr.contains("reboots: 1 in place"), "one reboot expected; stderr:\n{stderr}\nconsole:\n{console}");
-    }
-    if cpus == 1 {
-        translator_agreed_with_kvm(&stderr);
-    }
+    assert!(stderr.contains("reboots: 1 in place"), "one reboot expected; stderr:\n{stderr}\nconsole:\n{console}");
+    pause_storm_left_nothing_behind(&stderr);
+    disk::host_reads_back(&data, &files);
+    assert_eq!(disk::sha256_file(&ro), ro_sum, "the read-only disk's image changed");
     // No guest instruction was answered with #UD: in kernel text that is an oops.
     let ud: Vec<&str> = stderr.lines().filter(|l| l.to_lowercase().contains("-> #ud")).collect();
     assert!(ud.is_empty(), "skiff raised #UD for {ud:?}; stderr:\n{stderr}\nconsole:\n{console}");
     // Print what the boot cost, for the log.
     eprintln!("--- {cpus} vCPU(s) ---\n{stderr}");
+}
+
+/// The guest's clock is the host's (RTC at boot, then kvm-clock or the TSC): within
+/// a few seconds, after everything the boot went through (on 2 vCPUs, 100 pauses).
+fn guest_time_is_the_hosts(g: &mut Guest) {
+    let out = g.run("date +%s", CMD_TIMEOUT);
+    let guest: i64 = out.concat().trim().parse().unwrap_or_else(|_| panic!("guest date: {out:?}"));
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((guest - host).abs() <= 10, "guest time {guest}, host time {host}");
+}
+
+/// The virtio devices the boot was given: the entropy source is the kernel's hardware
+/// RNG, and each disk is there with its size (and the read-only one with its serial).
+fn virtio_devices_are_there(g: &mut Guest, cpus: u32) {
+    let rng = g.run("cat /sys/devices/virtual/misc/hw_random/rng_current", CMD_TIMEOUT);
+    assert!(rng.concat().starts_with("virtio_rng"), "hardware RNG: {rng:?}");
+    let size = g.run("cat /sys/block/vda/size", CMD_TIMEOUT);
+    assert_eq!(size, vec![(64u64 << 20 >> 9).to_string()], "vda's size in sectors");
+    if cpus == 2 {
+        let serial = g.run("cat /sys/block/vdb/serial", CMD_TIMEOUT);
+        assert_eq!(serial, vec!["skiff-ro".to_string()], "vdb's serial (VIRTIO_BLK_T_GET_ID)");
+    }
+}
+
+/// The pause storm (100 pauses as /init started) ran, and skiff's threads and fds are
+/// as many after it as before.
+fn pause_storm_left_nothing_behind(stderr: &str) {
+    let line = stderr.lines().find(|l| l.contains("pause storm:")).unwrap_or_else(|| panic!("no pause storm line:\n{stderr}"));
+    assert!(line.contains("100 pauses of 2 vCPUs"), "{line}");
+    let grab = |key: &str| -> (String, String) {
+        let rest = line.split(key).nth(1).unwrap_or_else(|| panic!("{key} in {line}"));
+        let mut it = rest.split(|c: char| c == ',' || c == ';').next().unwrap_or("").split(" -> ");
+        (it.next().unwrap_or("").trim().to_string(), it.next().unwrap_or("").trim().to_string())
+    };
+    let (t0, t1) = grab("threads ");
+    let (f0, f1) = grab("fds ");
+    assert_eq!(t0, t1, "threads grew: {line}");
+    assert_eq!(f0, f1, "fds grew: {line}");
+    eprintln!("{line}");
 }
 
 /// Issue 10's stress test: 1,000 guest processes, four at a time on two vCPUs, half of

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::coalesced::{CoalescedRing, CoalescedWrite};
 use super::doorbell::Doorbells;
+use super::state::{DeviceState, RestoreError};
 
 /// A device on a bus. `offset` is relative to the start of the range the device was
 /// inserted at; `data` is the access (1, 2, 4 or 8 bytes, little-endian).
@@ -37,6 +38,13 @@ pub trait BusDevice: Send + Sync {
     fn doorbell(&self, offset: u64) {
         self.write(offset, &[0]);
     }
+
+    /// The device's state (devices/state.rs), for a snapshot. No default: a device
+    /// that forgot this would be missing from every snapshot.
+    fn state(&self) -> DeviceState;
+
+    /// Takes back a state `state` returned (from a snapshot file: checked here).
+    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError>;
 
     /// The machine is being reset (an in-place reboot): go back to power-up state.
     /// Battery-backed state (the CMOS RAM and clock) survives, as on a PC.
@@ -370,6 +378,12 @@ mod tests {
         order: Mutex<Vec<(char, u64)>>,
     }
     impl BusDevice for Recorder {
+        fn state(&self) -> DeviceState {
+            DeviceState::None
+        }
+        fn restore(&self, _: &DeviceState) -> Result<(), RestoreError> {
+            Ok(())
+        }
         fn read(&self, offset: u64, data: &mut [u8]) {
             self.order.lock().unwrap().push(('r', offset));
             data.fill(offset as u8);

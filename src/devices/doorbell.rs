@@ -92,6 +92,12 @@ mod tests {
     #[derive(Default)]
     struct Bell(Mutex<Vec<u64>>);
     impl BusDevice for Bell {
+        fn state(&self) -> crate::devices::state::DeviceState {
+            crate::devices::state::DeviceState::None
+        }
+        fn restore(&self, _: &crate::devices::state::DeviceState) -> Result<(), crate::devices::state::RestoreError> {
+            Ok(())
+        }
         fn read(&self, _: u64, data: &mut [u8]) {
             data.fill(0);
         }

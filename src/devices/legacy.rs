@@ -8,6 +8,7 @@ use std::time::Instant;
 use vm_superio::{I8042Device, Trigger};
 
 use super::BusDevice;
+use super::state::{DeviceState, RestoreError};
 use crate::control::{Control, StopReason};
 
 /// Turns a device's reset line into a machine reset request.
@@ -40,6 +41,15 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
+    fn state(&self) -> DeviceState {
+        DeviceState::I8042
+    }
+    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError> {
+        match state {
+            DeviceState::I8042 => Ok(()),
+            other => Err(RestoreError::wrong_kind(other, "i8042")),
+        }
+    }
     fn reset(&self) {
         *self.dev.lock().unwrap_or_else(|e| e.into_inner()) = I8042Device::new(self.line.clone());
     }
@@ -73,6 +83,19 @@ impl ResetControl {
 }
 
 impl BusDevice for ResetControl {
+    fn state(&self) -> DeviceState {
+        DeviceState::ResetControl { value: self.value.load(Ordering::Relaxed) }
+    }
+    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError> {
+        match state {
+            // RST_CPU is never kept (a write of it resets at once).
+            DeviceState::ResetControl { value } => {
+                self.value.store(value & !0x04, Ordering::Relaxed);
+                Ok(())
+            }
+            other => Err(RestoreError::wrong_kind(other, "reset-control")),
+        }
+    }
     fn reset(&self) {
         self.value.store(0, Ordering::Relaxed);
     }
@@ -99,6 +122,18 @@ pub struct PostPort {
 }
 
 impl BusDevice for PostPort {
+    fn state(&self) -> DeviceState {
+        DeviceState::PostPort { last: self.last.load(Ordering::Relaxed) }
+    }
+    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError> {
+        match state {
+            DeviceState::PostPort { last } => {
+                self.last.store(*last, Ordering::Relaxed);
+                Ok(())
+            }
+            other => Err(RestoreError::wrong_kind(other, "post-port")),
+        }
+    }
     fn reset(&self) {
         self.last.store(0, Ordering::Relaxed);
     }
@@ -122,6 +157,15 @@ pub struct BootMarker {
 }
 
 impl BusDevice for BootMarker {
+    fn state(&self) -> DeviceState {
+        DeviceState::BootMarker
+    }
+    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError> {
+        match state {
+            DeviceState::BootMarker => Ok(()),
+            other => Err(RestoreError::wrong_kind(other, "boot-marker")),
+        }
+    }
     fn read(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Instant;
 
 use super::BusDevice;
+use super::state::{DeviceState, RestoreError};
 use crate::control::{Control, StopReason};
 use crate::vmm::layout::{PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SLP_TYP_S5};
 
@@ -68,6 +69,21 @@ fn get(data: &[u8]) -> u32 {
 }
 
 impl BusDevice for PmBlock {
+    fn state(&self) -> DeviceState {
+        DeviceState::Pm(crate::devices::state::PmRegs {
+            status: self.status.load(Ordering::Relaxed),
+            enable: self.enable.load(Ordering::Relaxed),
+            control: self.pm1_control.load(Ordering::Relaxed),
+        })
+    }
+    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError> {
+        let DeviceState::Pm(regs) = state else { return Err(RestoreError::wrong_kind(state, "pm")) };
+        self.status.store(regs.status, Ordering::Relaxed);
+        self.enable.store(regs.enable, Ordering::Relaxed);
+        // As a guest write would leave it: SCI_EN on, SLP_EN never latched.
+        self.pm1_control.store((regs.control & !SLP_EN) | SCI_EN, Ordering::Relaxed);
+        Ok(())
+    }
     fn reset(&self) {
         self.status.store(0, Ordering::Relaxed);
         self.enable.store(0, Ordering::Relaxed);

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::BusDevice;
+use super::state::{DeviceState, RestoreError};
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -125,6 +126,21 @@ impl Cmos {
 }
 
 impl BusDevice for Cmos {
+    fn state(&self) -> DeviceState {
+        let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        DeviceState::Cmos { index: state.index, ram: state.ram.to_vec() }
+    }
+    fn restore(&self, saved: &DeviceState) -> Result<(), RestoreError> {
+        let DeviceState::Cmos { index, ram } = saved else { return Err(RestoreError::wrong_kind(saved, "cmos")) };
+        let ram: [u8; 128] = ram.as_slice().try_into().map_err(|_| RestoreError::Invalid {
+            device: "cmos",
+            reason: format!("{} bytes of CMOS RAM, not 128", ram.len()),
+        })?;
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        state.index = index & 0x7f;
+        state.ram = ram;
+        Ok(())
+    }
     fn read(&self, offset: u64, data: &mut [u8]) {
         let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let v = if offset == 1 { Self::read_register(&state, state.index) } else { 0xff };

@@ -20,6 +20,7 @@ use vm_superio::{Serial, Trigger, serial::NoEvents};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
+use super::state::{DeviceState, RestoreError};
 use crate::control::Control;
 
 /// Raises the serial interrupt by writing the irqfd KVM listens on.
@@ -253,6 +254,43 @@ impl SerialDevice {
 }
 
 impl BusDevice for SerialDevice {
+    fn state(&self) -> DeviceState {
+        let s = self.uart.lock().unwrap_or_else(|e| e.into_inner()).state();
+        DeviceState::Serial(crate::devices::state::SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
+    }
+    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError> {
+        let DeviceState::Serial(r) = state else { return Err(RestoreError::wrong_kind(state, "serial")) };
+        let regs = vm_superio::serial::SerialState {
+            baud_divisor_low: r.baud_divisor_low,
+            baud_divisor_high: r.baud_divisor_high,
+            interrupt_enable: r.interrupt_enable,
+            interrupt_identification: r.interrupt_identification,
+            line_control: r.line_control,
+            line_status: r.line_status,
+            modem_control: r.modem_control,
+            modem_status: r.modem_status,
+            scratch: r.scratch,
+            in_buffer: r.in_buffer.clone(),
+        };
+        let invalid = |reason: String| RestoreError::Invalid { device: "serial", reason };
+        let line = self.irq.try_clone().map_err(|e| invalid(format!("interrupt line: {e}")))?;
+        let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let out = uart.writer_mut().handle();
+        // vm-superio refuses a receive FIFO longer than the UART's.
+        *uart = Serial::from_state(&regs, IrqTrigger(line), NoEvents, out).map_err(|e| invalid(format!("{e:?}")))?;
+        Ok(())
+    }
     /// Back to the UART's power-up registers (and an empty FIFO); output continues to
     /// the same place.
     fn reset(&self) {

@@ -37,6 +37,8 @@ pub enum VcpuEvent {
     PowerOn(BootEntry, bool),
     /// Hand over the exit statistics and profile samples gathered so far.
     TakeStats,
+    /// Answer at once (measures the round trip itself).
+    Ping,
     /// End the thread.
     Exit,
 }
@@ -47,6 +49,7 @@ pub enum VcpuResponse {
     Resumed,
     PoweredOn(Result<(), VcpuError>),
     Stats(Box<ExitStats>, Vec<(u32, u64)>),
+    Pong,
     Exited,
 }
 
@@ -195,6 +198,7 @@ fn handle(vcpu: &mut Vcpu, control: &Control, event: VcpuEvent, running: bool, r
             let samples = vcpu.rip_samples.as_mut().map(|(_, s)| std::mem::take(s)).unwrap_or_default();
             (VcpuResponse::Stats(stats, samples), running)
         }
+        VcpuEvent::Ping => (VcpuResponse::Pong, running),
         VcpuEvent::Exit => (VcpuResponse::Exited, false),
     };
     let _ = responses.send(answer);

@@ -17,6 +17,7 @@ use crate::devices::pm::{PM_BLOCK_LEN, PmBlock};
 use crate::devices::rtc::Cmos;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::virtio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio};
+use crate::devices::state::{DEVICE_STATE_VERSION, DeviceState};
 use crate::devices::{BusDevice, Buses};
 
 /// Where virtio-mmio devices sit: one 4 KiB window per slot in the MMIO hole.
@@ -33,7 +34,7 @@ const RTC_PORT_LEN: u8 = 2;
 const UART_PORT_LEN: u8 = 8;
 
 /// Which address space a device sits in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Space {
     Pio,
     Mmio,
@@ -59,6 +60,15 @@ pub struct Declared {
     pub acpi: Option<AcpiDevice>,
     /// Part of the range (absolute base, length) whose writes need no exit.
     pub fast: Option<(u64, u64, FastWrite)>,
+}
+
+/// One device's state in a snapshot, named by where it sits.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedDevice {
+    pub version: u32,
+    pub space: Space,
+    pub base: u64,
+    pub state: DeviceState,
 }
 
 /// The legacy PC devices, each with what it needs from the machine.
@@ -212,6 +222,33 @@ impl DeviceManager {
         self.declared.iter().filter_map(|d| d.acpi.clone()).collect()
     }
 
+    /// Every declared device's state, named by where it sits (for a snapshot).
+    pub fn save(&self) -> Vec<SavedDevice> {
+        self.declared
+            .iter()
+            .map(|d| SavedDevice { version: DEVICE_STATE_VERSION, space: d.space, base: d.base, state: d.device.state() })
+            .collect()
+    }
+
+    /// Puts `saved` back, one state into each declared device: every device must find
+    /// exactly its own, and nothing may be left over (a snapshot of another machine).
+    pub fn restore(&self, saved: &[SavedDevice]) -> Result<(), String> {
+        if saved.len() != self.declared.len() {
+            return Err(format!("{} device states for {} devices", saved.len(), self.declared.len()));
+        }
+        for d in &self.declared {
+            let mut mine = saved.iter().filter(|s| s.space == d.space && s.base == d.base);
+            let (Some(s), None) = (mine.next(), mine.next()) else {
+                return Err(format!("{} at {:#x}: not exactly one saved state", d.name, d.base));
+            };
+            if s.version != DEVICE_STATE_VERSION {
+                return Err(format!("{} at {:#x}: state version {} (this skiff reads {DEVICE_STATE_VERSION})", d.name, d.base, s.version));
+            }
+            d.device.restore(&s.state).map_err(|e| format!("{} at {:#x}: {e}", d.name, d.base))?;
+        }
+        Ok(())
+    }
+
     /// Every device back to its power-up state (an in-place reboot).
     pub fn reset(&self) {
         for d in &self.declared {
@@ -353,5 +390,36 @@ mod tests {
         assert_eq!(m.acpi_devices(), legacy_acpi_devices());
         assert!(m.buses.pio.lookup(COM1_PORT as u64 + 7, 1).is_some());
         assert_eq!(m.buses.pio.coalescable(), &[(RTC_PORT as u64, 1), (POST_PORT as u64, 1)]);
+    }
+
+    #[test]
+    fn every_device_state_goes_out_and_back_exactly() {
+        let kvm = Kvm::new().expect("/dev/kvm is needed for this test");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let console = crate::devices::serial::Console::start(Box::new(std::io::sink())).unwrap();
+        let m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console)).unwrap();
+        // Guest-visible changes: CMOS RAM, the UART's scratch register, a POST code.
+        m.buses.pio.write(RTC_PORT as u64, &[0x40]);
+        m.buses.pio.write(RTC_PORT as u64 + 1, &[0x5a]);
+        m.buses.pio.write(COM1_PORT as u64 + 7, &[0xa5]);
+        m.buses.pio.write(POST_PORT as u64, &[0x42]);
+        let saved = m.save();
+        assert_eq!(saved.len(), m.declared.len(), "a state for every declared device");
+        m.reset();
+        assert_ne!(m.save(), saved, "reset changed nothing?");
+        m.restore(&saved).unwrap();
+        assert_eq!(m.save(), saved);
+        // A snapshot of another machine, a state of the wrong kind, a newer version.
+        assert!(m.restore(&saved[1..]).unwrap_err().contains("device states for"));
+        let mut swapped = saved.clone();
+        swapped[0].state = DeviceState::BootMarker;
+        assert!(m.restore(&swapped).unwrap_err().contains("cannot be restored into a serial"));
+        let mut newer = saved.clone();
+        newer[2].version = DEVICE_STATE_VERSION + 1;
+        assert!(m.restore(&newer).unwrap_err().contains("state version"));
+        let mut short = saved;
+        short[2].state = DeviceState::Cmos { index: 0, ram: vec![0; 12] };
+        assert!(m.restore(&short).unwrap_err().contains("not 128"));
     }
 }

@@ -124,7 +124,9 @@ impl Vmm {
         }
         let mut hooks = TestHooks::from_env();
         loop {
-            for source in lp.wait(None).map_err(|e| VmmError::Device(format!("event loop: {e}")))? {
+            let ready = lp.wait(hooks.wait_at_most()).map_err(|e| VmmError::Device(format!("event loop: {e}")))?;
+            hooks.after_wait(self, set);
+            for source in ready {
                 match source {
                     Source::Wake => self.on_wake(),
                     Source::ProfileTick => self.control.kick(),
@@ -280,14 +282,31 @@ impl Vmm {
 /// Test hooks that drive the lifecycle (SKIFF_TEST_HOOK, see `test_hook`):
 /// - `pause-storm`: when the guest first rings the boot marker (its /init started),
 ///   pause and resume every vCPU 100 times and report the latencies and whether
-///   skiff's threads or fds grew.
+///   skiff's threads or fds grew;
+/// - `pause-bench`: the same 300 ms after the start, then power off (bench/pause.py).
 struct TestHooks {
     pause_storm: bool,
+    bench_at: Option<Instant>,
 }
 
 impl TestHooks {
     fn from_env() -> Self {
-        TestHooks { pause_storm: test_hook("pause-storm") }
+        let bench_at = test_hook("pause-bench").then(|| Instant::now() + Duration::from_millis(300));
+        TestHooks { pause_storm: test_hook("pause-storm"), bench_at }
+    }
+
+    /// How long the event loop may sleep before a hook is due.
+    fn wait_at_most(&self) -> Option<Duration> {
+        self.bench_at.map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    fn after_wait(&mut self, vmm: &Vmm, set: &mut VcpuSet) {
+        if self.bench_at.is_some_and(|t| Instant::now() >= t) && !vmm.control.stopping() {
+            self.bench_at = None;
+            let line = pause_storm(set, 100).unwrap_or_else(|e| format!("failed: {e}"));
+            crate::output::stderr(&format!("skiff: pause storm: {line}\n"));
+            vmm.control.request_stop(StopReason::Poweroff);
+        }
     }
 
     fn after_doorbell(&mut self, vmm: &Vmm, set: &mut VcpuSet) {
@@ -307,20 +326,35 @@ impl TestHooks {
 pub fn pause_storm(set: &mut VcpuSet, n: usize) -> Result<String, super::vcpus::VcpusError> {
     let (threads_before, fds_before) = thread_and_fd_counts(None);
     let mut us = Vec::with_capacity(n);
+    let mut floor = Vec::with_capacity(n);
     for _ in 0..n {
         us.push(set.pause_all()?.as_secs_f64() * 1e6);
+        // The floor: the same request and answer to every vCPU thread while none is in
+        // KVM_RUN (what a pause costs beyond leaving the guest).
+        let t = Instant::now();
+        set.ping_all()?;
+        floor.push(t.elapsed().as_secs_f64() * 1e6);
         set.resume_all()?;
         // Let the guest run between pauses, as it would between API requests.
         std::thread::sleep(Duration::from_millis(2));
     }
     let (threads_after, fds_after) = thread_and_fd_counts(Some(threads_before));
-    us.sort_by(f64::total_cmp);
-    let pick = |i: usize| us.get(i).copied().unwrap_or(0.0);
+    let (a, b) = (spread(&mut us), spread(&mut floor));
     Ok(format!(
-        "{n} pauses of {} vCPUs: min {:.1} us, median {:.1} us, max {:.1} us; threads {threads_before} -> {threads_after}, fds {fds_before} -> {fds_after}",
+        "{n} pauses of {} vCPUs: min {:.1} us, median {:.1} us, max {:.1} us; floor (paused round trip) min {:.1} us, median {:.1} us, max {:.1} us; threads {threads_before} -> {threads_after}, fds {fds_before} -> {fds_after}",
         set.len(),
-        pick(0),
-        pick(us.len() / 2),
-        pick(us.len().saturating_sub(1)),
+        a.0,
+        a.1,
+        a.2,
+        b.0,
+        b.1,
+        b.2,
     ))
+}
+
+/// Min, median and max.
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let pick = |i: usize| v.get(i).copied().unwrap_or(0.0);
+    (pick(0), pick(v.len() / 2), pick(v.len().saturating_sub(1)))
 }

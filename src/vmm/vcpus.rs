@@ -105,6 +105,11 @@ impl VcpuSet {
         Ok(())
     }
 
+    /// A request and answer to every vCPU thread, changing nothing.
+    pub fn ping_all(&self) -> Result<(), VcpusError> {
+        self.all(|| VcpuEvent::Ping).map(|_| ())
+    }
+
     /// Every vCPU's exit statistics (merged) and profile samples (ms, vCPU, RIP) since
     /// the last call.
     pub fn take_stats(&self) -> Result<(ExitStats, Vec<(u32, u8, u64)>), VcpusError> {

@@ -49,11 +49,17 @@ pub struct Guest {
 
 impl Guest {
     pub fn boot(args: &[&str]) -> Guest {
+        Self::boot_env(args, &[])
+    }
+
+    /// Boots with extra environment variables (test hooks).
+    pub fn boot_env(args: &[&str], env: &[(&str, &str)]) -> Guest {
         require_kvm();
         require_guest();
         let mut child = Command::new(SKIFF)
             .arg("run")
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -163,6 +169,14 @@ impl Guest {
             }
             out.push(line);
         }
+    }
+
+    /// Kills skiff with SIGKILL (no chance to flush anything) and waits for it.
+    pub fn kill9(mut self) -> (ExitStatus, String) {
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("wait");
+        let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        (status, err)
     }
 
     /// Waits for skiff to exit; returns its status, its stderr and the console's last

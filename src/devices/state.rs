@@ -1,0 +1,86 @@
+//! Every device's state as one declared, versioned, serializable value. Each device
+//! on a bus must say what its state is and take it back ([`super::BusDevice::state`]
+//! and `restore` have no default), so a snapshot cannot forget a device, and what
+//! is saved is exactly what is restored. A restored state is as untrusted as the
+//! guest that produced it: every field is checked on the way in.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a state below changes shape or meaning; older versions are read by
+/// explicit upgrade code (none yet: this is the first).
+pub const DEVICE_STATE_VERSION: u32 = 1;
+
+/// The 16550 UART's registers and receive FIFO (vm-superio's model of it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// The ACPI PM1 event and control registers (the PM timer follows the host clock).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmRegs {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+}
+
+/// One device's state, by kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Serial(SerialRegs),
+    /// The i8042's model keeps only its reset-line behaviour: nothing to carry.
+    I8042,
+    /// CMOS RAM (128 bytes) and the selected index; the clock follows the host.
+    Cmos { index: u8, ram: Vec<u8> },
+    PostPort { last: u8 },
+    ResetControl { value: u8 },
+    Pm(PmRegs),
+    /// The boot marker is skiff's own timing aid: nothing the guest can see.
+    BootMarker,
+    Virtio(super::virtio::VirtioMmioState),
+    /// Stand-ins in tests.
+    #[cfg(test)]
+    None,
+}
+
+impl DeviceState {
+    /// The kind's name, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceState::Serial(_) => "serial",
+            DeviceState::I8042 => "i8042",
+            DeviceState::Cmos { .. } => "cmos",
+            DeviceState::PostPort { .. } => "post-port",
+            DeviceState::ResetControl { .. } => "reset-control",
+            DeviceState::Pm(_) => "pm",
+            DeviceState::BootMarker => "boot-marker",
+            DeviceState::Virtio(_) => "virtio",
+            #[cfg(test)]
+            DeviceState::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RestoreError {
+    #[error("a {found} state cannot be restored into a {expected} device")]
+    WrongKind { found: &'static str, expected: &'static str },
+    #[error("{device} state: {reason}")]
+    Invalid { device: &'static str, reason: String },
+}
+
+impl RestoreError {
+    /// `state` is not the kind `expected` takes.
+    pub fn wrong_kind(state: &DeviceState, expected: &'static str) -> Self {
+        RestoreError::WrongKind { found: state.kind(), expected }
+    }
+}

@@ -1,0 +1,105 @@
+//! The disk checks of the Debian boots: an ext4 image made on the host, written by
+//! the guest through virtio-blk, then read back on the host with e2fsprogs (e2fsck,
+//! debugfs); a read-only disk the guest cannot change.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::common::Guest;
+
+const CMD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A scratch file in Cargo's per-target temporary directory, removed first.
+pub fn scratch(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("boot-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// A `size_mib` MiB ext4 image, made by the host's mkfs.ext4.
+pub fn ext4_image(name: &str, size_mib: u64) -> PathBuf {
+    let p = scratch(name);
+    let f = std::fs::File::create(&p).expect("create image");
+    f.set_len(size_mib << 20).expect("size image");
+    let out = Command::new("mkfs.ext4").args(["-q", "-F", "-L", "skiff"]).arg(&p).output().unwrap_or_else(|e| panic!("mkfs.ext4 cannot be run ({e}): install e2fsprogs"));
+    assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+    p
+}
+
+/// A file of `size_mib` MiB of a fixed pattern, for the read-only disk.
+pub fn pattern_image(name: &str, size_mib: u64) -> PathBuf {
+    let p = scratch(name);
+    let data: Vec<u8> = (0..(size_mib << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&p, data).expect("write pattern image");
+    p
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let out = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// In the guest: mounts /dev/`dev` on /mnt, writes `files` files of 1 to 3 MiB of
+/// random data, and returns each name with the SHA-256 the guest computed.
+pub fn write_files(g: &mut Guest, dev: &str, files: u32) -> Vec<(String, String)> {
+    let out = g.run(&format!("mkdir -p /mnt && mount -t ext4 /dev/{dev} /mnt && echo mounted"), CMD_TIMEOUT);
+    assert!(out.iter().any(|l| l == "mounted"), "mounting /dev/{dev}: {out:?}");
+    let mut sums = Vec::new();
+    for i in 0..files {
+        let name = format!("file{i}");
+        let mib = 1 + i % 3;
+        let out = g.run(&format!("dd if=/dev/urandom of=/mnt/{name} bs=1M count={mib} 2>/dev/null && sha256sum /mnt/{name}"), CMD_TIMEOUT);
+        let sum = out.iter().find_map(|l| l.strip_suffix(&format!("  /mnt/{name}"))).unwrap_or_else(|| panic!("writing {name}: {out:?}"));
+        sums.push((name, sum.to_string()));
+    }
+    sums
+}
+
+/// On the host: the image's filesystem is clean (e2fsck -fn) and debugfs reads every
+/// file back with the checksum the guest computed.
+pub fn host_reads_back(image: &Path, sums: &[(String, String)]) {
+    let fsck = Command::new("e2fsck").arg("-fn").arg(image).output().expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn {}: {}\n{}",
+        image.display(),
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    for (name, sum) in sums {
+        let out = scratch(&format!("{name}.out"));
+        let dump = Command::new("debugfs").arg("-R").arg(format!("dump /{name} {}", out.display())).arg(image).output().expect("debugfs");
+        assert!(out.exists(), "debugfs could not dump /{name}: {}", String::from_utf8_lossy(&dump.stderr));
+        assert_eq!(&sha256_file(&out), sum, "/{name} on the host differs from what the guest wrote");
+        let _ = std::fs::remove_file(out);
+    }
+}
+
+/// The read-only disk: the guest sees it read-only and cannot write it; the image is
+/// unchanged (checked by the caller after exit).
+pub fn read_only_disk_refuses_writes(g: &mut Guest, dev: &str) {
+    let ro = g.run(&format!("cat /sys/block/{dev}/ro"), CMD_TIMEOUT);
+    assert_eq!(ro, vec!["1".to_string()], "/dev/{dev} read-only flag");
+    let out = g.run(&format!("dd if=/dev/zero of=/dev/{dev} bs=4k count=1 oflag=direct 2>&1; echo rc=$?"), CMD_TIMEOUT);
+    assert!(out.iter().any(|l| l.starts_with("rc=") && l != "rc=0"), "a write to the read-only disk succeeded: {out:?}");
+    let read = g.run(&format!("dd if=/dev/{dev} bs=1M count=1 2>/dev/null | od -An -tx1 -N4"), CMD_TIMEOUT);
+    assert_eq!(read.concat().split_whitespace().collect::<Vec<_>>(), ["00", "01", "02", "03"], "reading the read-only disk");
+}
+
+/// After skiff was killed (SIGKILL) right after the guest's sync: the next mount's
+/// journal replay (e2fsck -fy on a copy) gives a clean filesystem with every file.
+pub fn survives_sigkill(image: &Path, sums: &[(String, String)]) {
+    let copy = scratch("killed-copy.img");
+    std::fs::copy(image, &copy).expect("copy image");
+    let replay = Command::new("e2fsck").arg("-fy").arg(&copy).output().expect("e2fsck");
+    // 0: clean; 1: errors corrected (the journal replayed). Anything else lost data.
+    assert!(
+        matches!(replay.status.code(), Some(0 | 1)),
+        "e2fsck -fy after SIGKILL: {:?}\n{}",
+        replay.status,
+        String::from_utf8_lossy(&replay.stdout)
+    );
+    host_reads_back(&copy, sums);
+    let _ = std::fs::remove_file(copy);
+}
