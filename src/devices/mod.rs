@@ -11,5 +11,6 @@ pub mod legacy;
 pub mod pm;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, Buses};
