@@ -231,8 +231,9 @@ impl VirtioMmio {
         }
     }
 
-    /// Restores a state from [`Self::state`], checked as untrusted input. On an error
-    /// the device is left reset.
+    /// Restores a state from [`Self::state`], checked as untrusted input. A snapshot of
+    /// another version, device or feature set changes nothing; one whose queues or device
+    /// part do not fit leaves the device reset.
     pub fn restore(&self, state: &VirtioMmioState) -> Result<(), VirtioError> {
         if state.version != STATE_VERSION {
             return Err(VirtioError::Version { found: state.version, expected: STATE_VERSION });

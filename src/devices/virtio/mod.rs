@@ -17,7 +17,7 @@ pub mod rng;
 pub mod state;
 
 #[cfg(test)]
-mod testutil;
+mod tests;
 
 use std::os::fd::RawFd;
 
