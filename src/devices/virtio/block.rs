@@ -181,7 +181,7 @@ impl Block {
     fn range(&self, sector: u64, len: u64) -> Result<u64, Refusal> {
         let offset = sector.checked_mul(SECTOR).ok_or(Refusal::Status(VIRTIO_BLK_S_IOERR))?;
         let end = offset.checked_add(len).ok_or(Refusal::Status(VIRTIO_BLK_S_IOERR))?;
-        if len % SECTOR != 0 || end > self.capacity {
+        if !len.is_multiple_of(SECTOR) || end > self.capacity {
             return Err(Refusal::Status(VIRTIO_BLK_S_IOERR));
         }
         Ok(offset)
@@ -191,7 +191,7 @@ impl Block {
     fn segments(&self, chain: &Chain, mem: &GuestMemoryMmap, discard: bool) -> Result<(Vec<(u64, u64)>, bool), Refusal> {
         let body = chain.readable_len() - HEADER_LEN;
         let count = body / SEGMENT_LEN;
-        if body % SEGMENT_LEN != 0 || count == 0 || count > u64::from(MAX_RANGE_SEGS) {
+        if !body.is_multiple_of(SEGMENT_LEN) || count == 0 || count > u64::from(MAX_RANGE_SEGS) {
             return Err(Refusal::Malformed);
         }
         let mut ranges = Vec::with_capacity(count as usize);

@@ -152,7 +152,7 @@ fn walk_into(
             }
             let entries = u64::from(d.len) / DESC_SIZE;
             let bad = ChainError::BadIndirectTable { addr: d.addr, len: d.len };
-            if d.len == 0 || u64::from(d.len) % DESC_SIZE != 0 || entries > u64::from(queue_size) {
+            if d.len == 0 || !u64::from(d.len).is_multiple_of(DESC_SIZE) || entries > u64::from(queue_size) {
                 return Err(bad);
             }
             if !GuestMemoryBackend::check_range(mem, GuestAddress(d.addr), d.len as usize) {

@@ -479,6 +479,10 @@ impl VirtioMmio {
                     return Ok(added); // its next completion runs the queue again
                 }
                 if budget == 0 {
+                    let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(|_| Broken)?;
+                    if avail.0 == queue.next_avail() {
+                        break; // all taken: re-arm notifications below
+                    }
                     let _ = self.resume.write(1);
                     return Ok(added);
                 }
@@ -600,7 +604,7 @@ impl BusDevice for VirtioMmio {
         let inner = self.lock();
         if offset >= CONFIG_SPACE {
             inner.device.read_config(offset - CONFIG_SPACE, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(&inner, offset).to_le_bytes());
         }
     }

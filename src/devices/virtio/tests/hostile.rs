@@ -111,7 +111,8 @@ fn request_layout_errors_get_ioerr() {
     let (mut d, _f) = blk(VERSION_1);
     // A read whose data buffer is device-readable, a write whose data is device-writable,
     // a header shorter than 16 bytes, and a chain with no status byte at all.
-    let cases: [(u32, &[(u64, u32, bool)], u32, u8); 4] = [
+    type Case<'a> = (u32, &'a [(u64, u32, bool)], u32, u8);
+    let cases: [Case; 4] = [
         (0, &[(HEADER, 16, false), (BUF, 512, false), (STATUS, 1, true)], 1, 1),
         (1, &[(HEADER, 16, false), (BUF, 512, true), (STATUS, 1, true)], 1, 1),
         (0, &[(HEADER, 8, false), (STATUS, 1, true)], 1, 1),
@@ -140,7 +141,8 @@ fn indirect_tables_good_and_bad() {
     assert_eq!(post_raw(&mut d), (0, 513));
     assert_eq!(d.byte(STATUS), 0);
     // Nested, odd-sized, oversized, outside RAM, and a loop inside the table.
-    let cases: [(&str, fn(&Driver)); 5] = [
+    type Layout = fn(&Driver);
+    let cases: [(&str, Layout); 5] = [
         ("nested", |d| {
             d.put_desc(TABLE, 2, TABLE, 48, F_INDIRECT, 0);
             d.put_desc(DESC, 0, TABLE, 48, F_INDIRECT, 0);

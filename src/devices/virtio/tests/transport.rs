@@ -138,8 +138,50 @@ fn chains_posted_before_driver_ok_run_at_driver_ok() {
     assert_eq!(d.wait_used(), Some((u32::from(head), 8)));
 }
 
+/// A device that, like a guest posting as fast as it can, makes a new chain available
+/// each time it takes one.
+struct Endless;
+
+impl crate::devices::virtio::VirtioDevice for Endless {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+    fn handle_chain(
+        &mut self,
+        _index: u16,
+        chain: crate::devices::virtio::Chain,
+        mem: &GuestMemoryMmap,
+    ) -> crate::devices::virtio::Handled {
+        let idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        mem.write_obj(chain.head, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % 16))).unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2)).unwrap();
+        crate::devices::virtio::Handled::Done(Default::default())
+    }
+    fn state(&self) -> DeviceState {
+        DeviceState::Rng
+    }
+    fn restore(&mut self, _state: &DeviceState) -> Result<(), VirtioError> {
+        Ok(())
+    }
+}
+
+fn resume_set(d: &Driver) -> bool {
+    let fds = d.mmio.backend_fds();
+    let mut p = libc::pollfd { fd: *fds.last().unwrap(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one live pollfd.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
 #[test]
 fn a_pass_takes_one_queue_worth_then_resumes() {
+    // Exactly one queue's worth: all taken in one pass, nothing left to resume.
     let mut d = rng();
     d.start(VERSION_1, 16);
     for _ in 0..16 {
@@ -148,13 +190,23 @@ fn a_pass_takes_one_queue_worth_then_resumes() {
     }
     d.mmio.notify(0);
     assert_eq!(d.used_idx(), 16);
-    // The budget ran out: the resume fd is set, and running it finds nothing left.
+    assert!(!resume_set(&d));
+    // A driver that never stops posting is served one queue's worth per pass.
+    let mut d = Driver::new(Box::new(Endless));
+    d.start(VERSION_1, 16);
+    let head = d.chain(&[(DATA, 4, true)]);
+    d.make_available(head);
+    d.mmio.notify(0);
+    assert_eq!(d.used_idx(), 16);
+    assert!(resume_set(&d));
     let resume = d.mmio.backend_fds().len() - 1;
     d.mmio.backend_ready(resume);
+    assert_eq!(d.used_idx(), 32);
     d.mmio.backend_ready(resume + 5); // an index past the fds is ignored
-    assert_eq!(d.used_idx(), 16);
+    assert_eq!(d.used_idx(), 32);
     d.mmio.doorbell(super::super::QUEUE_NOTIFY);
-    assert_eq!(d.mmio.stats().requests, 16);
+    assert_eq!(d.used_idx(), 48);
+    assert_eq!(d.status() & NEEDS_RESET, 0);
 }
 
 #[test]
@@ -197,7 +249,8 @@ fn snapshot_round_trip_and_hostile_snapshots() {
         s
     };
     // Bad headers change nothing; a bad queue or device part leaves the device reset.
-    let cases: Vec<(VirtioMmioState, fn(&VirtioError) -> bool, bool)> = vec![
+    type Check = fn(&VirtioError) -> bool;
+    let cases: Vec<(VirtioMmioState, Check, bool)> = vec![
         (bad(&|s| s.version += 1), |e| matches!(e, VirtioError::Version { .. }), false),
         (bad(&|s| s.device_type = 2), |e| matches!(e, VirtioError::DeviceType { .. }), false),
         (bad(&|s| s.queues.clear()), |e| matches!(e, VirtioError::QueueCount { .. }), false),
