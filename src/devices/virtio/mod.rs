@@ -9,6 +9,13 @@
 //!
 //! Everything the guest writes (registers, rings, descriptors) is checked here; a bad
 //! request chain is completed with an error, an unusable ring sets DEVICE_NEEDS_RESET.
+//!
+//! Wiring a device into a machine: put the [`VirtioMmio`] on the MMIO bus over
+//! [`MMIO_SIZE`] bytes; register an ioeventfd per queue on base + [`QUEUE_NOTIFY`]
+//! (4 bytes, datamatch = queue index) and call `notify(index)` when it fires; register the
+//! `interrupt` eventfd as an irqfd on the device's GSI; watch every fd of `backend_fds()`
+//! (readable = call `backend_ready(i)`). Reset the bus's devices before guest RAM is
+//! cleared at a reboot: a block device's reset waits for its requests in flight.
 
 pub mod block;
 pub mod chain;
