@@ -12,5 +12,6 @@ pub mod pm;
 pub mod rtc;
 pub mod serial;
 pub mod state;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, Buses};

@@ -230,6 +230,9 @@ impl Vmm {
     /// guest again: RAM cleared, chipset and devices to power-up state, every vCPU to
     /// RESET and then to its boot entry state. Runs with every vCPU paused.
     fn reset_machine(&mut self, set: &VcpuSet, diagnose: bool) -> Result<(), VmmError> {
+        // Devices first: a disk's reset waits for the requests it has in flight, so
+        // no worker writes into the next guest's memory after it is cleared.
+        self.devices.reset();
         // RAM leaves the VM while it is cleared and reloaded, so KVM forgets every
         // translation of the old contents (see memory::unregister_from_kvm).
         memory::unregister_from_kvm(&self.vm, &self.mem)?;
@@ -237,7 +240,6 @@ impl Vmm {
         self.vm_pristine
             .put(&self.vm)
             .map_err(|e| VmmError::Device(format!("resetting the chipset: {e}")))?;
-        self.devices.reset();
         let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
         let entry = write_guest_tables(&self.mem, &kernel, &self.config, &self.cmdline, &self.devices.acpi_devices())?;
         memory::register_with_kvm(&self.vm, &self.mem)?;

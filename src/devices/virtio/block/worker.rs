@@ -1,0 +1,286 @@
+//! The block device's I/O threads: a few workers take requests the event loop parsed,
+//! do the file I/O straight into guest memory (preadv/pwritev on host pointers), write
+//! the status byte, and post the completion through an eventfd the event loop watches.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::devices::virtio::chain::HostSlice;
+use crate::devices::virtio::{Completion, Outcome};
+
+/// iovecs one preadv/pwritev takes at most (IOV_MAX on Linux).
+const IOV_MAX: usize = 1024;
+/// The buffer for writing zeroes where the file cannot make them itself.
+const ZERO_CHUNK: usize = 64 << 10;
+
+pub(super) enum Op {
+    Read { iov: Vec<HostSlice>, offset: u64 },
+    Write { iov: Vec<HostSlice>, offset: u64 },
+    Flush,
+    /// (offset, length) in bytes; the data may read back as anything after.
+    Discard { ranges: Vec<(u64, u64)> },
+    /// (offset, length) in bytes; must read back as zeroes after.
+    WriteZeroes { ranges: Vec<(u64, u64)>, unmap: bool },
+}
+
+pub(super) struct Job {
+    pub op: Op,
+    pub head: u16,
+    /// Where the status byte goes (checked inside guest RAM by the parser).
+    pub status: GuestAddress,
+    /// The used length on success (data written to the guest plus the status byte).
+    pub used_len: u32,
+    pub bytes: u64,
+    /// Keeps the guest RAM that `op`'s host pointers address mapped.
+    pub mem: GuestMemoryMmap,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    /// Jobs submitted whose completion is not yet in `done` (queued or running).
+    in_flight: usize,
+    done: Vec<Completion>,
+    closing: bool,
+}
+
+struct Shared {
+    file: Arc<File>,
+    state: Mutex<State>,
+    /// Signalled when a job is queued, and at close.
+    work: Condvar,
+    /// Signalled when a job finishes.
+    idle: Condvar,
+    event: EventFd,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(super) struct Pool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    pub fn start(file: Arc<File>, workers: usize, name: &str) -> io::Result<Pool> {
+        let shared = Arc::new(Shared {
+            file,
+            state: Mutex::default(),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        });
+        let mut pool = Pool { shared, threads: Vec::new() };
+        for i in 0..workers {
+            let s = pool.shared.clone();
+            // On an error, dropping `pool` ends the threads already started.
+            let t = std::thread::Builder::new().name(format!("{name}-io{i}")).spawn(move || worker(&s))?;
+            pool.threads.push(t);
+        }
+        Ok(pool)
+    }
+
+    pub fn submit(&self, job: Job) {
+        let mut st = self.shared.lock();
+        st.in_flight += 1;
+        st.jobs.push_back(job);
+        drop(st);
+        self.shared.work.notify_one();
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().in_flight
+    }
+
+    pub fn event_fd(&self) -> RawFd {
+        self.shared.event.as_raw_fd()
+    }
+
+    /// The completions posted so far.
+    pub fn take_done(&self) -> Vec<Completion> {
+        let _ = self.shared.event.read();
+        std::mem::take(&mut self.shared.lock().done)
+    }
+
+    /// Waits until no job is queued or running, then returns every completion. After
+    /// this no worker touches guest memory until the next submit.
+    pub fn quiesce(&self) -> Vec<Completion> {
+        let mut st = self.shared.lock();
+        while st.in_flight > 0 {
+            st = self.shared.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let _ = self.shared.event.read();
+        std::mem::take(&mut st.done)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.work.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn worker(shared: &Shared) {
+    loop {
+        let job = {
+            let mut st = shared.lock();
+            loop {
+                if st.closing {
+                    return;
+                }
+                if let Some(job) = st.jobs.pop_front() {
+                    break job;
+                }
+                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let ok = execute(&shared.file, &job.op).is_ok();
+        let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR } as u8;
+        // The parser checked the address; a failure here cannot be reported anyway.
+        let _ = job.mem.write_obj(status, job.status);
+        let outcome = if ok {
+            Outcome { used_len: job.used_len, bytes: job.bytes, refused: false }
+        } else {
+            Outcome { used_len: 1, bytes: 0, refused: false }
+        };
+        let head = job.head;
+        drop(job); // guest memory is no longer touched past this point
+        {
+            let mut st = shared.lock();
+            st.done.push(Completion { queue: 0, head, outcome });
+            st.in_flight = st.in_flight.saturating_sub(1);
+        }
+        shared.idle.notify_all();
+        let _ = shared.event.write(1);
+    }
+}
+
+fn execute(file: &File, op: &Op) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    match op {
+        Op::Read { iov, offset } => transfer(fd, iov, *offset, false),
+        Op::Write { iov, offset } => transfer(fd, iov, *offset, true),
+        Op::Flush => {
+            // SAFETY: fdatasync on a file descriptor this pool's file keeps open.
+            cvt(unsafe { libc::fdatasync(fd) })
+        }
+        Op::Discard { ranges } => {
+            for &(offset, len) in ranges {
+                match fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                    // A discard is a hint: a file that cannot punch holes keeps its data.
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                    r => r?,
+                }
+            }
+            Ok(())
+        }
+        Op::WriteZeroes { ranges, unmap } => {
+            let mode = if *unmap { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
+            for &(offset, len) in ranges {
+                match fallocate(fd, mode | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeroes(fd, offset, len)?,
+                    r => r?,
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    loop {
+        // SAFETY: fallocate on an open fd; it touches only the file.
+        let rc = unsafe { libc::fallocate(fd, mode, off, len) };
+        match cvt(rc) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Writes zeroes the slow way, for files that cannot zero a range themselves.
+fn write_zeroes(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; ZERO_CHUNK];
+    let iov = [HostSlice { ptr: zeroes.as_ptr().cast_mut(), len: ZERO_CHUNK }];
+    let mut at = offset;
+    let end = offset.checked_add(len).ok_or(io::ErrorKind::InvalidInput)?;
+    while at < end {
+        let n = (end - at).min(ZERO_CHUNK as u64);
+        let piece = [HostSlice { len: n as usize, ..iov[0] }];
+        // pwritev only reads from the buffer, so handing it `zeroes` (shared) is sound.
+        transfer(fd, &piece, at, true)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// preadv/pwritev of all of `iov` at `offset`, however the kernel splits it. Every
+/// round moves at least one byte or fails, so it ends.
+fn transfer(fd: RawFd, iov: &[HostSlice], mut offset: u64, write: bool) -> io::Result<()> {
+    let mut pending: VecDeque<HostSlice> = iov.iter().copied().filter(|s| s.len > 0).collect();
+    let mut vecs: Vec<libc::iovec> = Vec::with_capacity(pending.len().min(IOV_MAX));
+    while !pending.is_empty() {
+        vecs.clear();
+        vecs.extend(pending.iter().take(IOV_MAX).map(|s| libc::iovec { iov_base: s.ptr.cast(), iov_len: s.len }));
+        let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let count = vecs.len() as libc::c_int; // at most IOV_MAX
+        // SAFETY: each iovec addresses guest RAM (or a live local buffer for writes of
+        // zeroes) that stays mapped for the call: the job holds the GuestMemoryMmap. The
+        // kernel writes only into the buffers for a read; for a write it only reads them.
+        let n = unsafe {
+            if write {
+                libc::pwritev(fd, vecs.as_ptr(), count, off)
+            } else {
+                libc::preadv(fd, vecs.as_ptr(), count, off)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into()); // the file shrank under us
+        }
+        let mut moved = n as usize;
+        offset += moved as u64;
+        while moved > 0 {
+            let Some(front) = pending.front_mut() else { break };
+            if moved >= front.len {
+                moved -= front.len;
+                pending.pop_front();
+            } else {
+                // SAFETY: `moved < front.len`, so the pointer stays inside the same buffer.
+                front.ptr = unsafe { front.ptr.add(moved) };
+                front.len -= moved;
+                moved = 0;
+            }
+        }
+    }
+    Ok(())
+}
