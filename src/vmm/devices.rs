@@ -398,7 +398,8 @@ mod tests {
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
         let console = crate::devices::serial::Console::start(Box::new(std::io::sink())).unwrap();
-        let m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console)).unwrap();
+        let mut m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console)).unwrap();
+        m.build_buses().unwrap();
         // Guest-visible changes: CMOS RAM, the UART's scratch register, a POST code.
         m.buses.pio.write(RTC_PORT as u64, &[0x40]);
         m.buses.pio.write(RTC_PORT as u64 + 1, &[0x5a]);

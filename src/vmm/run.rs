@@ -275,7 +275,7 @@ impl Vmm {
             cmdline: self.cmdline,
             reboots,
             diagnostic: self.control.take_diagnostic(),
-            virtio: self.devices.virtio.iter().map(|v| format!("{}: {:?}", v.name, v.device.stats())).collect(),
+            virtio: self.devices.virtio.iter().map(|v| format!("{}: {}", v.name, v.device.stats())).collect(),
             console_unwritten,
         }
     }

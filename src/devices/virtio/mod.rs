@@ -120,6 +120,16 @@ pub trait VirtioDevice: Send {
     fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError>;
 }
 
+impl std::fmt::Display for VirtioStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} requests, {} bytes, {} refused, {} interrupts, {} times needing reset",
+            self.requests, self.bytes, self.refused, self.interrupts, self.needs_reset
+        )
+    }
+}
+
 /// Counters of one device, for `--stats` and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VirtioStats {
