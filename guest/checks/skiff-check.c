@@ -17,6 +17,9 @@
  *   skiff-check syscall-jump ADDR user-mode jumps to the kernel's syscall entry ADDR
  *                                 (LSTAR) made to look like a half-done syscall: each
  *                                 must end in SIGSEGV at ADDR, as on hardware
+ *   skiff-check randread DEV N    N reads of 4 KiB at random 4 KiB-aligned offsets of
+ *                                 block device DEV with O_DIRECT, one at a time (for
+ *                                 bench/disk.py); prints the count and microseconds
  *
  * Each prints one "skiff-check: ok ..." line and exits 0, or "skiff-check: FAIL ..."
  * lines and exits 1. Compiled with -mgeneral-regs-only, so the only vector code that
@@ -28,6 +31,8 @@
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <fcntl.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -323,6 +328,34 @@ static int syscall_jump(unsigned long entry)
     return failed;
 }
 
+static int randread(const char *dev, long n)
+{
+    int fd = open(dev, O_RDONLY | O_DIRECT);
+    off_t end = fd < 0 ? -1 : lseek(fd, 0, SEEK_END);
+    unsigned long long bytes = end > 0 ? (unsigned long long)end : 0;
+    if (bytes < 4096) {
+        printf("skiff-check: FAIL randread cannot open or size %s\n", dev);
+        return 1;
+    }
+    void *buf;
+    if (posix_memalign(&buf, 4096, 4096) != 0)
+        return 1;
+    unsigned long long blocks = bytes / 4096, x = 0x9e3779b97f4a7c15ull;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        if (pread(fd, buf, 4096, (off_t)((x % blocks) * 4096)) != 4096) {
+            printf("skiff-check: FAIL randread read %ld\n", i);
+            return 1;
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    long us = (b.tv_sec - a.tv_sec) * 1000000L + (b.tv_nsec - a.tv_nsec) / 1000;
+    printf("skiff-check: ok randread %ld reads in %ld us\n", n, us);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     quiet = argc == 5 && !strcmp(argv[4], "quiet");
@@ -334,6 +367,8 @@ int main(int argc, char **argv)
         return libc((unsigned)strtoul(argv[2], 0, 0), strtol(argv[3], 0, 0));
     if (argc == 4 && !strcmp(argv[1], "stress"))
         return stress(strtol(argv[2], 0, 0), strtol(argv[3], 0, 0));
+    if (argc == 4 && !strcmp(argv[1], "randread"))
+        return randread(argv[2], strtol(argv[3], 0, 0));
     if (argc == 3 && !strcmp(argv[1], "syscall-jump"))
         return syscall_jump(strtoul(argv[2], 0, 16));
     fprintf(stderr, "usage: skiff-check vec-info | vec-regs SEED N | vec-libc SEED N | stress PROCS PAR | "

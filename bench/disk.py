@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Disk benchmark: the default guest reading and writing a virtio-blk disk, against the
+host doing the same work on the same image file (the floor), interleaved.
+
+One boot of the default guest (1 vCPU) with a 512 MiB raw image as /dev/vda; then,
+--runs times each, alternating guest and host:
+  seq-write  dd if=/dev/zero of=DISK bs=1M count=256 oflag=direct
+  seq-read   dd if=DISK of=/dev/null bs=1M count=256 iflag=direct
+  rand-read  skiff-check randread DISK 2000   (4 KiB O_DIRECT reads at random offsets)
+The host runs the same dd commands (GNU dd) and the same randread (skiff-check built
+for the host) on the image file.
+
+Printed per operation (min/median/max over runs):
+- the guest's time and the host's: guest kernel mode is emulated where KVM runs it
+  through its emulator, so the guest's own I/O path dominates there;
+- skiff's own CPU time (its event loop and block workers: every thread but the vCPUs,
+  from /proc/PID/task/*/stat) per MiB and per request, against the host command's CPU
+  time (user + system) per MiB and per request; the goal is skiff <= 1.5x the host's;
+- requests, from the guest's /sys/block/vda/stat.
+At the end, skiff's MMIO exits to the disk's registers per request (--stats, over the
+whole run, driver set-up included): notifications are ioeventfds, so what remains is
+the interrupt acknowledgement virtio-mmio needs (status read + ack write).
+
+Usage: bench/disk.py [--runs N]
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+SKIFF = os.path.join(TARGET, "release", "skiff")
+TICK = os.sysconf("SC_CLK_TCK")
+DONE = "__skiff_bench_done__"
+
+
+class Guest:
+    """The default guest on pipes, driven like a user at its shell."""
+
+    def __init__(self, image):
+        cmd = [SKIFF, "run", "--stats", "--disk", image]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.buf = b""
+        self.err = []
+        threading.Thread(target=lambda: self.err.append(self.p.stderr.read()), daemon=True).start()
+
+    def read_until(self, needle, timeout):
+        deadline = time.monotonic() + timeout
+        while needle.encode() not in self.buf:
+            if time.monotonic() > deadline:
+                sys.exit(f"bench/disk.py: timed out waiting for {needle!r}; console:\n{self.buf[-2000:].decode(errors='replace')}")
+            chunk = self.p.stdout.read1(65536)
+            if not chunk:
+                sys.exit(f"bench/disk.py: skiff ended; console:\n{self.buf[-2000:].decode(errors='replace')}")
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(needle.encode())
+        return head.decode(errors="replace")
+
+    def run(self, cmd, timeout=1800):
+        self.p.stdin.write(f"{cmd}; echo {DONE}\n".encode())
+        self.p.stdin.flush()
+        self.read_until(DONE, timeout)  # the echo of the command line
+        return self.read_until(DONE, timeout)
+
+    def finish(self):
+        self.p.stdin.write(b"poweroff\n")
+        self.p.stdin.flush()
+        self.p.stdout.read()
+        self.p.wait(timeout=600)
+        time.sleep(0.2)
+        return self.err[0].decode(errors="replace") if self.err else ""
+
+
+def skiff_cpu(pid):
+    """CPU seconds of skiff's threads that are not vCPUs."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith("skiff-vcpu"):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / TICK
+
+
+def guest_requests(g):
+    fields = g.run("cat /sys/block/vda/stat").split()
+    return int(fields[0]) + int(fields[4])
+
+
+def host_run(cmd):
+    t = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, ru = os.wait4(p.pid, 0)
+    if status != 0:
+        sys.exit(f"bench/disk.py: host {cmd} failed")
+    return time.monotonic() - t, ru.ru_utime + ru.ru_stime
+
+
+def spread(xs):
+    return f"{min(xs):9.3f} {statistics.median(xs):9.3f} {max(xs):9.3f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    for path in (SKIFF, os.path.join(GUEST, "vmlinux")):
+        if not os.path.exists(path):
+            sys.exit(f"bench/disk.py: {path} is missing (cargo build --release; scripts/fetch-guest)")
+    work = tempfile.mkdtemp(prefix="skiff-disk-bench-")
+    image = os.path.join(work, "disk.img")
+    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=512", "status=none"], check=True)
+    checker = os.path.join(work, "skiff-check")
+    subprocess.run(["gcc", "-static", "-O2", "-mgeneral-regs-only", "-o", checker, os.path.join(ROOT, "guest/checks/skiff-check.c")], check=True)
+    ops = {
+        "seq-write": ("dd if=/dev/zero of={d} bs=1M count=256 oflag=direct", 256, ["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=256", "oflag=direct", "conv=notrunc"]),
+        "seq-read": ("dd if={d} of=/dev/null bs=1M count=256 iflag=direct", 256, ["dd", f"if={image}", "of=/dev/null", "bs=1M", "count=256", "iflag=direct"]),
+        "rand-read": ("skiff-check randread {d} 2000", 2000 * 4096 / (1 << 20), [checker, "randread", image, "2000"]),
+    }
+    g = Guest(image)
+    g.read_until("skiff-guest: ready", 3600)
+    results = {k: {"guest_s": [], "host_s": [], "skiff_cpu_mib": [], "host_cpu_mib": [], "skiff_cpu_req": [], "host_cpu_req": [], "reqs": []} for k in ops}
+    for _ in range(args.runs):
+        for name, (guest_cmd, mib, host_cmd) in ops.items():
+            r = results[name]
+            reqs0, cpu0 = guest_requests(g), skiff_cpu(g.p.pid)
+            t = time.monotonic()
+            out = g.run(guest_cmd.format(d="/dev/vda"))
+            elapsed = time.monotonic() - t
+            cpu, reqs = skiff_cpu(g.p.pid) - cpu0, guest_requests(g) - reqs0
+            if "FAIL" in out or "rror" in out:
+                sys.exit(f"bench/disk.py: guest {name}: {out}")
+            host_s, host_cpu = host_run(host_cmd)
+            # The host's request count for the same work: 1 MiB or 4 KiB requests.
+            host_reqs = 256 if name != "rand-read" else 2000
+            r["guest_s"].append(elapsed)
+            r["host_s"].append(host_s)
+            r["reqs"].append(reqs)
+            r["skiff_cpu_mib"].append(cpu / mib * 1e3)
+            r["host_cpu_mib"].append(host_cpu / mib * 1e3)
+            r["skiff_cpu_req"].append(cpu / max(reqs, 1) * 1e6)
+            r["host_cpu_req"].append(host_cpu / host_reqs * 1e6)
+    stderr = g.finish()
+    print(f"disk benchmark, {args.runs} runs each (min / median / max)")
+    for name, r in results.items():
+        ratio = statistics.median(r["skiff_cpu_mib"]) / max(statistics.median(r["host_cpu_mib"]), 1e-9)
+        print(f"{name}:")
+        print(f"  time s             guest {spread(r['guest_s'])}   host {spread(r['host_s'])}")
+        print(f"  CPU ms per MiB     skiff {spread(r['skiff_cpu_mib'])}   host {spread(r['host_cpu_mib'])}   ratio {ratio:.2f} (goal <= 1.5)")
+        print(f"  CPU us per request skiff {spread(r['skiff_cpu_req'])}   host {spread(r['host_cpu_req'])}")
+        print(f"  guest requests     {statistics.median(r['reqs']):.0f} per run (median)")
+    disk_page = re.search(r"^\s+0x0000d0001000\s+(\d+)", stderr, re.M)
+    reqs = re.search(r"virtio disk [^:]+: (\d+) requests", stderr)
+    if disk_page and reqs:
+        print(f"MMIO exits to the disk's registers: {disk_page.group(1)} for {reqs.group(1)} requests "
+              f"({int(disk_page.group(1)) / max(int(reqs.group(1)), 1):.3f} per request, whole run)")
+    else:
+        print("MMIO exits to the disk's registers: 0 seen in --stats' top MMIO pages")
+
+
+if __name__ == "__main__":
+    main()
