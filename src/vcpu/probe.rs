@@ -16,6 +16,12 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::cpuid::{GATED, GatedFeature, has};
+
+mod cache;
+mod key;
+
+pub use cache::{CACHE_FILE, CacheError, ProbeOrigin, ProbePolicy, cache_dir, probe_host_cached};
+pub use key::{PROBE_FORMAT, ProbeKey};
 use crate::x86::boot::{BOOT_GDT, SEL_CODE64, SEL_DATA, gdt_entry, kvm_segment_from_gdt, write_identity_page_tables};
 
 const MEM_SIZE: usize = 2 << 20;
@@ -200,7 +206,7 @@ impl HostQuirks {
     /// Lines for `--stats`.
     pub fn report(&self) -> String {
         let mut out = format!(
-            "host quirks (probed at run time in {:.1} ms):\n  guest kernel-mode instruction: {:.0} ns{}\n",
+            "host quirks (probed in {:.1} ms):\n  guest kernel-mode instruction: {:.0} ns{}\n",
             self.probe_ms,
             self.cpl0_ns_per_insn,
             if self.kernel_mode_emulated() { " (emulated by KVM, not run natively)" } else { "" }
@@ -495,18 +501,20 @@ fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
 }
 
 /// Whether byte-granular `rep stosb` (what ERMS makes Linux use for clearing pages
-/// and memset) costs much more than `rep stosq` over the same 4 KiB. Where KVM's
+/// and memset) costs much more than `rep stosq` over the same 1 KiB. Where KVM's
 /// emulator runs guest kernel mode, each iteration costs about one emulated
-/// instruction, so the byte form is up to 8 times slower.
+/// instruction, so the byte form is up to 8 times slower. 1 KiB (not a page) keeps
+/// this under 2 ms there; the ratio is the same.
 fn rep_string_cost(vm: &mut ProbeVm) -> ProbeResult {
     const STOSB: [u8; 2] = [0xf3, 0xaa]; // rep stosb (rcx bytes at rdi)
     const STOSQ: [u8; 3] = [0xf3, 0x48, 0xab]; // rep stosq (rcx quadwords at rdi)
-    // Below this a page clear is cheap whatever the form (native KVM: well under a
+    const BYTES: u64 = 1024;
+    // Below this a 1 KiB clear is cheap whatever the form (native KVM: well under a
     // microsecond; the exit around it dominates).
-    const CHEAP_NS: u128 = 50_000;
+    const CHEAP_NS: u128 = 12_500;
     let mut best = [u128::MAX; 2];
-    for _ in 0..3 {
-        for (i, (code, count)) in [(&STOSB[..], 4096u64), (&STOSQ[..], 512)].into_iter().enumerate() {
+    for _ in 0..2 {
+        for (i, (code, count)) in [(&STOSB[..], BYTES), (&STOSQ[..], BYTES / 8)].into_iter().enumerate() {
             let t = Instant::now();
             let r = vm.run_with(code, 0, count);
             if r != ProbeResult::Works {
@@ -517,6 +525,24 @@ fn rep_string_cost(vm: &mut ProbeVm) -> ProbeResult {
     }
     let ratio = best[0] / best[1].max(1);
     if best[0] > CHEAP_NS && ratio >= 3 { ProbeResult::Slow(ratio as u32) } else { ProbeResult::Works }
+}
+
+/// Nanoseconds per instruction at CPL 0: a 2,000-instruction loop (`mov ecx, 1000;
+/// 1: dec ecx; jnz 1b`) less an empty run (the exit around it), best of two each.
+fn cpl0_ns_per_insn(vm: &mut ProbeVm) -> Option<f64> {
+    const LOOP: [u8; 9] = [0xb9, 0xe8, 0x03, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
+    const INSNS: f64 = 2000.0;
+    let mut best = [u128::MAX; 2];
+    for _ in 0..2 {
+        for (i, code) in [&[][..], &LOOP[..]].into_iter().enumerate() {
+            let t = Instant::now();
+            if vm.run(code, 0) != ProbeResult::Works {
+                return None;
+            }
+            best[i] = best[i].min(t.elapsed().as_nanos());
+        }
+    }
+    Some(best[1].saturating_sub(best[0]) as f64 / INSNS)
 }
 
 /// Whether SYSCALL from 64-bit user mode enters kernel mode at an LSTAR in the upper
@@ -568,27 +594,34 @@ fn user_xcr0_without_osxsave(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<u64>, St
 /// and yields to a preempted vCPU (bit 13) with them.
 pub const HYPERCALL_FEATURES: [u8; 3] = [7, 11, 13];
 
-/// Whether a hypercall at CPL 0 (`vmmcall` on AMD, `vmcall` on Intel; an unknown
-/// number, which KVM answers with -KVM_ENOSYS) returns. Run on its own thread and
-/// interrupted with the kick signal after a while: where it hangs, KVM_RUN would
-/// otherwise never come back.
 /// A hypercall probe in flight: started first, it waits on its own thread while the
 /// other probes run, so a host where hypercalls hang costs no extra probe time.
 struct HypercallProbe {
     runner: std::thread::JoinHandle<ProbeResult>,
     returned: std::sync::mpsc::Receiver<()>,
+    /// When the runner was about to enter KVM_RUN.
+    entered: std::sync::Arc<std::sync::OnceLock<Instant>>,
     started: Instant,
 }
 
-/// A hypercall takes microseconds, even emulated; a false "hangs" only hides PV features.
-const HYPERCALL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(20);
+/// A hypercall takes microseconds, even emulated; a false "hangs" only hides PV
+/// features. Counted from KVM_RUN, so a busy host's slow thread start does not count.
+const HYPERCALL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long the runner may take to reach KVM_RUN before the hypercall counts as hanging.
+const HYPERCALL_ENTRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Starts the check whether a hypercall at CPL 0 (`vmmcall` on AMD, `vmcall` on
+/// Intel; an unknown number, which KVM answers with -KVM_ENOSYS) returns. It runs on
+/// its own thread and is interrupted with the kick signal after a while: where it
+/// hangs, KVM_RUN would otherwise never come back.
 fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, String> {
     super::kick::install_handler().map_err(|e| format!("probe: signal handler: {e}"))?;
     let amd = super::cpuid::find_entry(cpuid, 0, 0).is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth") || e.ebx == u32::from_le_bytes(*b"Hygo"));
     let code: &'static [u8] = if amd { &[0x0f, 0x01, 0xd9] } else { &[0x0f, 0x01, 0xc1] };
     let mut vm = ProbeVm::new(kvm, cpuid)?;
     let (tx, returned) = std::sync::mpsc::channel();
+    let entered = std::sync::Arc::new(std::sync::OnceLock::new());
+    let entering = entered.clone();
     let started = Instant::now();
     let runner = std::thread::Builder::new()
         .name("skiff-probe-hc".into())
@@ -597,6 +630,7 @@ fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, Str
             // is not lost (KVM_RUN then returns EINTR at once).
             // SAFETY: the kvm_run page belongs to `vm.vcpu`, which outlives the guard.
             let _kick_target = unsafe { super::kick::RunPage::enter(vm.vcpu.get_kvm_run()) };
+            let _ = entering.set(Instant::now());
             #[cfg(test)]
             std::thread::sleep(tests_hypercall::runner_delay());
             let r = vm.run(code, 0xffff);
@@ -604,15 +638,14 @@ fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, Str
             r
         })
         .map_err(|e| format!("probe: thread: {e}"))?;
-    Ok(HypercallProbe { runner, returned, started })
+    Ok(HypercallProbe { runner, returned, entered, started })
 }
 
 impl HypercallProbe {
-    /// Whether the hypercall came back within HYPERCALL_TIMEOUT of its start.
+    /// Whether the hypercall came back within HYPERCALL_TIMEOUT of entering KVM_RUN.
     fn returns(self) -> Result<bool, String> {
         use std::os::unix::thread::JoinHandleExt;
-        let left = HYPERCALL_TIMEOUT.saturating_sub(self.started.elapsed());
-        let returned = self.returned.recv_timeout(left).is_ok();
+        let returned = self.wait();
         if !returned {
             // Kick until the runner is out of KVM_RUN: a kick that lands before the
             // runner registered its kvm_run page (see above) would be lost.
@@ -629,6 +662,29 @@ impl HypercallProbe {
         }
         let result = self.runner.join().map_err(|_| "probe: hypercall thread panicked".to_string())?;
         Ok(returned && result == ProbeResult::Works)
+    }
+
+    /// Waits for the runner's answer: HYPERCALL_TIMEOUT from its KVM_RUN, and at most
+    /// HYPERCALL_ENTRY_LIMIT for it to get there. Bounded by the two.
+    fn wait(&self) -> bool {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            let now = Instant::now();
+            let deadline = match self.entered.get() {
+                Some(t) => *t + HYPERCALL_TIMEOUT,
+                None if now.duration_since(self.started) >= HYPERCALL_ENTRY_LIMIT => return false,
+                None => now + std::time::Duration::from_millis(1),
+            };
+            match self.returned.recv_timeout(deadline.saturating_duration_since(now)) {
+                Ok(()) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.entered.get().is_some_and(|t| t.elapsed() >= HYPERCALL_TIMEOUT) {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -724,13 +780,8 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
         }
     }
     quirks.user_syscall_broken = !user_syscall_enters_kernel(kvm, cpuid)?;
-    // Time 2 x 2000 instructions: `mov ecx, 2000; 1: dec ecx; jnz 1b`.
-    let loop_code = [0xb9, 0xd0, 0x07, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
-    let t = Instant::now();
-    let r = vm.run(&loop_code, 0);
-    let ns = t.elapsed().as_nanos() as f64;
-    if r == ProbeResult::Works {
-        quirks.cpl0_ns_per_insn = ns / 4000.0;
+    if let Some(ns) = cpl0_ns_per_insn(&mut vm) {
+        quirks.cpl0_ns_per_insn = ns;
     }
     quirks.hypercall_hangs = !hypercall.returns()?;
     quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
