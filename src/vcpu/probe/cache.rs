@@ -364,8 +364,8 @@ mod tests {
             kernel_release: "6.1".into(),
             kernel_version: "#1".into(),
             kvm_api: 12,
-            kvm_caps: vec![],
-            kvm_modules: vec![("kvm_intel/ept".into(), "Y".into())],
+            kvm_caps: Default::default(),
+            kvm_modules: [("kvm_intel/ept".to_string(), "Y".to_string())].into(),
         }
     }
 
@@ -391,7 +391,7 @@ mod tests {
         let dir = Scratch::new("stale");
         store(&dir.file(), &key(), &sample()).unwrap();
         let mut other = key();
-        other.kvm_modules[0].1 = "N".into();
+        other.kvm_modules.insert("kvm_intel/ept".into(), "N".into());
         let err = load(&dir.file(), &other).unwrap_err();
         assert!(matches!(err, CacheError::Stale("the kvm modules or their parameters")), "{err}");
         assert_eq!(err.to_string(), "cache stale: the kvm modules or their parameters changed");

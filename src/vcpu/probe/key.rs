@@ -2,6 +2,7 @@
 //! KVM (API version, capabilities, module parameters) and skiff's own probe code.
 //! A cached result is reused only under an identical key.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 
 use kvm_bindings::CpuId;
@@ -73,15 +74,15 @@ pub struct ProbeKey {
     pub kernel_version: String,
     pub kvm_api: i32,
     /// (capability, KVM's answer).
-    pub kvm_caps: Vec<(String, i32)>,
+    pub kvm_caps: BTreeMap<String, i32>,
     /// (module/parameter or module/srcversion, value) for every loaded kvm* module.
-    pub kvm_modules: Vec<(String, String)>,
+    pub kvm_modules: BTreeMap<String, String>,
 }
 
 impl ProbeKey {
     /// Reads this host's key (well under a millisecond: no VM is made).
     pub fn collect(kvm: &Kvm, supported: &CpuId) -> ProbeKey {
-        let mut caps: Vec<(String, i32)> = CAPS.iter().map(|(n, c)| (n.to_string(), kvm.check_extension_int(*c))).collect();
+        let mut caps: BTreeMap<String, i32> = CAPS.iter().map(|(n, c)| (n.to_string(), kvm.check_extension_int(*c))).collect();
         caps.extend(RAW_CAPS.iter().map(|(n, c)| (n.to_string(), kvm.check_extension_raw(*c))));
         ProbeKey {
             format: PROBE_FORMAT,
@@ -147,9 +148,21 @@ fn microcode() -> Option<String> {
         .find_map(|l| l.strip_prefix("microcode")?.split_once(':').map(|(_, v)| v.trim().to_string()))
 }
 
+/// FNV-1a of KVM's supported CPUID without what depends on the CPU the caller ran
+/// on: the APIC IDs (leaf 1 EBX[31:24], leaves 0xB and 0x1F EDX, AMD's 0x8000_001E
+/// IDs), and leaves that differ between a hybrid CPU's core types (0x1A core type,
+/// 4 and 0x8000_001D caches), none of which the probe depends on.
 fn cpuid_hash(cpuid: &CpuId) -> u64 {
     cpuid.as_slice().iter().fold(FNV_OFFSET, |h, e| {
-        let words = [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx];
+        let (mut eax, mut ebx, mut ecx, mut edx) = (e.eax, e.ebx, e.ecx, e.edx);
+        match e.function {
+            1 => ebx &= 0x00ff_ffff,
+            0xb | 0x1f => edx = 0,
+            0x1a | 4 | 0x8000_001d => (eax, ebx, ecx, edx) = (0, 0, 0, 0),
+            0x8000_001e => (eax, ebx, ecx) = (0, ebx & 0xff00, ecx & 0x700),
+            _ => {}
+        }
+        let words = [e.function, e.index, e.flags, eax, ebx, ecx, edx];
         words.iter().fold(h, |h, w| fnv1a(h, &w.to_le_bytes()))
     })
 }
@@ -162,10 +175,10 @@ fn read_small(path: impl AsRef<std::path::Path>) -> Option<String> {
 }
 
 /// The parameters (and srcversion, for out-of-tree builds) of every module under
-/// `root` whose name starts with "kvm", sorted. An unreadable parameter is recorded
-/// as such: its presence still counts.
-fn kvm_modules(root: &std::path::Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
+/// `root` whose name starts with "kvm". An unreadable parameter is recorded as such:
+/// its presence still counts.
+fn kvm_modules(root: &std::path::Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
     let Ok(modules) = std::fs::read_dir(root) else { return out };
     for module in modules.flatten() {
         let name = module.file_name().to_string_lossy().into_owned();
@@ -174,16 +187,15 @@ fn kvm_modules(root: &std::path::Path) -> Vec<(String, String)> {
         }
         for extra in ["srcversion", "version"] {
             if let Some(v) = read_small(module.path().join(extra)) {
-                out.push((format!("{name}/{extra}"), v));
+                out.insert(format!("{name}/{extra}"), v);
             }
         }
         let Ok(params) = std::fs::read_dir(module.path().join("parameters")) else { continue };
         for p in params.flatten().take(MAX_PARAMS) {
             let value = read_small(p.path()).unwrap_or_else(|| "(unreadable)".to_string());
-            out.push((format!("{name}/{}", p.file_name().to_string_lossy()), value));
+            out.insert(format!("{name}/{}", p.file_name().to_string_lossy()), value);
         }
     }
-    out.sort();
     out
 }
 
@@ -201,8 +213,8 @@ mod tests {
             kernel_release: "6.1.0-18-amd64".into(),
             kernel_version: "#1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1".into(),
             kvm_api: 12,
-            kvm_caps: vec![("xcrs".into(), 1), ("immediate_exit".into(), 1)],
-            kvm_modules: vec![("kvm/halt_poll_ns".into(), "200000".into()), ("kvm_amd/npt".into(), "Y".into())],
+            kvm_caps: [("xcrs".to_string(), 1), ("immediate_exit".to_string(), 1)].into(),
+            kvm_modules: [("kvm/halt_poll_ns".to_string(), "200000".to_string()), ("kvm_amd/npt".into(), "Y".into())].into(),
         }
     }
 
@@ -220,8 +232,8 @@ mod tests {
             (|k| k.kernel_release = "6.1.0-19-amd64".into(), "the host kernel release"),
             (|k| k.kernel_version.push('!'), "the host kernel build"),
             (|k| k.kvm_api = 13, "KVM's API version"),
-            (|k| k.kvm_caps[1].1 = 0, "KVM's capabilities"),
-            (|k| k.kvm_modules[1].1 = "N".into(), "the kvm modules or their parameters"),
+            (|k| _ = k.kvm_caps.insert("xcrs".into(), 0), "KVM's capabilities"),
+            (|k| _ = k.kvm_modules.insert("kvm_amd/npt".into(), "N".into()), "the kvm modules or their parameters"),
         ];
         for (change, what) in changes {
             let mut k = base.clone();
@@ -232,7 +244,7 @@ mod tests {
     }
 
     #[test]
-    fn module_parameters_are_read_sorted_and_only_for_kvm_modules() {
+    fn module_parameters_are_read_only_for_kvm_modules() {
         let dir = std::env::temp_dir().join(format!("skiff-key-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for (path, value) in [
@@ -248,7 +260,7 @@ mod tests {
         let got = kvm_modules(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         let want = [("kvm/halt_poll_ns", "200000"), ("kvm_amd/npt", "Y"), ("kvm_pvm/srcversion", "ABC123")];
-        let want: Vec<(String, String)> = want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let want: BTreeMap<String, String> = want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         assert_eq!(got, want);
     }
 
@@ -262,6 +274,17 @@ mod tests {
         assert!(a.cpu.contains("signature 0x"), "{}", a.cpu);
         assert!(!a.kernel_release.is_empty());
         assert_eq!(a.kvm_api, 12);
+    }
+
+    #[test]
+    fn the_cpuid_hash_ignores_which_cpu_asked_but_not_features() {
+        let entry = |function, ebx, ecx, edx| kvm_bindings::kvm_cpuid_entry2 { function, ebx, ecx, edx, ..Default::default() };
+        let on_cpu = |apic: u32| {
+            CpuId::from_entries(&[entry(1, 0x0002_0800 | apic << 24, 0x8120_2000, 0x078b_fbff), entry(0xb, 0, 0, apic)]).unwrap()
+        };
+        assert_eq!(cpuid_hash(&on_cpu(0)), cpuid_hash(&on_cpu(1)));
+        let no_cx16 = CpuId::from_entries(&[entry(1, 0x0002_0800, 0x8120_0000, 0x078b_fbff), entry(0xb, 0, 0, 0)]).unwrap();
+        assert_ne!(cpuid_hash(&on_cpu(0)), cpuid_hash(&no_cx16));
     }
 
     #[test]
