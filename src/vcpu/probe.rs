@@ -309,9 +309,14 @@ fn snippet(name: &str) -> Option<(&'static [u8], u64 /* rax */)> {
     })
 }
 
+/// A throw-away VM with one vCPU in use. A probe that needs a clean vCPU (after a
+/// triple fault) or another CPUID gets a fresh vCPU in the same VM: a new vCPU costs
+/// a fraction of a new VM.
 struct ProbeVm {
-    _vm: VmFd,
+    vm: VmFd,
     vcpu: VcpuFd,
+    /// vCPUs made so far (the next one's ID).
+    vcpus: u64,
     mem: GuestMemoryMmap,
     xcr0: u64,
 }
@@ -350,9 +355,6 @@ impl ProbeVm {
         // SAFETY: the region maps `mem`, which lives as long as the VM (both are owned
         // by the ProbeVm and dropped together, the VM first).
         unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("probe: KVM_SET_USER_MEMORY_REGION: {e}"))?;
-        let vcpu = vm.create_vcpu(0).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
-        vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
-
         for (i, e) in BOOT_GDT.iter().enumerate() {
             mem.write_obj(*e, GuestAddress(GDT + i as u64 * 8)).map_err(|e| format!("probe: {e}"))?;
         }
@@ -361,6 +363,22 @@ impl ProbeVm {
         // the probe runs: the emulator may treat kernel-half addresses differently.
         mem.write_obj(PDPT_HIGH | 3, GuestAddress(PML4 + 511 * 8)).map_err(|e| format!("probe: {e}"))?;
         mem.write_obj(PD | 3, GuestAddress(PDPT_HIGH + 510 * 8)).map_err(|e| format!("probe: {e}"))?;
+        let vcpu = Self::make_vcpu(&vm, 0, cpuid)?;
+        Ok(Self { vm, vcpu, vcpus: 1, mem, xcr0: supported_xcr0(cpuid) })
+    }
+
+    /// Replaces the vCPU in use with a fresh one that sees `cpuid`.
+    fn fresh_vcpu(&mut self, cpuid: &CpuId) -> Result<(), String> {
+        self.vcpu = Self::make_vcpu(&self.vm, self.vcpus, cpuid)?;
+        self.vcpus += 1;
+        self.xcr0 = supported_xcr0(cpuid);
+        Ok(())
+    }
+
+    /// A vCPU in 64-bit kernel mode on the probe's GDT and page tables.
+    fn make_vcpu(vm: &VmFd, id: u64, cpuid: &CpuId) -> Result<VcpuFd, String> {
+        let vcpu = vm.create_vcpu(id).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
+        vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
         let mut sregs = vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
         sregs.gdt.base = GDT;
         sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
@@ -397,7 +415,7 @@ impl ProbeVm {
             xcrs.xcrs[0].value = supported_xcr0(cpuid);
             vcpu.set_xcrs(&xcrs).map_err(|e| format!("probe: KVM_SET_XCRS: {e}"))?;
         }
-        Ok(Self { _vm: vm, vcpu, mem, xcr0: supported_xcr0(cpuid) })
+        Ok(vcpu)
     }
 
     /// Makes the vCPU start `code` (then the done marker) in 64-bit user mode at CODE:
@@ -477,7 +495,8 @@ impl ProbeVm {
 /// Sets a marker APIC ID in leaf 1 and clears a feature bit KVM offers (CX16, else
 /// x2APIC), then checks that guest `cpuid` reports both changes. Some KVMs return
 /// the host's feature bits whatever KVM_SET_CPUID2 said.
-fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
+/// Runs on a fresh vCPU of `vm`.
+fn cpuid_honoured(vm: &mut ProbeVm, cpuid: &CpuId) -> Result<bool, String> {
     const MARKER: u32 = 0x5a;
     let mut marked = cpuid.clone();
     let feature = [13u32, 21].into_iter().find(|b| super::cpuid::find_entry(cpuid, 1, 0).is_some_and(|e| e.ecx & (1 << b) != 0));
@@ -489,7 +508,7 @@ fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
             }
         }
     }
-    let mut vm = ProbeVm::new(kvm, &marked)?;
+    vm.fresh_vcpu(&marked)?;
     // cpuid with EAX=1
     if vm.run(&[0x0f, 0xa2], 1) != ProbeResult::Works {
         return Ok(false);
@@ -550,9 +569,9 @@ fn cpl0_ns_per_insn(vm: &mut ProbeVm) -> Option<f64> {
 /// code (CPL 3, user pages) that executes `syscall`; LSTAR points at `out` on a
 /// kernel-only page. Right: the `out` runs (CPL 0). Wrong: the fetch at LSTAR faults
 /// as a user access (no IDT here, so a triple fault).
-fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
+/// `vm`'s vCPU must be unused.
+fn user_syscall_enters_kernel(vm: &mut ProbeVm) -> Result<bool, String> {
     use kvm_bindings::{Msrs, kvm_msr_entry};
-    let mut vm = ProbeVm::new(kvm, cpuid)?;
     // User code: syscall. Kernel entry (at CODE + 0x100 through the kernel half): the done marker.
     vm.enter_user_mode(&[0x0f, 0x05], 0x202, |_| {})?;
     let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
@@ -576,8 +595,8 @@ fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> 
 /// (None here). Where guest user mode runs on the host's own XCR0 (PVM), it returns
 /// it, and user code can use AVX or AVX-512 registers the guest kernel would then
 /// never save across context switches.
-fn user_xcr0_without_osxsave(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<u64>, String> {
-    let mut vm = ProbeVm::new(kvm, cpuid)?;
+/// `vm`'s vCPU must be unused.
+fn user_xcr0_without_osxsave(vm: &mut ProbeVm) -> Result<Option<u64>, String> {
     // xor ecx, ecx; xgetbv; then the done marker (`out` at CPL 3 with IOPL 3).
     vm.enter_user_mode(&[0x31, 0xc9, 0x0f, 0x01, 0xd0], 0x3002, |s| s.cr4 &= !CR4_OSXSAVE)?;
     match vm.vcpu.run() {
@@ -730,9 +749,12 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     let start = Instant::now();
     let mut quirks = HostQuirks::default();
     let hypercall = start_hypercall_probe(kvm, cpuid)?;
-    let mut vm = ProbeVm::new(kvm, cpuid)?;
-    quirks.user_xcr0 = user_xcr0_without_osxsave(kvm, cpuid)?;
+    // The user-mode probes get a VM of their own: they open the low mapping to user
+    // mode, which the kernel-mode snippets should not run beside.
+    let mut user = ProbeVm::new(kvm, cpuid)?;
+    quirks.user_xcr0 = user_xcr0_without_osxsave(&mut user)?;
     quirks.guest_xcr0 = supported_xcr0(cpuid);
+    let mut vm = ProbeVm::new(kvm, cpuid)?;
     for feature in GATED {
         // Probed whether or not KVM advertises it: some KVMs pass host feature bits
         // through to the guest regardless, and then the guest may use it.
@@ -754,20 +776,23 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
         // After an emulation failure the vCPU is still usable (its registers are set
         // afresh for every snippet); after a triple fault it is shut down.
         if !matches!(result, ProbeResult::Works | ProbeResult::EmulationFailure) {
-            vm = ProbeVm::new(kvm, cpuid)?;
+            vm.fresh_vcpu(cpuid)?;
         }
     }
-    quirks.cpuid_honoured = cpuid_honoured(kvm, cpuid)?;
+    if let Some(ns) = cpl0_ns_per_insn(&mut vm) {
+        quirks.cpl0_ns_per_insn = ns;
+    }
+    quirks.cpuid_honoured = cpuid_honoured(&mut vm, cpuid)?;
     // Check which hidden features the guest really stops seeing.
     let mut hidden_cpuid = cpuid.clone();
     for (f, _) in &quirks.hidden {
         super::cpuid::hide(&mut hidden_cpuid, f);
     }
-    let mut check = ProbeVm::new(kvm, &hidden_cpuid)?;
+    vm.fresh_vcpu(&hidden_cpuid)?;
     for (f, _) in &quirks.hidden {
         let g = f.gate;
-        if check.run_with(&[0x0f, 0xa2], g.leaf as u64, g.subleaf as u64) == ProbeResult::Works {
-            let regs = check.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
+        if vm.run_with(&[0x0f, 0xa2], g.leaf as u64, g.subleaf as u64) == ProbeResult::Works {
+            let regs = vm.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
             let value = match g.reg {
                 super::cpuid::Reg::Eax => regs.rax,
                 super::cpuid::Reg::Ebx => regs.rbx,
@@ -779,10 +804,8 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
             }
         }
     }
-    quirks.user_syscall_broken = !user_syscall_enters_kernel(kvm, cpuid)?;
-    if let Some(ns) = cpl0_ns_per_insn(&mut vm) {
-        quirks.cpl0_ns_per_insn = ns;
-    }
+    user.fresh_vcpu(cpuid)?;
+    quirks.user_syscall_broken = !user_syscall_enters_kernel(&mut user)?;
     quirks.hypercall_hangs = !hypercall.returns()?;
     quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
     Ok(quirks)
