@@ -11,12 +11,18 @@ command line skiff gave the guest in the run just before it, as skiff prints it 
 --stats ("kernel command line: ..."): skiff's defaults plus what its host probe
 appends (clearcpuid=..., and the rest). The command line is printed once per guest.
 
+The host probe: skiff reuses its cached probe results (vcpu/probe/cache.rs) unless
+--reprobe is given here (then every skiff run probes afresh). Each run's "host probe:"
+line from --stats says which, and the summary gives the probe's share of skiff's start.
+Before the runs, `skiff probe` (always a fresh probe; it also refreshes the cache) is
+timed on its own: what the first start on a host pays.
+
 Guests:
   tiny    guest/out/tiny.elf, skiff's own PVH test kernel (guest/tiny/build).
   debian  the default guest (Debian's vmlinux + busybox initramfs); QEMU is tried once
           and reported honestly if it cannot boot it on this host.
 
-Usage: bench/boot.py [--runs N] [--guest tiny|debian|all] [--qemu-timeout S]
+Usage: bench/boot.py [--runs N] [--guest tiny|debian|all] [--qemu-timeout S] [--reprobe]
 """
 
 import argparse
@@ -70,10 +76,36 @@ def run_vmm(cmd, ready, send_after_ready=None, timeout=1800):
     return times
 
 
-def skiff_cmd(guest):
+def skiff_cmd(guest, reprobe=False):
+    extra = ["--reprobe"] if reprobe else []
     if guest == "tiny":
-        return [SKIFF, "run", "--kernel", os.path.join(GUEST, "tiny.elf"), "--boot", "pvh", "--boot-time", "--stats"]
-    return [SKIFF, "run", "--boot-time", "--stats"]
+        return [SKIFF, "run", "--kernel", os.path.join(GUEST, "tiny.elf"), "--boot", "pvh", "--boot-time", "--stats"] + extra
+    return [SKIFF, "run", "--boot-time", "--stats"] + extra
+
+
+def probe_line(stderr):
+    """skiff's "host probe:" line from --stats: (cached?, ms, line); None if absent.
+    Cached: ms is the time to read the cache; fresh: the probe's own run time."""
+    for line in stderr.splitlines():
+        m = re.match(r"host probe: reused from .* read in ([\d.]+) ms", line)
+        if m:
+            return True, float(m.group(1)), line
+        m = re.match(r"host probe: ran in ([\d.]+) ms", line)
+        if m:
+            return False, float(m.group(1)), line
+    return None
+
+
+def time_skiff_probe(runs):
+    """Wall time of `skiff probe` (a fresh probe, which refreshes the cache), in s."""
+    times = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        p = subprocess.run([SKIFF, "probe"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if p.returncode != 0:
+            sys.exit(f"skiff probe failed: {p.stderr.decode(errors='replace').strip()[-300:]}")
+        times.append(time.monotonic() - t0)
+    return times
 
 
 def qemu_cmd(guest, cmdline):
@@ -117,8 +149,9 @@ def summary(name, values):
             f"  max {max(values)*1e3:9.1f} ms  (n={len(values)})")
 
 
-def bench(guest, runs, qemu_timeout):
+def bench(guest, runs, qemu_timeout, reprobe):
     print(f"== guest: {guest} ==")
+    probes = []  # (cached, probe ms, skiff's own first-byte ms)
     have_qemu = shutil.which("qemu-system-x86_64") is not None
     rss, emulated = [], []
     results = {"skiff": {"first_byte": [], "ready": [], "exit": []},
@@ -127,7 +160,7 @@ def bench(guest, runs, qemu_timeout):
     send = "poweroff\n" if guest == "debian" else None
     shown_cmdline = None
     for i in range(runs):
-        r = run_vmm(skiff_cmd(guest), READY[guest], send)
+        r = run_vmm(skiff_cmd(guest, reprobe), READY[guest], send)
         cmdline = skiff_cmdline(r["stderr"])
         if cmdline is None:
             sys.exit(f"skiff's --stats did not name the kernel command line (status {r['status']}); "
@@ -139,12 +172,17 @@ def bench(guest, runs, qemu_timeout):
             for k in results["skiff"]:
                 results["skiff"][k].append(r[k])
             bt = [l for l in r["stderr"].splitlines() if l.startswith("boot:")]
+            pl = probe_line(r["stderr"])
+            m = re.search(r"first console byte ([\d.]+) ms", bt[0]) if bt else None
+            if pl and m:
+                probes.append((pl[0], pl[1], float(m.group(1))))
             r_rss, r_emu = skiff_figures(r["stderr"])
             if r_rss is not None:
                 rss.append(r_rss)
             emulated.append(r_emu)
             print(f"  run {i+1} skiff: first byte {r['first_byte']*1e3:.1f} ms, ready {r['ready']*1e3:.1f} ms,"
-                  f" exit {r['exit']*1e3:.1f} ms; skiff says: {bt[0] if bt else '?'}")
+                  f" exit {r['exit']*1e3:.1f} ms; skiff says: {bt[0] if bt else '?'};"
+                  f" {'probe cache used' if pl and pl[0] else 'probed afresh' if pl else 'probe: ?'}")
         else:
             print(f"  run {i+1} skiff FAILED (status {r['status']}): {r['stderr'].strip()[-300:]}")
         if qemu_note is None:
@@ -167,6 +205,7 @@ def bench(guest, runs, qemu_timeout):
         s, q = results["skiff"][what], results["qemu"][what]
         if s and q:
             print(f"  ratio skiff/qemu ({what}): {statistics.median(s) / statistics.median(q):.3f}")
+    print_probe_share(probes)
     if rss:
         print(f"skiff RSS excluding guest memory: min {min(rss)} KiB, median {statistics.median(rss):.0f} KiB,"
               f" max {max(rss)} KiB (goal: under 5120 KiB)")
@@ -176,18 +215,40 @@ def bench(guest, runs, qemu_timeout):
         print("note: " + qemu_note)
 
 
+def print_probe_share(probes):
+    """How many runs reused the probe cache, and the probe's share of skiff's start."""
+    if not probes:
+        print("host probe: no --stats probe line parsed")
+        return
+    for cached in (True, False):
+        runs = [p for p in probes if p[0] == cached]
+        if not runs:
+            continue
+        ms = statistics.median(p[1] for p in runs)
+        first = statistics.median(p[2] for p in runs)
+        what = "reused from the cache (reading it)" if cached else "probed afresh"
+        # The probe runs on its own thread beside the build; its share is an upper bound.
+        print(f"host probe: {what} in {len(runs)}/{len(probes)} runs: median {ms:.2f} ms"
+              f" of skiff's median {first:.1f} ms to the first console byte ({100 * ms / first:.0f}%)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--guest", choices=["tiny", "debian", "all"], default="all")
     ap.add_argument("--qemu-timeout", type=float, default=300)
+    ap.add_argument("--reprobe", action="store_true", help="make every skiff run probe afresh (no probe cache)")
+    ap.add_argument("--probe-runs", type=int, default=10, help="times to run `skiff probe` alone first (0: skip)")
     a = ap.parse_args()
     if not os.path.exists(SKIFF):
         sys.exit("build skiff first: cargo build --release")
     if not os.path.exists(os.path.join(GUEST, "tiny.elf")):
         subprocess.run([os.path.join(ROOT, "guest", "tiny", "build")], check=True)
+    if a.probe_runs > 0:
+        t = time_skiff_probe(a.probe_runs)
+        print(summary("skiff probe", t) + "  (fresh probe, wall time; the cache is now warm)")
     for g in (["tiny", "debian"] if a.guest == "all" else [a.guest]):
-        bench(g, a.runs, a.qemu_timeout)
+        bench(g, a.runs, a.qemu_timeout, a.reprobe)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::cpuid::{GATED, GatedFeature, has};
+
+mod cache;
+mod key;
+
+pub use cache::{CACHE_FILE, CacheError, ProbeOrigin, ProbePolicy, cache_dir, probe_host_cached};
+pub use key::{PROBE_FORMAT, ProbeKey};
 use crate::x86::boot::{BOOT_GDT, SEL_CODE64, SEL_DATA, gdt_entry, kvm_segment_from_gdt, write_identity_page_tables};
 
 const MEM_SIZE: usize = 2 << 20;
@@ -200,7 +206,7 @@ impl HostQuirks {
     /// Lines for `--stats`.
     pub fn report(&self) -> String {
         let mut out = format!(
-            "host quirks (probed at run time in {:.1} ms):\n  guest kernel-mode instruction: {:.0} ns{}\n",
+            "host quirks (probed in {:.1} ms):\n  guest kernel-mode instruction: {:.0} ns{}\n",
             self.probe_ms,
             self.cpl0_ns_per_insn,
             if self.kernel_mode_emulated() { " (emulated by KVM, not run natively)" } else { "" }
@@ -303,9 +309,14 @@ fn snippet(name: &str) -> Option<(&'static [u8], u64 /* rax */)> {
     })
 }
 
+/// A throw-away VM with one vCPU in use. A probe that needs a clean vCPU (after a
+/// triple fault) or another CPUID gets a fresh vCPU in the same VM: a new vCPU costs
+/// a fraction of a new VM.
 struct ProbeVm {
-    _vm: VmFd,
+    vm: VmFd,
     vcpu: VcpuFd,
+    /// vCPUs made so far (the next one's ID).
+    vcpus: u64,
     mem: GuestMemoryMmap,
     xcr0: u64,
 }
@@ -344,9 +355,6 @@ impl ProbeVm {
         // SAFETY: the region maps `mem`, which lives as long as the VM (both are owned
         // by the ProbeVm and dropped together, the VM first).
         unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("probe: KVM_SET_USER_MEMORY_REGION: {e}"))?;
-        let vcpu = vm.create_vcpu(0).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
-        vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
-
         for (i, e) in BOOT_GDT.iter().enumerate() {
             mem.write_obj(*e, GuestAddress(GDT + i as u64 * 8)).map_err(|e| format!("probe: {e}"))?;
         }
@@ -355,6 +363,22 @@ impl ProbeVm {
         // the probe runs: the emulator may treat kernel-half addresses differently.
         mem.write_obj(PDPT_HIGH | 3, GuestAddress(PML4 + 511 * 8)).map_err(|e| format!("probe: {e}"))?;
         mem.write_obj(PD | 3, GuestAddress(PDPT_HIGH + 510 * 8)).map_err(|e| format!("probe: {e}"))?;
+        let vcpu = Self::make_vcpu(&vm, 0, cpuid)?;
+        Ok(Self { vm, vcpu, vcpus: 1, mem, xcr0: supported_xcr0(cpuid) })
+    }
+
+    /// Replaces the vCPU in use with a fresh one that sees `cpuid`.
+    fn fresh_vcpu(&mut self, cpuid: &CpuId) -> Result<(), String> {
+        self.vcpu = Self::make_vcpu(&self.vm, self.vcpus, cpuid)?;
+        self.vcpus += 1;
+        self.xcr0 = supported_xcr0(cpuid);
+        Ok(())
+    }
+
+    /// A vCPU in 64-bit kernel mode on the probe's GDT and page tables.
+    fn make_vcpu(vm: &VmFd, id: u64, cpuid: &CpuId) -> Result<VcpuFd, String> {
+        let vcpu = vm.create_vcpu(id).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
+        vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
         let mut sregs = vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
         sregs.gdt.base = GDT;
         sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
@@ -391,7 +415,7 @@ impl ProbeVm {
             xcrs.xcrs[0].value = supported_xcr0(cpuid);
             vcpu.set_xcrs(&xcrs).map_err(|e| format!("probe: KVM_SET_XCRS: {e}"))?;
         }
-        Ok(Self { _vm: vm, vcpu, mem, xcr0: supported_xcr0(cpuid) })
+        Ok(vcpu)
     }
 
     /// Makes the vCPU start `code` (then the done marker) in 64-bit user mode at CODE:
@@ -471,7 +495,8 @@ impl ProbeVm {
 /// Sets a marker APIC ID in leaf 1 and clears a feature bit KVM offers (CX16, else
 /// x2APIC), then checks that guest `cpuid` reports both changes. Some KVMs return
 /// the host's feature bits whatever KVM_SET_CPUID2 said.
-fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
+/// Runs on a fresh vCPU of `vm`.
+fn cpuid_honoured(vm: &mut ProbeVm, cpuid: &CpuId) -> Result<bool, String> {
     const MARKER: u32 = 0x5a;
     let mut marked = cpuid.clone();
     let feature = [13u32, 21].into_iter().find(|b| super::cpuid::find_entry(cpuid, 1, 0).is_some_and(|e| e.ecx & (1 << b) != 0));
@@ -483,7 +508,7 @@ fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
             }
         }
     }
-    let mut vm = ProbeVm::new(kvm, &marked)?;
+    vm.fresh_vcpu(&marked)?;
     // cpuid with EAX=1
     if vm.run(&[0x0f, 0xa2], 1) != ProbeResult::Works {
         return Ok(false);
@@ -495,18 +520,20 @@ fn cpuid_honoured(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
 }
 
 /// Whether byte-granular `rep stosb` (what ERMS makes Linux use for clearing pages
-/// and memset) costs much more than `rep stosq` over the same 4 KiB. Where KVM's
+/// and memset) costs much more than `rep stosq` over the same 1 KiB. Where KVM's
 /// emulator runs guest kernel mode, each iteration costs about one emulated
-/// instruction, so the byte form is up to 8 times slower.
+/// instruction, so the byte form is up to 8 times slower. 1 KiB (not a page) keeps
+/// this under 2 ms there; the ratio is the same.
 fn rep_string_cost(vm: &mut ProbeVm) -> ProbeResult {
     const STOSB: [u8; 2] = [0xf3, 0xaa]; // rep stosb (rcx bytes at rdi)
     const STOSQ: [u8; 3] = [0xf3, 0x48, 0xab]; // rep stosq (rcx quadwords at rdi)
-    // Below this a page clear is cheap whatever the form (native KVM: well under a
+    const BYTES: u64 = 1024;
+    // Below this a 1 KiB clear is cheap whatever the form (native KVM: well under a
     // microsecond; the exit around it dominates).
-    const CHEAP_NS: u128 = 50_000;
+    const CHEAP_NS: u128 = 12_500;
     let mut best = [u128::MAX; 2];
-    for _ in 0..3 {
-        for (i, (code, count)) in [(&STOSB[..], 4096u64), (&STOSQ[..], 512)].into_iter().enumerate() {
+    for _ in 0..2 {
+        for (i, (code, count)) in [(&STOSB[..], BYTES), (&STOSQ[..], BYTES / 8)].into_iter().enumerate() {
             let t = Instant::now();
             let r = vm.run_with(code, 0, count);
             if r != ProbeResult::Works {
@@ -519,14 +546,32 @@ fn rep_string_cost(vm: &mut ProbeVm) -> ProbeResult {
     if best[0] > CHEAP_NS && ratio >= 3 { ProbeResult::Slow(ratio as u32) } else { ProbeResult::Works }
 }
 
+/// Nanoseconds per instruction at CPL 0: a 2,000-instruction loop (`mov ecx, 1000;
+/// 1: dec ecx; jnz 1b`) less an empty run (the exit around it), best of two each.
+fn cpl0_ns_per_insn(vm: &mut ProbeVm) -> Option<f64> {
+    const LOOP: [u8; 9] = [0xb9, 0xe8, 0x03, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
+    const INSNS: f64 = 2000.0;
+    let mut best = [u128::MAX; 2];
+    for _ in 0..2 {
+        for (i, code) in [&[][..], &LOOP[..]].into_iter().enumerate() {
+            let t = Instant::now();
+            if vm.run(code, 0) != ProbeResult::Works {
+                return None;
+            }
+            best[i] = best[i].min(t.elapsed().as_nanos());
+        }
+    }
+    Some(best[1].saturating_sub(best[0]) as f64 / INSNS)
+}
+
 /// Whether SYSCALL from 64-bit user mode enters kernel mode at an LSTAR in the upper
 /// half, on a supervisor-only page, as Linux's entry is. The probe VM runs user
 /// code (CPL 3, user pages) that executes `syscall`; LSTAR points at `out` on a
 /// kernel-only page. Right: the `out` runs (CPL 0). Wrong: the fetch at LSTAR faults
 /// as a user access (no IDT here, so a triple fault).
-fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> {
+/// `vm`'s vCPU must be unused.
+fn user_syscall_enters_kernel(vm: &mut ProbeVm) -> Result<bool, String> {
     use kvm_bindings::{Msrs, kvm_msr_entry};
-    let mut vm = ProbeVm::new(kvm, cpuid)?;
     // User code: syscall. Kernel entry (at CODE + 0x100 through the kernel half): the done marker.
     vm.enter_user_mode(&[0x0f, 0x05], 0x202, |_| {})?;
     let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
@@ -550,8 +595,8 @@ fn user_syscall_enters_kernel(kvm: &Kvm, cpuid: &CpuId) -> Result<bool, String> 
 /// (None here). Where guest user mode runs on the host's own XCR0 (PVM), it returns
 /// it, and user code can use AVX or AVX-512 registers the guest kernel would then
 /// never save across context switches.
-fn user_xcr0_without_osxsave(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<u64>, String> {
-    let mut vm = ProbeVm::new(kvm, cpuid)?;
+/// `vm`'s vCPU must be unused.
+fn user_xcr0_without_osxsave(vm: &mut ProbeVm) -> Result<Option<u64>, String> {
     // xor ecx, ecx; xgetbv; then the done marker (`out` at CPL 3 with IOPL 3).
     vm.enter_user_mode(&[0x31, 0xc9, 0x0f, 0x01, 0xd0], 0x3002, |s| s.cr4 &= !CR4_OSXSAVE)?;
     match vm.vcpu.run() {
@@ -568,27 +613,34 @@ fn user_xcr0_without_osxsave(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<u64>, St
 /// and yields to a preempted vCPU (bit 13) with them.
 pub const HYPERCALL_FEATURES: [u8; 3] = [7, 11, 13];
 
-/// Whether a hypercall at CPL 0 (`vmmcall` on AMD, `vmcall` on Intel; an unknown
-/// number, which KVM answers with -KVM_ENOSYS) returns. Run on its own thread and
-/// interrupted with the kick signal after a while: where it hangs, KVM_RUN would
-/// otherwise never come back.
 /// A hypercall probe in flight: started first, it waits on its own thread while the
 /// other probes run, so a host where hypercalls hang costs no extra probe time.
 struct HypercallProbe {
     runner: std::thread::JoinHandle<ProbeResult>,
     returned: std::sync::mpsc::Receiver<()>,
+    /// When the runner was about to enter KVM_RUN.
+    entered: std::sync::Arc<std::sync::OnceLock<Instant>>,
     started: Instant,
 }
 
-/// A hypercall takes microseconds, even emulated; a false "hangs" only hides PV features.
-const HYPERCALL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(20);
+/// A hypercall takes microseconds, even emulated; a false "hangs" only hides PV
+/// features. Counted from KVM_RUN, so a busy host's slow thread start does not count.
+const HYPERCALL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long the runner may take to reach KVM_RUN before the hypercall counts as hanging.
+const HYPERCALL_ENTRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Starts the check whether a hypercall at CPL 0 (`vmmcall` on AMD, `vmcall` on
+/// Intel; an unknown number, which KVM answers with -KVM_ENOSYS) returns. It runs on
+/// its own thread and is interrupted with the kick signal after a while: where it
+/// hangs, KVM_RUN would otherwise never come back.
 fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, String> {
     super::kick::install_handler().map_err(|e| format!("probe: signal handler: {e}"))?;
     let amd = super::cpuid::find_entry(cpuid, 0, 0).is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth") || e.ebx == u32::from_le_bytes(*b"Hygo"));
     let code: &'static [u8] = if amd { &[0x0f, 0x01, 0xd9] } else { &[0x0f, 0x01, 0xc1] };
     let mut vm = ProbeVm::new(kvm, cpuid)?;
     let (tx, returned) = std::sync::mpsc::channel();
+    let entered = std::sync::Arc::new(std::sync::OnceLock::new());
+    let entering = entered.clone();
     let started = Instant::now();
     let runner = std::thread::Builder::new()
         .name("skiff-probe-hc".into())
@@ -597,6 +649,7 @@ fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, Str
             // is not lost (KVM_RUN then returns EINTR at once).
             // SAFETY: the kvm_run page belongs to `vm.vcpu`, which outlives the guard.
             let _kick_target = unsafe { super::kick::RunPage::enter(vm.vcpu.get_kvm_run()) };
+            let _ = entering.set(Instant::now());
             #[cfg(test)]
             std::thread::sleep(tests_hypercall::runner_delay());
             let r = vm.run(code, 0xffff);
@@ -604,15 +657,14 @@ fn start_hypercall_probe(kvm: &Kvm, cpuid: &CpuId) -> Result<HypercallProbe, Str
             r
         })
         .map_err(|e| format!("probe: thread: {e}"))?;
-    Ok(HypercallProbe { runner, returned, started })
+    Ok(HypercallProbe { runner, returned, entered, started })
 }
 
 impl HypercallProbe {
-    /// Whether the hypercall came back within HYPERCALL_TIMEOUT of its start.
+    /// Whether the hypercall came back within HYPERCALL_TIMEOUT of entering KVM_RUN.
     fn returns(self) -> Result<bool, String> {
         use std::os::unix::thread::JoinHandleExt;
-        let left = HYPERCALL_TIMEOUT.saturating_sub(self.started.elapsed());
-        let returned = self.returned.recv_timeout(left).is_ok();
+        let returned = self.wait();
         if !returned {
             // Kick until the runner is out of KVM_RUN: a kick that lands before the
             // runner registered its kvm_run page (see above) would be lost.
@@ -629,6 +681,29 @@ impl HypercallProbe {
         }
         let result = self.runner.join().map_err(|_| "probe: hypercall thread panicked".to_string())?;
         Ok(returned && result == ProbeResult::Works)
+    }
+
+    /// Waits for the runner's answer: HYPERCALL_TIMEOUT from its KVM_RUN, and at most
+    /// HYPERCALL_ENTRY_LIMIT for it to get there. Bounded by the two.
+    fn wait(&self) -> bool {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            let now = Instant::now();
+            let deadline = match self.entered.get() {
+                Some(t) => *t + HYPERCALL_TIMEOUT,
+                None if now.duration_since(self.started) >= HYPERCALL_ENTRY_LIMIT => return false,
+                None => now + std::time::Duration::from_millis(1),
+            };
+            match self.returned.recv_timeout(deadline.saturating_duration_since(now)) {
+                Ok(()) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.entered.get().is_some_and(|t| t.elapsed() >= HYPERCALL_TIMEOUT) {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -674,9 +749,12 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     let start = Instant::now();
     let mut quirks = HostQuirks::default();
     let hypercall = start_hypercall_probe(kvm, cpuid)?;
-    let mut vm = ProbeVm::new(kvm, cpuid)?;
-    quirks.user_xcr0 = user_xcr0_without_osxsave(kvm, cpuid)?;
+    // The user-mode probes get a VM of their own: they open the low mapping to user
+    // mode, which the kernel-mode snippets should not run beside.
+    let mut user = ProbeVm::new(kvm, cpuid)?;
+    quirks.user_xcr0 = user_xcr0_without_osxsave(&mut user)?;
     quirks.guest_xcr0 = supported_xcr0(cpuid);
+    let mut vm = ProbeVm::new(kvm, cpuid)?;
     for feature in GATED {
         // Probed whether or not KVM advertises it: some KVMs pass host feature bits
         // through to the guest regardless, and then the guest may use it.
@@ -698,20 +776,23 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
         // After an emulation failure the vCPU is still usable (its registers are set
         // afresh for every snippet); after a triple fault it is shut down.
         if !matches!(result, ProbeResult::Works | ProbeResult::EmulationFailure) {
-            vm = ProbeVm::new(kvm, cpuid)?;
+            vm.fresh_vcpu(cpuid)?;
         }
     }
-    quirks.cpuid_honoured = cpuid_honoured(kvm, cpuid)?;
+    if let Some(ns) = cpl0_ns_per_insn(&mut vm) {
+        quirks.cpl0_ns_per_insn = ns;
+    }
+    quirks.cpuid_honoured = cpuid_honoured(&mut vm, cpuid)?;
     // Check which hidden features the guest really stops seeing.
     let mut hidden_cpuid = cpuid.clone();
     for (f, _) in &quirks.hidden {
         super::cpuid::hide(&mut hidden_cpuid, f);
     }
-    let mut check = ProbeVm::new(kvm, &hidden_cpuid)?;
+    vm.fresh_vcpu(&hidden_cpuid)?;
     for (f, _) in &quirks.hidden {
         let g = f.gate;
-        if check.run_with(&[0x0f, 0xa2], g.leaf as u64, g.subleaf as u64) == ProbeResult::Works {
-            let regs = check.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
+        if vm.run_with(&[0x0f, 0xa2], g.leaf as u64, g.subleaf as u64) == ProbeResult::Works {
+            let regs = vm.vcpu.get_regs().map_err(|e| format!("probe: KVM_GET_REGS: {e}"))?;
             let value = match g.reg {
                 super::cpuid::Reg::Eax => regs.rax,
                 super::cpuid::Reg::Ebx => regs.rbx,
@@ -723,15 +804,8 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
             }
         }
     }
-    quirks.user_syscall_broken = !user_syscall_enters_kernel(kvm, cpuid)?;
-    // Time 2 x 2000 instructions: `mov ecx, 2000; 1: dec ecx; jnz 1b`.
-    let loop_code = [0xb9, 0xd0, 0x07, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc];
-    let t = Instant::now();
-    let r = vm.run(&loop_code, 0);
-    let ns = t.elapsed().as_nanos() as f64;
-    if r == ProbeResult::Works {
-        quirks.cpl0_ns_per_insn = ns / 4000.0;
-    }
+    user.fresh_vcpu(cpuid)?;
+    quirks.user_syscall_broken = !user_syscall_enters_kernel(&mut user)?;
     quirks.hypercall_hangs = !hypercall.returns()?;
     quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
     Ok(quirks)
