@@ -126,6 +126,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio entropy device fed from the host's getrandom (on unless --no-rng).
     pub rng: bool,
+    /// Probe the host afresh instead of reusing the cached probe (vcpu/probe/cache.rs).
+    pub reprobe: bool,
 }
 
 /// Where the default guest lives: `$SKIFF_GUEST_DIR`, else `guest/out` in the source

@@ -35,6 +35,7 @@ enum Command {
     Run(RunArgs),
     /// Probe this host's KVM: which instructions it cannot run in guest kernel mode
     /// (hidden from the guest's CPUID), and what a guest kernel instruction costs.
+    /// Always probes afresh, and refreshes the results `skiff run` reuses.
     Probe,
 }
 
@@ -93,6 +94,10 @@ struct RunArgs {
     /// getrandom).
     #[arg(long)]
     no_rng: bool,
+    /// Probe the host's KVM afresh (and refresh the cached results) instead of reusing
+    /// what an earlier run found on this host.
+    #[arg(long)]
+    reprobe: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -174,8 +179,8 @@ fn interruptible<T: Send + 'static>(
 }
 
 fn probe() -> Result<ExitCode, String> {
-    let quirks = interruptible("probing the host", || skiff::vmm::probe_host().map_err(|e| e.to_string()))?;
-    match output::stdout(&quirks.report()) {
+    let (quirks, origin) = interruptible("probing the host", || skiff::vmm::probe_host().map_err(|e| e.to_string()))?;
+    match output::stdout(&format!("{}{}", quirks.report(), origin.report_line())) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // The reader closed the pipe (`skiff probe | head -3`): it has what it wanted.
         Err(e) if e.raw_os_error() == Some(libc::EPIPE) => Ok(ExitCode::SUCCESS),
@@ -220,6 +225,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         guest_defaults: args.guest_defaults,
         disks,
         rng: !args.no_rng,
+        reprobe: args.reprobe,
     })
 }
 
@@ -291,6 +297,7 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         for v in &r.virtio {
             let _ = writeln!(out, "virtio {v}");
         }
+        out.push_str(&r.probe_origin.report_line());
         out.push_str(&r.quirks.report());
         if let Some(rss) = r.rss {
             let _ = writeln!(

@@ -28,7 +28,7 @@ use crate::devices::Buses;
 use crate::devices::serial::{Console, ConsoleOut, spawn_stdin_pump};
 use crate::stats::ExitStats;
 use crate::vcpu::msr::MsrSet;
-use crate::vcpu::probe::HostQuirks;
+use crate::vcpu::probe::{HostQuirks, ProbeOrigin, ProbePolicy};
 use crate::vcpu::reset::Vendor;
 use crate::vcpu::state::VmState;
 use crate::vcpu::{BootEntry, StateSpec, Vcpu, cpuid, kick, probe};
@@ -100,14 +100,14 @@ fn first_missing_cap(has: impl Fn(Cap) -> bool) -> Result<(), VmmError> {
     }
 }
 
-/// Opens KVM and runs the instruction probe alone (`skiff probe`).
-pub fn probe_host() -> Result<HostQuirks, VmmError> {
+/// Opens KVM and runs the instruction probe alone (`skiff probe`), refreshing the cache.
+pub fn probe_host() -> Result<(HostQuirks, ProbeOrigin), VmmError> {
     let kvm = open_kvm()?;
     check_caps(&kvm)?;
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-    probe::probe_host(&kvm, &supported).map_err(VmmError::Probe)
+    probe::probe_host_cached(&kvm, &supported, ProbePolicy::Refresh).map_err(VmmError::Probe)
 }
 
 /// What a finished run reports.
@@ -115,6 +115,8 @@ pub struct RunReport {
     pub reason: StopReason,
     pub stats: ExitStats,
     pub quirks: HostQuirks,
+    /// Whether the quirks came from the probe cache or a fresh probe.
+    pub probe_origin: ProbeOrigin,
     pub boot: BootTimes,
     /// Port I/O and MMIO to addresses no device claims: reads, writes.
     pub unclaimed: (u64, u64),
@@ -187,6 +189,7 @@ pub struct Vmm {
     /// Bytes the guest wrote to its console (a boot that wrote any showed life).
     console_bytes: Arc<std::sync::atomic::AtomicU64>,
     quirks: HostQuirks,
+    probe_origin: ProbeOrigin,
     console_first_byte: Arc<OnceLock<Instant>>,
     /// The command line the guest got: the configured one plus host-quirk options.
     cmdline: String,
@@ -211,9 +214,10 @@ impl Vmm {
         let probe = {
             let kvm_fd = open_kvm()?;
             let supported = supported.clone();
+            let policy = if config.reprobe { ProbePolicy::Refresh } else { ProbePolicy::UseCache };
             std::thread::Builder::new()
                 .name("skiff-probe".into())
-                .spawn(move || probe::probe_host(&kvm_fd, &supported))
+                .spawn(move || probe::probe_host_cached(&kvm_fd, &supported, policy))
                 .map_err(VmmError::Thread)?
         };
         // Disks first: a wrong path or a locked image is reported before any work.
@@ -226,7 +230,7 @@ impl Vmm {
         if test_hook("slow-build") {
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
-        let quirks = probe
+        let (quirks, probe_origin) = probe
             .join()
             .map_err(|_| VmmError::Probe("the probe thread panicked".into()))?
             .map_err(VmmError::Probe)?;
@@ -278,6 +282,7 @@ impl Vmm {
             console,
             console_bytes,
             quirks,
+            probe_origin,
             console_first_byte,
             cmdline,
             vm_pristine,

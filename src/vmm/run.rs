@@ -263,6 +263,7 @@ impl Vmm {
             reason: self.control.reason().unwrap_or(StopReason::Error("stopped without a reason".into())),
             stats,
             quirks: self.quirks,
+            probe_origin: self.probe_origin,
             boot,
             unclaimed: buses.pio.unclaimed(),
             unclaimed_mmio: buses.mmio.unclaimed(),
