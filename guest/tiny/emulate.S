@@ -10,7 +10,7 @@
  *
  * Memory map (identity unless said): 0-4 MiB with 2 MiB pages; 4 MiB+ with 4 KiB
  * pages: 0x400000 RAM, 0x401000 not present, 0x402000 RAM, 0x403000 -> 0x405000;
- * 0x20000000 (past RAM, nothing there) and 0xd0000000 (the MMIO hole) with 2 MiB
+ * 0x20000000 (past RAM, nothing there) and 0xdf000000 (the MMIO hole, where no device is) with 2 MiB
  * pages, present and writable.
  */
         .code32
@@ -51,7 +51,7 @@ build_tables:
         movl    $0x200083, pd0 + 8
         movl    $(pt4 + 3), pd0 + 2*8
         movl    $0x20000083, pd0 + 256*8
-        movl    $0xd0000083, pd3 + 128*8
+        movl    $0xdf000083, pd3 + 248*8
         movl    $0x400003, pt4
         movl    $0x402003, pt4 + 2*8
         movl    $0x405003, pt4 + 3*8
@@ -118,7 +118,7 @@ long_mode:
         END
 
         CASE    n_cx16_mmio
-        mov     $0xd0000000, %rdi
+        mov     $0xdf000000, %rdi
         xor     %eax, %eax
         xor     %edx, %edx
         lock cmpxchg16b (%rdi)
@@ -137,7 +137,7 @@ long_mode:
 
         CASE    n_xsave_mmio
         ALL
-        mov     $0xd0000000, %rdi
+        mov     $0xdf000000, %rdi
         xsave64 (%rdi)
         OK
         END
@@ -145,7 +145,7 @@ long_mode:
         /* The header reads as all ones: hardware refuses it with #GP(0). */
         CASE    n_xrstor_mmio
         ALL
-        mov     $0xd0000000, %rdi
+        mov     $0xdf000000, %rdi
         xrstor64 (%rdi)
         OK
         END

@@ -26,7 +26,7 @@
         .set    UNCLAIMED_PORT, 0x2e0   /* no device in skiff or QEMU -M pc */
         .set    POST_PORT, 0x80
         .set    DOORBELL_PORT, 0x440    /* skiff's boot marker: an ioeventfd doorbell */
-        .set    MMIO_ADDR, 0xd0000000   /* in the 32-bit MMIO hole, no device */
+        .set    MMIO_ADDR, 0xdf000000   /* in the 32-bit MMIO hole, no device (virtio starts at 0xd0000000) */
         .set    PIT_HZ, 1193182
         .set    CAL_COUNT, 23864        /* 20 ms of PIT ticks */
         .set    CAL_RUNS, 5
