@@ -1,12 +1,13 @@
 //! A hostile virtio driver against skiff's virtio-mmio devices: the test kernel
-//! guest/tiny/virtio-hostile.S drives slot 0 (virtio-rng) and slot 1 (a virtio-blk
-//! disk) through their registers with descriptor loops, chains longer than the queue,
+//! guest/tiny/virtio-hostile.S drives slot 0 (virtio-rng), slot 1 (a virtio-blk disk)
+//! and slot 2 (a read-only disk) through their registers with descriptor loops, chains longer than the queue,
 //! buffers outside RAM or wrapping past 2^64, device-readable buffers where the device
 //! must write, nested and malformed indirect tables, avail indices far ahead, bad
 //! queue sizes and rings outside RAM, requests past the end of the disk and of
-//! absurd length. Every case must be handled (an error completion, an error status
-//! or NEEDS_RESET, as its line says), a good request must work after each, skiff
-//! must exit 0, and the disk image must keep its size.
+//! absurd length, writes, write-zeroes and discards on the read-only disk. Every case
+//! must be handled (an error completion, an error status or NEEDS_RESET, as its line
+//! says), a good request must work after each, skiff must exit 0, the disk image must
+//! keep its size and the read-only one every byte.
 
 mod common;
 
@@ -71,6 +72,11 @@ const CASES: &[&str] = &[
     "blk-header-short",
     "blk-no-status-buffer",
     "blk-rings-outside-ram",
+    "ro-present",
+    "ro-offers-ro-feature",
+    "ro-write",
+    "ro-write-zeroes",
+    "ro-discard",
 ];
 
 /// Bounds a hang: a case the device never answers costs the kernel a few seconds
@@ -78,16 +84,25 @@ const CASES: &[&str] = &[
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 const DISK_SIZE: u64 = 1 << 20;
+/// The read-only disk: every byte this (the kernel checks a sector reads so).
+const RO_SIZE: usize = 64 << 10;
+const RO_BYTE: u8 = 0x5a;
 
 /// A scratch disk image that is removed when dropped.
 struct Disk(PathBuf);
 
 impl Disk {
-    fn new(size: u64) -> Disk {
-        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("virtio-hostile-{}.img", std::process::id()));
+    fn new(name: &str, size: u64) -> Disk {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("virtio-hostile-{}-{name}.img", std::process::id()));
         let file = std::fs::File::create(&path).expect("create the disk image");
         file.set_len(size).expect("size the disk image");
         Disk(path)
+    }
+
+    fn filled(name: &str, bytes: &[u8]) -> Disk {
+        let disk = Disk::new(name, 0);
+        std::fs::write(&disk.0, bytes).expect("fill the disk image");
+        disk
     }
 }
 
@@ -137,11 +152,13 @@ fn run_bounded(args: &[&str], timeout: Duration) -> (std::process::ExitStatus, S
 fn hostile_virtio_driver_is_handled() {
     common::require_kvm();
     let kernel = common::tiny_kernel("virtio-hostile");
-    let disk = Disk::new(DISK_SIZE);
+    let disk = Disk::new("rw", DISK_SIZE);
+    let ro = Disk::filled("ro", &[RO_BYTE; RO_SIZE]);
     let kernel = kernel.to_string_lossy().into_owned();
     let disk_arg = disk.0.to_string_lossy().into_owned();
-    let (status, console, stderr) =
-        run_bounded(&["run", "--kernel", &kernel, "--boot", "pvh", "--disk", &disk_arg], TIMEOUT);
+    let ro_arg = format!("{},ro", ro.0.display());
+    let args = ["run", "--kernel", &kernel, "--boot", "pvh", "--disk", &disk_arg, "--disk", &ro_arg];
+    let (status, console, stderr) = run_bounded(&args, TIMEOUT);
     assert!(status.success(), "skiff failed ({status}):\nconsole:\n{console}\nstderr:\n{stderr}");
 
     let lines: Vec<&str> = console
@@ -166,4 +183,6 @@ fn hostile_virtio_driver_is_handled() {
 
     let size = std::fs::metadata(&disk.0).expect("disk image").len();
     assert_eq!(size, DISK_SIZE, "the disk image changed size (a write past its end went through)");
+    let after = std::fs::read(&ro.0).expect("read-only disk image");
+    assert!(after.len() == RO_SIZE && after.iter().all(|&b| b == RO_BYTE), "the read-only disk image changed");
 }

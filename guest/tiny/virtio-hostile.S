@@ -1,7 +1,7 @@
 /*
  * skiff's hostile virtio driver: a test kernel that drives the virtio-mmio devices
- * of slot 0 (virtio-rng, at 0xd0000000) and slot 1 (a virtio-blk disk, 0xd0001000)
- * the way a broken or malicious guest would. Each case starts from a freshly reset
+ * of slot 0 (virtio-rng, at 0xd0000000), slot 1 (a virtio-blk disk, 0xd0001000) and
+ * slot 2 (a read-only disk, 0xd0002000) the way a broken or malicious guest would. Each case starts from a freshly reset
  * and initialised device, submits one bad thing, notifies, waits a bounded time and
  * records what the device did: a used entry (with the virtio-blk status byte) or
  * DEVICE_NEEDS_RESET. Then, after a reset if the device needed one, a good request
@@ -10,7 +10,8 @@
  *     virtio-hostile: <case> ok (<what the device did>)
  *     virtio-hostile: <case> FAIL: <why> [outcome, used len, status byte, Status]
  * and at the end "virtio-hostile: done N ok" (", M FAILED" when some failed), then
- * it powers off. tests/virtio.rs runs it with a 1 MiB disk.
+ * it powers off. tests/virtio.rs runs it with a 1 MiB disk and a 64 KiB read-only
+ * one.
  *
  * What counts as handled: a malformed chain ends in an error completion (rng: used
  * length 0; blk: an error status, or no status when the status buffer itself is
@@ -24,6 +25,8 @@
  */
         .set    SLOT0, 0xd0000000
         .set    SLOT1, 0xd0001000
+        .set    SLOT2, 0xd0002000
+        .set    BLK_F_RO, 1 << 5
         .set    GOOD_SECTOR, 7
         .set    BLK_IN, 0
         .set    BLK_OUT, 1
@@ -82,6 +85,24 @@ _start:
         .endr
 1:      call    vq_reset
 
+        /* slot 2: a read-only disk whose every byte is 0x5a (tests/virtio.rs checks
+           that none changed) */
+        movl    $2, want_id
+        movl    $BLK_F_RO, want_ro
+        movl    $SLOT2, base
+        call    find_slot
+        movl    $good_ro, good_fn
+        mov     $n_ro_present, %esi
+        call    probe
+        test    %eax, %eax
+        jnz     1f
+        .irp    c, offers_ro, write, write_zeroes, discard
+        mov     $n_ro_\c, %esi
+        mov     $c_ro_\c, %edi
+        call    run_case
+        .endr
+1:      call    vq_reset
+
         mov     $s_done, %esi
         call    puts
         mov     n_ok, %eax
@@ -108,8 +129,9 @@ _start:
 
 /* find_slot: skiff's slots are fixed (base stays as set). Built with
    --defsym QEMU_MICROVM=1 the kernel instead looks for a device of type want_id
-   among QEMU microvm's virtio-mmio slots, to check these cases against another
-   implementation (QEMU needs -global virtio-mmio.force-legacy=false). */
+   (offering VIRTIO_BLK_F_RO or not, as want_ro says) among QEMU microvm's
+   virtio-mmio slots, to check these cases against another implementation (QEMU
+   needs -global virtio-mmio.force-legacy=false). */
 find_slot:
 .ifdef QEMU_MICROVM
         pusha
@@ -119,6 +141,11 @@ find_slot:
         jne     2f
         mov     want_id, %eax
         cmp     %eax, R_DEVICE_ID(%ebx)
+        jne     2f
+        movl    $0, R_DEV_FEAT_SEL(%ebx)
+        mov     R_DEV_FEAT(%ebx), %eax
+        and     $BLK_F_RO, %eax
+        cmp     want_ro, %eax
         jne     2f
         mov     %ebx, base
         jmp     3f
@@ -433,11 +460,13 @@ submit_wait:
 
         .include "virtio-hostile-rng.inc"
         .include "virtio-hostile-blk.inc"
+        .include "virtio-hostile-ro.inc"
         .include "console.inc"
 
         .section .data
         .p2align 2
 want_id:        .long   0
+want_ro:        .long   0
 good_fn:        .long   0
 ramtop:         .long   0
 cap:            .quad   0
