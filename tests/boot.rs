@@ -130,7 +130,7 @@ fn pause_storm_left_nothing_behind(stderr: &str) {
     assert!(line.contains("100 pauses of 2 vCPUs"), "{line}");
     let grab = |key: &str| -> (String, String) {
         let rest = line.split(key).nth(1).unwrap_or_else(|| panic!("{key} in {line}"));
-        let mut it = rest.split(|c: char| c == ',' || c == ';').next().unwrap_or("").split(" -> ");
+        let mut it = rest.split([',', ';']).next().unwrap_or("").split(" -> ");
         (it.next().unwrap_or("").trim().to_string(), it.next().unwrap_or("").trim().to_string())
     };
     let (t0, t1) = grab("threads ");

@@ -9,6 +9,9 @@ use crate::stats::ExitStats;
 use crate::vcpu::thread::{ThreadError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vcpu::{BootEntry, Vcpu, VcpuError};
 
+/// Profile samples: (milliseconds since the start, vCPU index, guest RIP).
+pub type Samples = Vec<(u32, u8, u64)>;
+
 /// How long a vCPU may take to answer: leaving KVM_RUN after a kick takes
 /// microseconds; a power-on a few ioctls. Beyond this something is wrong.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
@@ -112,7 +115,7 @@ impl VcpuSet {
 
     /// Every vCPU's exit statistics (merged) and profile samples (ms, vCPU, RIP) since
     /// the last call.
-    pub fn take_stats(&self) -> Result<(ExitStats, Vec<(u32, u8, u64)>), VcpusError> {
+    pub fn take_stats(&self) -> Result<(ExitStats, Samples), VcpusError> {
         let mut stats = ExitStats::default();
         let mut samples = Vec::new();
         for (h, a) in self.handles.iter().zip(self.all(|| VcpuEvent::TakeStats)?) {
