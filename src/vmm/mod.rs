@@ -222,11 +222,22 @@ impl Vmm {
         };
         // Disks first: a wrong path or a locked image is reported before any work.
         let disks = open_disks(config)?;
-        let (vm, vm_pristine) = create_vm(&kvm)?;
         let mem = memory::create_guest_memory(config.memory)?;
-        memory::register_with_kvm(&vm, &mem)?;
-        // Load the kernel while the probe runs (the command line is written later).
-        let kernel = loader::load_kernel(&mem, &config.kernel)?;
+        // Creating the VM and its memory slots costs KVM SRCU grace periods
+        // (milliseconds on some hosts, whatever the memory size): done on a thread of
+        // its own while this one loads the kernel (the command line is written later)
+        // and the probe runs or is read from its cache.
+        let (vm, kernel) = std::thread::scope(|s| {
+            let vm = s.spawn(|| -> Result<_, VmmError> {
+                let (vm, pristine) = create_vm(&kvm)?;
+                memory::register_with_kvm(&vm, &mem)?;
+                Ok((vm, pristine))
+            });
+            let kernel = loader::load_kernel(&mem, &config.kernel);
+            (vm.join(), kernel)
+        });
+        let (vm, vm_pristine) = vm.map_err(|_| VmmError::Device("the thread creating the VM panicked".into()))??;
+        let kernel = kernel?;
         if test_hook("slow-build") {
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
@@ -245,14 +256,7 @@ impl Vmm {
         let out = ConsoleOut::new(console.clone());
         let console_bytes = out.bytes.clone();
         let console_first_byte = out.first_byte.clone();
-        let mut devices = DeviceManager::new(&vm, &control, out)?;
-        if config.rng {
-            devices.add_virtio(&vm, &mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
-        }
-        for (disk, block) in config.disks.iter().zip(disks) {
-            devices.add_virtio(&vm, &mem, format!("disk {}", disk.path.display()), Box::new(block))?;
-        }
-        devices.build_buses()?;
+        let mut devices = build_devices(&vm, &mem, config, &control, out, disks)?;
         let entry = write_guest_tables(&mem, &kernel, config, &cmdline, &devices.acpi_devices())?;
 
         if quirks.user_syscall_broken {
@@ -260,17 +264,7 @@ impl Vmm {
         }
         let failure_bytes = report_failed_instruction_bytes(&vm);
         let vcpus = create_vcpus(&kvm, &vm, config, &mem, &devices.buses, &control, &supported, &base_cpuid, quirks.user_syscall_broken)?;
-        let coalescing = match vcpus.first() {
-            Some(v) if config.coalesce => devices::setup_coalescing(&kvm, &vm, &v.fd, &devices.buses),
-            _ => "off (--no-coalesce)".to_string(),
-        };
-        let doorbells = if config.coalesce {
-            let bells = devices::setup_doorbells(&kvm, &vm, &devices.buses);
-            let queues = devices.setup_queue_notifiers(&vm);
-            format!("{bells}; {queues}")
-        } else {
-            "off (--no-coalesce)".to_string()
-        };
+        let (coalescing, doorbells) = setup_fast_paths(&kvm, &vm, config, &vcpus, &mut devices);
         let mut vmm = Vmm {
             _kvm: kvm,
             vm,
@@ -300,6 +294,39 @@ impl Vmm {
     pub fn msr_set(&self) -> Option<&crate::vcpu::msr::MsrSet> {
         self.vcpus.first().map(|v| &v.spec.msrs)
     }
+}
+
+/// The machine's devices: the legacy PC set, then virtio-rng (unless --no-rng) and a
+/// virtio-blk per disk, in the slots the guest will see them in.
+fn build_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    control: &Arc<Control>,
+    console: ConsoleOut,
+    disks: Vec<crate::devices::virtio::block::Block>,
+) -> Result<DeviceManager, VmmError> {
+    let mut devices = DeviceManager::new(vm, control, console)?;
+    if config.rng {
+        devices.add_virtio(vm, mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
+    }
+    for (disk, block) in config.disks.iter().zip(disks) {
+        devices.add_virtio(vm, mem, format!("disk {}", disk.path.display()), Box::new(block))?;
+    }
+    devices.build_buses()?;
+    Ok(devices)
+}
+
+/// Writes that need no exit to skiff: KVM's coalesced ring (port 0x80, the RTC
+/// index), doorbells (the boot marker) and virtio queue notifications (ioeventfds).
+/// Returns the `--stats` lines for the ring and for the ioeventfds.
+fn setup_fast_paths(kvm: &Kvm, vm: &VmFd, config: &VmConfig, vcpus: &[Vcpu], devices: &mut DeviceManager) -> (String, String) {
+    let off = || "off (--no-coalesce)".to_string();
+    let (Some(first), true) = (vcpus.first(), config.coalesce) else { return (off(), off()) };
+    let coalescing = devices::setup_coalescing(kvm, vm, &first.fd, &devices.buses);
+    let bells = devices::setup_doorbells(kvm, vm, &devices.buses);
+    let queues = devices.setup_queue_notifiers(vm);
+    (coalescing, format!("{bells}; {queues}"))
 }
 
 /// Opens every `--disk` (checked and locked: vmm/devices.rs declares them later).
