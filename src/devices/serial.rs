@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use vm_superio::{Serial, Trigger, serial::NoEvents};
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
@@ -30,6 +31,19 @@ impl Trigger for IrqTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
+    }
+}
+
+/// Signals an eventfd when the guest has read the receive FIFO empty: the event loop
+/// then feeds it the host input that did not fit before (no polling for room).
+pub struct RoomSignal(EventFd);
+
+impl SerialEvents for RoomSignal {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
     }
 }
 
@@ -224,10 +238,14 @@ impl Write for ConsoleOut {
     }
 }
 
+type Uart = Serial<IrqTrigger, RoomSignal, ConsoleOut>;
+
 pub struct SerialDevice {
-    uart: Mutex<Serial<IrqTrigger, NoEvents, ConsoleOut>>,
+    uart: Mutex<Uart>,
     /// The interrupt line, for rebuilding the UART at a reset.
     irq: EventFd,
+    /// Written when the guest emptied the receive FIFO (see [`RoomSignal`]).
+    room: EventFd,
     console: Arc<Console>,
     /// Whether the machine is stopping: a vCPU then stops waiting for console room.
     control: Arc<Control>,
@@ -237,7 +255,23 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: ConsoleOut, control: Arc<Control>) -> io::Result<Self> {
         let line = irq.try_clone()?;
         let console = out.console.clone();
-        Ok(Self { uart: Mutex::new(Serial::new(IrqTrigger(line), out)), irq, console, control })
+        let room = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
+        let uart = Serial::with_events(IrqTrigger(line), RoomSignal(room.try_clone()?), out);
+        Ok(Self { uart: Mutex::new(uart), irq, room, console, control })
+    }
+
+    /// The eventfd written when the guest emptied the receive FIFO.
+    pub fn room(&self) -> &EventFd {
+        &self.room
+    }
+
+    /// A UART model with `regs`, on the same interrupt line, room signal and output.
+    fn rebuilt(&self, uart: &mut Uart, regs: &vm_superio::serial::SerialState) -> Result<Uart, String> {
+        let line = self.irq.try_clone().map_err(|e| format!("interrupt line: {e}"))?;
+        let room = self.room.try_clone().map_err(|e| format!("room signal: {e}"))?;
+        let out = uart.writer_mut().handle();
+        // vm-superio refuses a receive FIFO longer than the UART's.
+        Serial::from_state(regs, IrqTrigger(line), RoomSignal(room), out).map_err(|e| format!("{e:?}"))
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the receive
@@ -283,22 +317,16 @@ impl BusDevice for SerialDevice {
             scratch: r.scratch,
             in_buffer: r.in_buffer.clone(),
         };
-        let invalid = |reason: String| RestoreError::Invalid { device: "serial", reason };
-        let line = self.irq.try_clone().map_err(|e| invalid(format!("interrupt line: {e}")))?;
         let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
-        let out = uart.writer_mut().handle();
-        // vm-superio refuses a receive FIFO longer than the UART's.
-        *uart = Serial::from_state(&regs, IrqTrigger(line), NoEvents, out).map_err(|e| invalid(format!("{e:?}")))?;
+        *uart = self.rebuilt(&mut uart, &regs).map_err(|reason| RestoreError::Invalid { device: "serial", reason })?;
         Ok(())
     }
     /// Back to the UART's power-up registers (and an empty FIFO); output continues to
     /// the same place.
     fn reset(&self) {
-        let Ok(line) = self.irq.try_clone() else { return };
         let mut uart = self.uart.lock().unwrap_or_else(|e| e.into_inner());
-        let out = uart.writer_mut().handle();
-        // The default state is always valid, so this cannot fail.
-        if let Ok(fresh) = Serial::from_state(&Default::default(), IrqTrigger(line), NoEvents, out) {
+        // The default state is always valid; only a failed fd dup can fail here.
+        if let Ok(fresh) = self.rebuilt(&mut uart, &Default::default()) {
             *uart = fresh;
         }
     }
@@ -334,8 +362,62 @@ impl BusDevice for SerialDevice {
     }
 }
 
-/// Copies host stdin into the serial port until stdin closes. Runs on its own thread;
-/// waits for FIFO room instead of dropping input.
+/// Host input for the guest's UART, fed from the event loop: stdin is read when it is
+/// readable and the receive FIFO has room for it; what does not fit waits until the
+/// guest has read the FIFO empty (the room signal), and stdin is not read meanwhile.
+pub struct StdinFeed {
+    serial: Arc<SerialDevice>,
+    /// Read from stdin, not yet taken by the UART.
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl StdinFeed {
+    pub fn new(serial: Arc<SerialDevice>) -> Self {
+        Self { serial, pending: Vec::new(), eof: false }
+    }
+
+    /// stdin is readable: reads once and feeds the UART. Returns whether to go on
+    /// watching stdin (not at its end, nor while input waits for room).
+    pub fn on_stdin(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            return false;
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: reads at most `buf.len()` bytes into the live local buffer.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.pending.extend_from_slice(buf.get(..n).unwrap_or(&[])),
+            Err(_) => {
+                let e = io::Error::last_os_error().kind();
+                // A spurious wake-up; anything else ends the input as EOF would.
+                if !matches!(e, io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) {
+                    self.eof = true;
+                }
+            }
+        }
+        self.push();
+        !self.eof && self.pending.is_empty()
+    }
+
+    /// The guest emptied the FIFO: feeds what waits. Returns whether stdin can be
+    /// watched again.
+    pub fn on_room(&mut self) -> bool {
+        let _ = self.serial.room.read();
+        self.push();
+        !self.eof && self.pending.is_empty()
+    }
+
+    fn push(&mut self) {
+        let taken = self.serial.enqueue_input(&self.pending);
+        self.pending.drain(..taken.min(self.pending.len()));
+    }
+}
+
+/// Copies host stdin into the serial port until stdin closes, on a thread of its own:
+/// for a stdin epoll cannot watch (a regular file, /dev/null). Waits for FIFO room
+/// instead of dropping input.
 pub fn spawn_stdin_pump(serial: Arc<SerialDevice>) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("skiff-stdin".into()).spawn(move || {
         use std::io::Read;

@@ -28,6 +28,10 @@ pub enum Source {
     Queue { device: usize, queue: u16 },
     /// Backend fd `index` of virtio device `device` is ready (completions).
     Backend { device: usize, index: usize },
+    /// Host input for the guest's serial port.
+    Stdin,
+    /// The guest emptied the serial port's receive FIFO.
+    SerialRoom,
 }
 
 /// The process's wake-up eventfd: created once, never closed, because a signal
@@ -58,12 +62,23 @@ impl EventLoop {
         Ok(lp)
     }
 
-    /// Watches `fd` (kept open by its owner for as long as the loop lives).
+    /// Watches `fd` (kept open by its owner for as long as the loop lives). A source
+    /// watched again after [`Self::remove`] keeps its token, so the table never grows.
     pub fn add(&mut self, fd: RawFd, source: Source) -> std::io::Result<()> {
-        let token = self.sources.len() as u64;
-        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
-        self.sources.push(source);
+        let token = match self.sources.iter().position(|s| *s == source) {
+            Some(i) => i,
+            None => self.sources.len(),
+        };
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token as u64))?;
+        if token == self.sources.len() {
+            self.sources.push(source);
+        }
         Ok(())
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
     }
 
     /// Starts the profiler's periodic tick.

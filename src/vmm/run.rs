@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::event_loop::{EventLoop, Source};
 use super::reboot::StormWatch;
 use super::vcpus::VcpuSet;
+use crate::devices::serial::StdinFeed;
 use super::*;
 
 /// How the in-place reboots so far went, carried between stops.
@@ -38,7 +39,7 @@ impl Vmm {
     /// Returns why it stopped, with the statistics.
     pub fn run(mut self, started: Instant) -> Result<RunReport, VmmError> {
         kick::install_handler().map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
-        let _stdin = spawn_stdin_pump(self.devices.legacy.serial.clone()).map_err(VmmError::Thread)?;
+
         // On an error path out of here the guest's last output still reaches the
         // console (as long as it takes it); the normal path drains it below.
         struct Drain(Arc<Console>);
@@ -55,6 +56,12 @@ impl Vmm {
         // (scripts/symbolize-profile turns them into guest functions).
         let profile = std::env::var_os("SKIFF_PROFILE").map(std::path::PathBuf::from);
         let mut lp = self.event_loop(profile.is_some())?;
+        // Host input on the event loop where epoll can watch stdin; a thread otherwise.
+        let _stdin = match lp.add(libc::STDIN_FILENO, Source::Stdin) {
+            Ok(()) => None,
+            Err(_) => Some(spawn_stdin_pump(self.devices.legacy.serial.clone()).map_err(VmmError::Thread)?),
+        };
+        let mut stdin = StdinFeed::new(self.devices.legacy.serial.clone());
         let mut vcpus = std::mem::take(&mut self.vcpus);
         if profile.is_some() {
             for v in &mut vcpus {
@@ -73,7 +80,7 @@ impl Vmm {
             }
         }));
         let mut life = Lifecycle { idle_threads: thread_and_fd_counts(None).0, ..Default::default() };
-        let result = self.drive(&mut lp, &mut set, &mut life);
+        let result = self.drive(&mut lp, &mut set, &mut life, &mut stdin);
         // Whatever happened, no vCPU thread outlives the run.
         self.control.request_stop(StopReason::Error("the event loop ended".into()));
         let _ = set.pause_all();
@@ -108,6 +115,7 @@ impl Vmm {
                 lp.add(fd, Source::Backend { device, index }).map_err(err)?;
             }
         }
+        lp.add(self.devices.legacy.serial.room().as_raw_fd(), Source::SerialRoom).map_err(err)?;
         if profiling {
             lp.add_profile_tick(Duration::from_millis(10)).map_err(err)?;
         }
@@ -115,7 +123,7 @@ impl Vmm {
     }
 
     /// The event loop proper: runs until the machine stops for good.
-    fn drive(&mut self, lp: &mut EventLoop, set: &mut VcpuSet, life: &mut Lifecycle) -> Result<(), VmmError> {
+    fn drive(&mut self, lp: &mut EventLoop, set: &mut VcpuSet, life: &mut Lifecycle, stdin: &mut StdinFeed) -> Result<(), VmmError> {
         life.boot_started = Some(Instant::now());
         if let Err(e) = set.resume_all() {
             // A vCPU thread that is already gone stopped the machine with its reason.
@@ -137,6 +145,17 @@ impl Vmm {
                         hooks.after_doorbell(self, set);
                     }
                     Source::Queue { device, queue } => self.on_queue_notify(device, queue),
+                    Source::Stdin => {
+                        if !stdin.on_stdin() {
+                            let _ = lp.remove(libc::STDIN_FILENO);
+                        }
+                    }
+                    Source::SerialRoom => {
+                        // Watched again only if it was taken off (a second add fails).
+                        if stdin.on_room() {
+                            let _ = lp.add(libc::STDIN_FILENO, Source::Stdin);
+                        }
+                    }
                     Source::Backend { device, index } => {
                         if let Some(v) = self.devices.virtio.get(device) {
                             v.device.backend_ready(index);
