@@ -571,6 +571,36 @@ fn iasl_reads_the_dsdt_skiff_means() {
     assert_eq!(asl, expected);
 }
 
+/// A virtio-mmio device as the device manager declares one: iasl reads the string
+/// _HID Linux's virtio_mmio driver binds to, the register window and the edge GSI.
+#[test]
+fn iasl_reads_a_virtio_device_skiff_means() {
+    let iasl = Iasl::new("dsdt-virtio");
+    let vr = AcpiDevice {
+        name: "VR01".into(),
+        hid: AcpiHid::Str("LNRO0005"),
+        uid: Some(1),
+        window: AcpiWindow::Mmio { base: 0xd000_1000, len: 0x1000 },
+        irq: Some(AcpiIrq::EdgeGsi(17)),
+    };
+    let asl: String = iasl
+        .disassemble("dsdt", &build_dsdt(&[vr]).unwrap())
+        .lines()
+        .map(|l| l.split("//").next().unwrap().trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('*') && !l.starts_with("/*"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let want = "Device (VR01) { Name (_HID, \"LNRO0005\") Name (_UID, One) Name (_CRS, ResourceTemplate () { \
+                Memory32Fixed (ReadWrite, 0xD0001000, 0x00001000, ) \
+                Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000011, } }) }";
+    assert!(asl.contains(want), "{asl}");
+    // Names that are not four characters of A-Z, 0-9 and _ never reach the table.
+    for bad in ["VR1", "vr01", "VR0.1"] {
+        let d = AcpiDevice { name: bad.into(), hid: AcpiHid::Str("LNRO0005"), uid: None, window: AcpiWindow::Io { port: 0x10, len: 1 }, irq: None };
+        assert!(matches!(build_dsdt(&[d]), Err(AcpiError::BadDeviceName(_))), "{bad}");
+    }
+}
+
 /// iasl's reading of the MADT: one enabled local APIC per vCPU, the I/O APIC at
 /// its address, the SCI override and the LINT1 NMI.
 #[test]
