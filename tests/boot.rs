@@ -118,7 +118,8 @@ fn virtio_devices_are_there(g: &mut Guest, cpus: u32) {
     let size = g.run("cat /sys/block/vda/size", CMD_TIMEOUT);
     assert_eq!(size, vec![(64u64 << 20 >> 9).to_string()], "vda's size in sectors");
     if cpus == 2 {
-        let serial = g.run("cat /sys/block/vdb/serial", CMD_TIMEOUT);
+        // The attribute has no trailing newline: echo gives it one.
+        let serial = g.run("echo \"$(cat /sys/block/vdb/serial)\"", CMD_TIMEOUT);
         assert_eq!(serial, vec!["skiff-ro".to_string()], "vdb's serial (VIRTIO_BLK_T_GET_ID)");
     }
 }
