@@ -65,10 +65,12 @@ class Guest:
         return head.decode(errors="replace")
 
     def run(self, cmd, timeout=1800):
-        self.p.stdin.write(f"{cmd}; echo {DONE}\n".encode())
+        # The markers are split in the typed text, so its echo never matches them.
+        half = len(DONE) // 2
+        self.p.stdin.write(f"echo {DONE[:half]}''{DONE[half:]}B; {cmd}; echo {DONE[:half]}''{DONE[half:]}E\n".encode())
         self.p.stdin.flush()
-        self.read_until(DONE, timeout)  # the echo of the command line
-        return self.read_until(DONE, timeout)
+        self.read_until(DONE + "B", timeout)
+        return self.read_until(DONE + "E", timeout)
 
     def finish(self):
         self.p.stdin.write(b"poweroff\n")
