@@ -27,6 +27,7 @@ Usage: bench/disk.py [--runs N]
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,9 +134,19 @@ def main():
         "rand-read": ("skiff-check randread {d} 2000", 2000 * 4096 / (1 << 20), [checker, "randread", image, "2000"]),
     }
     g = Guest(image)
+    try:
+        measure(g, ops, image, args.runs)
+    finally:
+        # Never leave a guest running or a 512 MiB image behind, whatever failed.
+        if g.p.poll() is None:
+            g.p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(g, ops, image, runs):
     g.read_until("skiff-guest: ready", 3600)
     results = {k: {"guest_s": [], "host_s": [], "skiff_cpu_mib": [], "host_cpu_mib": [], "skiff_cpu_req": [], "host_cpu_req": [], "reqs": []} for k in ops}
-    for _ in range(args.runs):
+    for _ in range(runs):
         for name, (guest_cmd, mib, host_cmd) in ops.items():
             r = results[name]
             reqs0, cpu0 = guest_requests(g), skiff_cpu(g.p.pid)
@@ -156,7 +167,7 @@ def main():
             r["skiff_cpu_req"].append(cpu / max(reqs, 1) * 1e6)
             r["host_cpu_req"].append(host_cpu / host_reqs * 1e6)
     stderr = g.finish()
-    print(f"disk benchmark, {args.runs} runs each (min / median / max)")
+    print(f"disk benchmark, {runs} runs each (min / median / max)")
     for name, r in results.items():
         ratio = statistics.median(r["skiff_cpu_mib"]) / max(statistics.median(r["host_cpu_mib"]), 1e-9)
         print(f"{name}:")
