@@ -60,7 +60,11 @@ class Guest:
                 sys.exit(f"bench/disk.py: timed out waiting for {needle!r}; console:\n{self.buf[-2000:].decode(errors='replace')}")
             chunk = self.p.stdout.read1(65536)
             if not chunk:
-                sys.exit(f"bench/disk.py: skiff ended; console:\n{self.buf[-2000:].decode(errors='replace')}")
+                self.p.wait(timeout=60)
+                time.sleep(0.2)
+                err = self.err[0].decode(errors="replace") if self.err else ""
+                sys.exit(f"bench/disk.py: skiff ended (status {self.p.returncode}); console:\n"
+                         f"{self.buf[-2000:].decode(errors='replace')}\nstderr:\n{err[-3000:]}")
             self.buf += chunk
         head, _, self.buf = self.buf.partition(needle.encode())
         return head.decode(errors="replace")
