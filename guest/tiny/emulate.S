@@ -142,6 +142,19 @@ long_mode:
         OK
         END
 
+        /* One instruction completed 2000 times in a row with no other exit in
+           between (as a kernel's xsave at every context switch is, when its I/O
+           goes through ioeventfds): progress, never "stuck at the same place". */
+        CASE    n_xsave_loop
+        mov     $2000, %ecx
+        lea     area(%rip), %rdi
+1:      ALL
+        xsave64 (%rdi)
+        dec     %ecx
+        jnz     1b
+        OK
+        END
+
         /* The header reads as all ones: hardware refuses it with #GP(0). */
         CASE    n_xrstor_mmio
         ALL
@@ -420,6 +433,7 @@ n_cx16_hole:    .asciz "cmpxchg16b-hole:"
 n_cx16_mmio:    .asciz "cmpxchg16b-mmio:"
 n_xsave_hole:   .asciz "xsave-hole:"
 n_xsave_mmio:   .asciz "xsave-mmio:"
+n_xsave_loop:   .asciz "xsave-2000-times:"
 n_xrstor_mmio:  .asciz "xrstor-mmio:"
 n_xrstor_mxcsr: .asciz "xrstor-reserved-mxcsr:"
 n_xrstor_bv:    .asciz "xrstor-xstate-bv-outside-xcr0:"

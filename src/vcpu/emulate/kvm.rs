@@ -155,7 +155,16 @@ pub fn handle_failure(vcpu: &mut Vcpu, kvm_saw: Option<&KvmInsnBytes>) -> Result
     let retry_first = vcpu.failure_repeats == 0 && kvm_saw.is_none();
     match super::emulate(vcpu, regs, sregs, &fetched, retry_first)? {
         Emulated::Unhandled(what) => Ok(Emulated::Unhandled(diagnostic_text(&what, &regs, &sregs, Ok(&fetched)))),
-        done => Ok(done),
+        Emulated::Done => {
+            // The instruction completed (RIP moved on): a later failure here is the
+            // guest coming back to it (xsave at every context switch, with no exit
+            // in between when I/O goes through ioeventfds), not a repeat.
+            if vcpu.fd.get_regs().is_ok_and(|r| r.rip != regs.rip) {
+                vcpu.last_failure = None;
+                vcpu.failure_repeats = 0;
+            }
+            Ok(Emulated::Done)
+        }
     }
 }
 
