@@ -37,6 +37,7 @@ pub fn pattern_image(name: &str, size_mib: u64) -> PathBuf {
 
 pub fn sha256_file(p: &Path) -> String {
     let out = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
 }
 
