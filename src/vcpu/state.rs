@@ -14,7 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 const KVMIO: u32 = 0xae;
 ioctl_ior_nr!(KVM_GET_SREGS2, KVMIO, 0xcc, kvm_sregs2);
@@ -41,6 +41,27 @@ pub trait Part<C>: Sized {
     fn put(&self, ctx: &C) -> PartResult<()>;
     /// The bytes that must round-trip exactly.
     fn bytes(&self) -> Vec<u8>;
+    /// The inverse of `bytes` (a snapshot stores parts as bytes): refuses any length
+    /// or content `bytes` cannot have produced, so what is read is what was saved.
+    fn from_bytes(b: &[u8]) -> Result<Self, String>;
+}
+
+/// Why a list of saved parts is not a whole state.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PartsError {
+    #[error("part {0} is missing")]
+    Missing(&'static str),
+    #[error("part {0} appears more than once")]
+    Duplicate(&'static str),
+    #[error("part {0:?} is not part of this skiff's state")]
+    Unknown(String),
+    #[error("part {part}: {reason}")]
+    Bad { part: &'static str, reason: String },
+}
+
+/// A kvm struct from exactly its own size in bytes.
+fn exact<T: FromBytes>(b: &[u8]) -> Result<T, String> {
+    T::read_from_bytes(b).map_err(|_| format!("{} bytes, expected {}", b.len(), std::mem::size_of::<T>()))
 }
 
 /// Declares a state type: its fields in `put` order, and `get`/`put`/`diff` derived
@@ -66,6 +87,29 @@ macro_rules! state_list {
                 $( <$ty as Part<$ctx>>::put(&self.$field, ctx)
                     .map_err(|(what, err)| StateError { part: stringify!($field), what, err })?; )*
                 Ok(())
+            }
+
+            /// Every part as (name, bytes), in declaration order: what a snapshot stores.
+            pub fn to_parts(&self) -> Vec<(&'static str, Vec<u8>)> {
+                vec![$( (stringify!($field), <$ty as Part<$ctx>>::bytes(&self.$field)), )*]
+            }
+
+            /// The inverse of `to_parts`, through the same list: every declared part
+            /// exactly once and nothing else, so nothing saved goes unrestored.
+            pub fn from_parts<N: AsRef<str>, B: AsRef<[u8]>>(parts: &[(N, B)]) -> Result<Self, PartsError> {
+                if let Some((n, _)) = parts.iter().find(|(n, _)| !Self::PARTS.contains(&n.as_ref())) {
+                    return Err(PartsError::Unknown(n.as_ref().chars().take(64).collect()));
+                }
+                let find = |name: &'static str| {
+                    let mut it = parts.iter().filter(|(n, _)| n.as_ref() == name);
+                    match (it.next(), it.next()) {
+                        (Some((_, b)), None) => Ok(b.as_ref()),
+                        (None, _) => Err(PartsError::Missing(name)),
+                        (Some(_), Some(_)) => Err(PartsError::Duplicate(name)),
+                    }
+                };
+                Ok(Self { $( $field: <$ty as Part<$ctx>>::from_bytes(find(stringify!($field))?)
+                    .map_err(|reason| PartsError::Bad { part: stringify!($field), reason })?, )* })
             }
 
             /// The parts whose bytes differ from `other`'s, by name.
@@ -153,6 +197,9 @@ impl Part<VcpuCtx<'_>> for TscKhz {
     }
     fn bytes(&self) -> Vec<u8> {
         self.0.to_le_bytes().to_vec()
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact::<[u8; 4]>(b).map(|a| TscKhz(u32::from_le_bytes(a)))
     }
 }
 
@@ -268,6 +315,28 @@ impl Part<VcpuCtx<'_>> for SpecialRegs {
             }
         }
     }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        // The two layouts `bytes` writes differ in length: kvm_sregs alone, or the
+        // common view followed by flags and the four PDPTRs.
+        let common = std::mem::size_of::<kvm_sregs>();
+        if b.len() == common {
+            return exact(b).map(SpecialRegs::V1);
+        }
+        let (head, tail) = b.split_at_checked(common).ok_or_else(|| format!("{} bytes, expected {common} or {}", b.len(), common + 40))?;
+        let tail: [u64; 5] = exact(tail).map_err(|_| format!("{} bytes, expected {common} or {}", b.len(), common + 40))?;
+        let n: kvm_sregs = exact(head)?;
+        if n.interrupt_bitmap != [0; 4] {
+            return Err("an sregs2 state with an interrupt bitmap".into());
+        }
+        let [flags, p0, p1, p2, p3] = tail.map(u64::from_le);
+        let mut s = SpecialRegs::V2(kvm_sregs2::default());
+        s.set_from(&n);
+        if let SpecialRegs::V2(v2) = &mut s {
+            v2.flags = flags;
+            v2.pdptrs = [p0, p1, p2, p3];
+        }
+        Ok(s)
+    }
 }
 
 impl Part<VcpuCtx<'_>> for kvm_regs {
@@ -279,6 +348,9 @@ impl Part<VcpuCtx<'_>> for kvm_regs {
     }
     fn bytes(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact(b)
     }
 }
 
@@ -347,6 +419,13 @@ impl Part<VcpuCtx<'_>> for XsaveArea {
     fn bytes(&self) -> Vec<u8> {
         self.0.as_bytes().to_vec()
     }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        // At least the legacy 4 KiB area: a shorter one would be put as zeroes.
+        if b.len() % 4 != 0 || b.len() < std::mem::size_of::<kvm_xsave>() {
+            return Err(format!("{} bytes: not a whole XSAVE area", b.len()));
+        }
+        Ok(XsaveArea(b.chunks_exact(4).map(|c| c.iter().rev().fold(0u32, |v, x| v << 8 | *x as u32)).collect()))
+    }
 }
 
 impl Part<VcpuCtx<'_>> for kvm_xcrs {
@@ -358,6 +437,9 @@ impl Part<VcpuCtx<'_>> for kvm_xcrs {
     }
     fn bytes(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact(b)
     }
 }
 
@@ -371,6 +453,9 @@ impl Part<VcpuCtx<'_>> for kvm_debugregs {
     fn bytes(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
     }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact(b)
+    }
 }
 
 impl Part<VcpuCtx<'_>> for kvm_lapic_state {
@@ -382,6 +467,9 @@ impl Part<VcpuCtx<'_>> for kvm_lapic_state {
     }
     fn bytes(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact(b)
     }
 }
 
@@ -428,6 +516,13 @@ impl Part<VcpuCtx<'_>> for MsrValues {
     fn bytes(&self) -> Vec<u8> {
         self.0.as_bytes().to_vec()
     }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        let size = std::mem::size_of::<kvm_msr_entry>();
+        if b.len() % size != 0 {
+            return Err(format!("{} bytes: not whole MSR entries", b.len()));
+        }
+        b.chunks_exact(size).map(exact).collect::<Result<_, _>>().map(MsrValues)
+    }
 }
 
 impl Part<VcpuCtx<'_>> for kvm_mp_state {
@@ -440,6 +535,9 @@ impl Part<VcpuCtx<'_>> for kvm_mp_state {
     fn bytes(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
     }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact(b)
+    }
 }
 
 impl Part<VcpuCtx<'_>> for kvm_vcpu_events {
@@ -451,6 +549,9 @@ impl Part<VcpuCtx<'_>> for kvm_vcpu_events {
     }
     fn bytes(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact(b)
     }
 }
 
@@ -474,6 +575,14 @@ macro_rules! irqchip_part {
             fn bytes(&self) -> Vec<u8> {
                 self.0.as_bytes().to_vec()
             }
+            fn from_bytes(b: &[u8]) -> Result<Self, String> {
+                let chip: kvm_irqchip = exact(b)?;
+                // Another chip's state in this one's place would be put into the wrong chip.
+                if chip.chip_id != $id {
+                    return Err(format!("chip id {}, expected {}", chip.chip_id, $id));
+                }
+                Ok($name(chip))
+            }
         }
     };
 }
@@ -491,6 +600,9 @@ impl Part<VmFd> for kvm_pit_state2 {
     }
     fn bytes(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        exact(b)
     }
 }
 
@@ -555,9 +667,90 @@ pub fn lapic_set(l: &mut kvm_lapic_state, off: usize, value: u32) {
     }
 }
 
+/// Real-shaped states for tests that need no /dev/kvm: default kvm structs with
+/// values that differ per `seed`, so a mixed-up part or vCPU shows.
+#[cfg(test)]
+pub(crate) mod samples {
+    use super::*;
+
+    pub fn vcpu(seed: u8) -> VcpuState {
+        let s = seed as u64;
+        let mut lapic = kvm_lapic_state::default();
+        lapic_set(&mut lapic, apic_reg::ID, (seed as u32) << 24);
+        lapic_set(&mut lapic, apic_reg::SVR, 0x1ff);
+        let mut xsave = vec![0u32; std::mem::size_of::<kvm_xsave>() / 4 + 704];
+        for (i, w) in xsave.iter_mut().enumerate() {
+            *w = (i as u32).wrapping_mul(0x9e37_79b9) ^ seed as u32;
+        }
+        VcpuState {
+            tsc_khz: TscKhz(2_100_000 + seed as u32),
+            sregs: SpecialRegs::V2(kvm_sregs2 { cr0: 0x8005_0033, cr3: 0x1000 * (s + 1), cr4: 0x3706f0, efer: 0xd01, flags: 1, pdptrs: [s, 2, 3, 4], ..Default::default() }),
+            regs: kvm_regs { rip: 0xffff_ffff_8100_0000 + s, rsp: 0x7fff_0000, rflags: 0x246, rax: s, ..Default::default() },
+            xsave: XsaveArea(xsave),
+            xcrs: kvm_xcrs { nr_xcrs: 1, ..Default::default() },
+            debugregs: kvm_debugregs { dr6: 0xffff0ff0, dr7: 0x400, ..Default::default() },
+            lapic,
+            msrs: MsrValues((0..40).map(|i| kvm_msr_entry { index: 0xc000_0080 + i, data: s << 32 | i as u64, ..Default::default() }).collect()),
+            mp_state: kvm_mp_state { mp_state: seed as u32 % 2 },
+            events: kvm_vcpu_events { flags: 4, ..Default::default() },
+        }
+    }
+
+    pub fn vm() -> VmState {
+        let chip = |chip_id| kvm_irqchip { chip_id, ..Default::default() };
+        VmState {
+            pic_master: PicMaster(chip(KVM_IRQCHIP_PIC_MASTER)),
+            pic_slave: PicSlave(chip(KVM_IRQCHIP_PIC_SLAVE)),
+            ioapic: IoApic(chip(KVM_IRQCHIP_IOAPIC)),
+            pit: kvm_pit_state2 { flags: 1, ..Default::default() },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_round_trip_through_the_one_list() {
+        for seed in 0..3 {
+            let v = samples::vcpu(seed);
+            let parts = v.to_parts();
+            assert_eq!(parts.iter().map(|p| p.0).collect::<Vec<_>>(), VcpuState::PARTS);
+            let back = VcpuState::from_parts(&parts).unwrap();
+            assert!(v.diff(&back).is_empty(), "{:?}", v.diff(&back));
+            assert!(!v.diff(&samples::vcpu(seed + 1)).is_empty());
+        }
+        let mut v1 = samples::vcpu(0);
+        v1.sregs = SpecialRegs::V1(kvm_sregs { cr3: 0x5000, interrupt_bitmap: [1, 0, 0, 0], ..Default::default() });
+        assert!(v1.diff(&VcpuState::from_parts(&v1.to_parts()).unwrap()).is_empty());
+        let vm = samples::vm();
+        assert!(vm.diff(&VmState::from_parts(&vm.to_parts()).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn parts_missing_extra_or_malformed_are_refused() {
+        let parts = samples::vcpu(1).to_parts();
+        let mut p = parts.clone();
+        p.remove(3);
+        assert_eq!(VcpuState::from_parts(&p).err(), Some(PartsError::Missing("xsave")));
+        let mut p = parts.clone();
+        p.push(("regs", vec![0; 8]));
+        assert_eq!(VcpuState::from_parts(&p).err(), Some(PartsError::Duplicate("regs")));
+        let mut p: Vec<(String, Vec<u8>)> = parts.iter().map(|(n, b)| (n.to_string(), b.clone())).collect();
+        p.push(("mtrr".into(), vec![]));
+        assert_eq!(VcpuState::from_parts(&p).err(), Some(PartsError::Unknown("mtrr".into())));
+        for (i, name) in VcpuState::PARTS.iter().enumerate() {
+            let mut p = parts.clone();
+            let len = p[i].1.len();
+            p[i].1.truncate(len.saturating_sub(3));
+            assert!(matches!(VcpuState::from_parts(&p), Err(PartsError::Bad { part, .. }) if part == *name), "{name}");
+        }
+        // Another chip's state in the master PIC's place.
+        let vm = samples::vm().to_parts();
+        let swapped = [("pic_master", vm[1].1.clone()), ("pic_slave", vm[0].1.clone()), vm[2].clone(), vm[3].clone()];
+        assert!(matches!(VmState::from_parts(&swapped), Err(PartsError::Bad { part: "pic_master", .. })));
+    }
 
     #[test]
     fn put_order_is_the_documented_one() {
