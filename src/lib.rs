@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod output;
+pub mod snapshot;
 pub mod stats;
 pub mod vcpu;
 pub mod vmm;

@@ -421,7 +421,7 @@ impl Part<VcpuCtx<'_>> for XsaveArea {
     }
     fn from_bytes(b: &[u8]) -> Result<Self, String> {
         // At least the legacy 4 KiB area: a shorter one would be put as zeroes.
-        if b.len() % 4 != 0 || b.len() < std::mem::size_of::<kvm_xsave>() {
+        if !b.len().is_multiple_of(4) || b.len() < std::mem::size_of::<kvm_xsave>() {
             return Err(format!("{} bytes: not a whole XSAVE area", b.len()));
         }
         Ok(XsaveArea(b.chunks_exact(4).map(|c| c.iter().rev().fold(0u32, |v, x| v << 8 | *x as u32)).collect()))
@@ -518,7 +518,7 @@ impl Part<VcpuCtx<'_>> for MsrValues {
     }
     fn from_bytes(b: &[u8]) -> Result<Self, String> {
         let size = std::mem::size_of::<kvm_msr_entry>();
-        if b.len() % size != 0 {
+        if !b.len().is_multiple_of(size) {
             return Err(format!("{} bytes: not whole MSR entries", b.len()));
         }
         b.chunks_exact(size).map(exact).collect::<Result<_, _>>().map(MsrValues)
