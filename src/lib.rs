@@ -8,6 +8,7 @@
 //! - [`vcpu`]: one vCPU: run loop, exit dispatch, CPUID, emulation-failure handling.
 //! - [`x86`]: architecture facts that need no KVM: boot protocol, paging, decode.
 //! - [`devices`]: the I/O bus and the devices on it.
+//! - [`snapshot`]: the snapshot file format and the guest-memory file.
 //! - [`output`]: skiff's own messages, which a closed or unread stdout/stderr cannot
 //!   turn into a panic or a hang.
 

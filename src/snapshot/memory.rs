@@ -347,12 +347,15 @@ fn apply_diff(mem: &GuestMemoryMmap, map: &[MemoryRange], f: File, path: &Path, 
     let runs = r.diff.as_ref().map(|d| d.pages.as_slice()).unwrap_or_default();
     let mut f = f;
     for &(first, count) in runs {
-        let (off, len) = (first * PAGE_SIZE, count * PAGE_SIZE);
+        let outside = || SnapshotError::MemoryFile { path: path.into(), reason: format!("page run {first}+{count} is in no guest range") };
+        let off = first.checked_mul(PAGE_SIZE).ok_or_else(outside)?;
+        let len = count.checked_mul(PAGE_SIZE).ok_or_else(outside)?;
+        let end = off.checked_add(len).ok_or_else(outside)?;
         // A run lies in one range: the writer makes runs per region.
         let range = map
             .iter()
-            .find(|m| m.file_offset <= off && off + len <= m.file_offset + m.len)
-            .ok_or_else(|| SnapshotError::MemoryFile { path: path.into(), reason: format!("page run {first}+{count} is in no guest range") })?;
+            .find(|m| m.file_offset <= off && m.file_offset.checked_add(m.len).is_some_and(|e| end <= e))
+            .ok_or_else(outside)?;
         f.seek(SeekFrom::Start(off)).map_err(SnapshotError::io(path, "seeking"))?;
         let gpa = GuestAddress(range.guest_addr + (off - range.file_offset));
         mem.read_exact_volatile_from(gpa, &mut f, len as usize)

@@ -17,6 +17,7 @@
 
 mod atomic;
 mod format;
+mod host;
 mod memory;
 
 #[cfg(test)]
@@ -31,6 +32,7 @@ use crate::vcpu::state::{VcpuState, VmState};
 use crate::vmm::devices::SavedDevice;
 
 pub use atomic::write_atomic;
+pub use host::check_host;
 pub use format::{FORMAT_VERSION, MAGIC, SectionKind, decode, encode, read_snapshot, write_snapshot};
 pub use memory::{MEMORY_TRAILER_SIZE, MemoryWritten, PAGE_SIZE, map_memory, write_memory_diff, write_memory_full};
 
@@ -187,6 +189,8 @@ pub enum SnapshotError {
     MemoryFile { path: PathBuf, reason: String },
     #[error("{0}")]
     Memory(String),
+    #[error("{0}")]
+    Host(String),
     #[error("encoding {what}: {reason}")]
     Encode { what: &'static str, reason: String },
 }

@@ -246,3 +246,24 @@ fn section_kinds_are_stable() {
     let ids: Vec<(u32, &str)> = (0..8).filter_map(SectionKind::from_id).map(|k| (k as u32, k.name())).collect();
     assert_eq!(ids, [(1, "vcpu"), (2, "chipset"), (3, "devices"), (4, "memory-map"), (5, "memory-file"), (6, "patched-sites")]);
 }
+
+#[test]
+fn host_checks() {
+    let h = Header { skiff_version: "0.1.0".into(), cpu_vendor: "GenuineIntel".into(), cpuid: sample_cpuid() };
+    let mut supported = sample_cpuid();
+    check_host(&h, "GenuineIntel", &supported).unwrap();
+    let e = check_host(&h, "AuthenticAMD", &supported).unwrap_err().to_string();
+    assert_eq!(e, "the snapshot was made on a \"GenuineIntel\" CPU, this host's is \"AuthenticAMD\"");
+    // AVX-512F (leaf 7 EBX bit 16) and a KVM feature missing here.
+    supported[2].ebx &= !(1 << 16);
+    supported.retain(|e| e.function != 0x4000_0000);
+    let mut h2 = h.clone();
+    h2.cpuid.push(CpuidEntry { function: 0x4000_0001, index: 0, flags: 0, eax: 0x1, ebx: 0, ecx: 0, edx: 0 });
+    let e = check_host(&h2, "GenuineIntel", &supported).unwrap_err().to_string();
+    assert_eq!(e, "this host lacks CPU features the guest was given: leaf 0x7.0 Ebx bits 0x10000, leaf 0x40000001.0 Eax bits 0x1");
+    // Bits that describe the guest, not the host, are not features.
+    let mut h3 = h.clone();
+    h3.cpuid[1].ecx |= 1 << 31 | 1 << 27;
+    h3.cpuid[1].edx |= 1 << 28;
+    check_host(&h3, "GenuineIntel", &sample_cpuid()).unwrap();
+}
