@@ -236,7 +236,7 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap, dirty: Option<&[Vec<u64>]>, 
 /// holes). Guest memory must not change meanwhile: the vCPUs and device I/O are paused.
 pub fn write_memory_full(path: &Path, mem: &GuestMemoryMmap) -> Result<MemoryWritten, SnapshotError> {
     let w = write_memory(path, mem, None, [0; 16])?;
-    let file = MemoryFileRef { path: path.to_string_lossy().into_owned(), size: w.size, id: w.id, diff: None };
+    let file = MemoryFileRef { path: absolute(path)?, size: w.size, id: w.id, diff: None };
     Ok(MemoryWritten { map: w.map, file, pages_written: w.pages_written })
 }
 
@@ -250,12 +250,20 @@ pub fn write_memory_diff(path: &Path, mem: &GuestMemoryMmap, dirty: &[Vec<u64>],
         return Err(SnapshotError::Memory(format!("{}: its guest memory layout differs from this machine's", parent.display())));
     }
     let w = write_memory(path, mem, Some(dirty), p.memory_file.id)?;
-    let diff = DiffOf { parent_snapshot: parent.to_string_lossy().into_owned(), parent_size, parent_memory_id: p.memory_file.id, pages: w.runs };
-    let file = MemoryFileRef { path: path.to_string_lossy().into_owned(), size: w.size, id: w.id, diff: Some(diff) };
+    let diff = DiffOf { parent_snapshot: absolute(parent)?, parent_size, parent_memory_id: p.memory_file.id, pages: w.runs };
+    let file = MemoryFileRef { path: absolute(path)?, size: w.size, id: w.id, diff: Some(diff) };
     Ok(MemoryWritten { map: w.map, file, pages_written: w.pages_written })
 }
 
-/// A path from a snapshot: a relative one is relative to the snapshot's directory.
+/// The absolute name of a file just written: the snapshot file may be written
+/// elsewhere, or the process's directory change, before it is read.
+fn absolute(path: &Path) -> Result<String, SnapshotError> {
+    let p = std::fs::canonicalize(path).map_err(SnapshotError::io(path, "resolving"))?;
+    p.into_os_string().into_string().map_err(|p| SnapshotError::Memory(format!("{}: not a UTF-8 path", p.display())))
+}
+
+/// A path from a snapshot: a relative one (written by hand, or by a tool that moves
+/// snapshots with their memory files) is relative to the snapshot's directory.
 fn resolve(snapshot_path: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     match snapshot_path.parent() {
@@ -286,7 +294,8 @@ fn open_checked(path: &Path, r: &MemoryFileRef, parent_id: [u8; 16]) -> Result<F
 /// Maps the snapshot's guest memory: the full memory file at the root of its chain
 /// MAP_PRIVATE (pages come in on first touch; guest writes never reach the file),
 /// then each diff's pages copied over it, oldest first. Every file in the chain is
-/// checked (sizes, identities, layouts) before anything is mapped.
+/// checked (sizes, identities, layouts) before anything is mapped. To restore from
+/// a memory file that was moved, set `snap.memory_file.path` first.
 pub fn map_memory(snapshot_path: &Path, snap: &Snapshot) -> Result<GuestMemoryMmap, SnapshotError> {
     // From this snapshot back to the full one: (memory file path, its reference).
     let mut chain: Vec<(PathBuf, MemoryFileRef)> = vec![(resolve(snapshot_path, &snap.memory_file.path), snap.memory_file.clone())];

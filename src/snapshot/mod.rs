@@ -122,8 +122,8 @@ pub struct MemoryRange {
 /// The memory file a snapshot goes with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryFileRef {
-    /// As the writer named it; a relative path is relative to the snapshot file's
-    /// directory.
+    /// Absolute as skiff writes it; a relative path is relative to the snapshot
+    /// file's directory.
     pub path: String,
     /// The file's size in bytes (guest RAM plus the identity trailer).
     pub size: u64,

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -77,6 +78,7 @@ fn full_file_is_page_aligned_and_sparse() {
     let path = dir.path("guest.mem");
     let w = write_memory_full(&path, &mem).unwrap();
     assert_eq!(w.pages_written, 5);
+    assert_eq!(Path::new(&w.file.path), std::fs::canonicalize(&path).unwrap());
     assert_eq!(w.map, [MemoryRange { guest_addr: 0, len: LOW as u64, file_offset: 0 }, MemoryRange { guest_addr: HIGH_BASE, len: HIGH as u64, file_offset: LOW as u64 }]);
     let ram = (LOW + HIGH) as u64;
     assert_eq!(w.file.size, ram + MEMORY_TRAILER_SIZE);
@@ -190,6 +192,10 @@ fn diff_on_top_of_full() {
     write_snapshot(&diff_snap, &s).unwrap();
     let restored = map_memory(&diff_snap, &read_snapshot(&diff_snap).unwrap()).unwrap();
     assert_same_memory(&mem, &restored);
+    // As written (absolute names) it restores the same.
+    write_snapshot(&diff_snap, &snapshot_for(&d)).unwrap();
+    assert_same_memory(&mem, &map_memory(&diff_snap, &read_snapshot(&diff_snap).unwrap()).unwrap());
+    write_snapshot(&diff_snap, &s).unwrap();
     assert_eq!(page(&restored, 0x3000), vec![0u8; 4096]);
 
     // The parent rewritten since: refused before anything is mapped.
