@@ -17,7 +17,7 @@
 //! |---|---|
 //! | 4 | kind ([`SectionKind`]) |
 //! | 4 | the payload's version (its own, not the file's) |
-//! | 4 | flags: bit 0 = required (a reader that does not know the kind must refuse); other bits zero |
+//! | 4 | flags: bit 0 = required (a reader that does not know the kind, or cannot read its version, must refuse; else it skips the section); other bits zero |
 //! | 8 | payload length L |
 //! | 4 | CRC-32 of the 20 bytes before it and the payload |
 //! | L | payload: bincode |
@@ -212,8 +212,14 @@ pub(super) fn frame(header: &Header, sections: &[OutSection]) -> Result<Vec<u8>,
     Ok(out)
 }
 
-/// The snapshot file's bytes.
+/// The snapshot file's bytes. A snapshot the reader would refuse is refused here
+/// first: what is written can be read back.
 pub fn encode(s: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
+    if s.vcpus.is_empty() || s.vcpus.len() > MAX_VCPUS {
+        return Err(SnapshotError::Encode { what: "vcpu", reason: format!("{} vCPUs", s.vcpus.len()) });
+    }
+    check_memory(s)?;
+    check_patched(&s.patched_sites)?;
     let sections: Vec<OutSection> =
         section_payloads(s)?.into_iter().map(|(k, p)| (k as u32, k.version(), true, p)).collect();
     frame(&s.header, &sections)
@@ -390,9 +396,13 @@ fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, S
             }
             continue;
         };
-        // Every kind is at version 1 or its first version still: an older one would be
-        // upgraded here, a newer one is refused.
+        // Every kind is at its first version still: an older one would be upgraded
+        // here. One this skiff cannot read is refused, unless the writer said it may
+        // be skipped (a later skiff's extra copy in a newer shape).
         if s.version != kind.version() {
+            if !s.required {
+                continue;
+            }
             return Err(SnapshotError::SectionVersion { kind: kind.name(), found: s.version, supported: kind.version() });
         }
         let p = &s.payload[..];

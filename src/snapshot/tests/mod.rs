@@ -195,6 +195,8 @@ fn unknown_optional_sections_are_skipped() {
     // middle and at the end.
     sections.insert(1, (0x7f01, 3, false, b"future vCPU extras".to_vec()));
     sections.push((0x7f02, 1, false, vec![0xff; 5000]));
+    // A known kind in a version this skiff cannot read, marked optional.
+    sections.push((SectionKind::PatchedSites as u32, 2, false, vec![1, 2, 3]));
     let bytes = frame(&s.header, &sections).unwrap();
     assert_same(&s, &decode(&bytes).unwrap());
 }
