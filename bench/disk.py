@@ -14,7 +14,7 @@ Printed per operation (min/median/max over runs):
 - the guest's time and the host's: guest kernel mode is emulated where KVM runs it
   through its emulator, so the guest's own I/O path dominates there;
 - skiff's own CPU time (its event loop and block workers: every thread but the vCPUs,
-  from /proc/PID/task/*/stat) per MiB and per request, against the host command's CPU
+  from /proc/PID/task/*/schedstat, in nanoseconds) per MiB and per request, against the host command's CPU
   time (user + system) per MiB and per request; the goal is skiff <= 1.5x the host's;
 - requests, from the guest's /sys/block/vda/stat.
 At the end, skiff's MMIO exits to the disk's registers per request (--stats, over the
@@ -87,19 +87,23 @@ class Guest:
 
 
 def skiff_cpu(pid):
-    """CPU seconds of skiff's threads that are not vCPUs."""
-    total = 0
+    """CPU seconds of skiff's threads that are not vCPUs, by role: the main thread
+    (event loop), the disk's I/O workers, the rest (console writer...). From each
+    thread's schedstat (nanoseconds on CPU), not the 10 ms ticks of stat."""
+    roles = {"loop": 0, "io": 0, "other": 0}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                if f.read().startswith("skiff-vcpu"):
-                    continue
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+                comm = f.read().strip()
+            if comm.startswith("skiff-vcpu"):
+                continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
         except OSError:
-            pass
-    return total / TICK
+            continue
+        role = "loop" if tid == str(pid) else "io" if "-io" in comm else "other"
+        roles[role] += ns
+    return {k: v / 1e9 for k, v in roles.items()}
 
 
 def guest_requests(g):
@@ -157,7 +161,11 @@ def measure(g, ops, image, runs):
             t = time.monotonic()
             out = g.run(guest_cmd.format(d="/dev/vda"))
             elapsed = time.monotonic() - t
-            cpu, reqs = skiff_cpu(g.p.pid) - cpu0, guest_requests(g) - reqs0
+            cpu1, reqs = skiff_cpu(g.p.pid), guest_requests(g) - reqs0
+            roles = {k: cpu1[k] - cpu0[k] for k in cpu1}
+            cpu = sum(roles.values())
+            for k, v in roles.items():
+                r.setdefault("role_" + k, []).append(v / max(reqs, 1) * 1e6)
             if "FAIL" in out or "rror" in out:
                 sys.exit(f"bench/disk.py: guest {name}: {out}")
             host_s, host_cpu = host_run(host_cmd)
@@ -178,6 +186,8 @@ def measure(g, ops, image, runs):
         print(f"  time s             guest {spread(r['guest_s'])}   host {spread(r['host_s'])}")
         print(f"  CPU ms per MiB     skiff {spread(r['skiff_cpu_mib'])}   host {spread(r['host_cpu_mib'])}   ratio {ratio:.2f} (goal <= 1.5)")
         print(f"  CPU us per request skiff {spread(r['skiff_cpu_req'])}   host {spread(r['host_cpu_req'])}")
+        roles = ", ".join(f"{k[5:]} {statistics.median(v):.1f}" for k, v in r.items() if k.startswith("role_"))
+        print(f"  skiff's us per request by thread (medians): {roles}")
         print(f"  guest requests     {statistics.median(r['reqs']):.0f} per run (median)")
     disk_page = re.search(r"^\s+0x0000d0001000\s+(\d+)", stderr, re.M)
     reqs = re.search(r"virtio disk [^:]+: (\d+) requests", stderr)

@@ -1,8 +1,8 @@
 //! virtio-blk (device ID 2) on a raw image file or a host block device.
 //!
-//! The event-loop thread parses each request (header, data buffers, status byte) and
-//! hands the I/O to a small worker pool ([`worker`]); GET_ID and malformed requests are
-//! answered at once. A read-write disk holds an exclusive `flock`, a read-only one a
+//! The event-loop thread parses each request (header, data buffers, status byte),
+//! reads at once what the host's page cache holds, and hands the rest of the I/O to a
+//! small worker pool ([`worker`]); GET_ID and malformed requests are answered at once. A read-write disk holds an exclusive `flock`, a read-only one a
 //! shared lock, so two skiffs never write the same image.
 
 mod worker;
@@ -177,6 +177,18 @@ impl Block {
         }
     }
 
+    /// A read whose data the host has cached is done here, on the event loop: no
+    /// hand-off to a worker and back (two thread wake-ups a request). Anything else,
+    /// or the part of a read that is not cached, goes to a worker, so the event loop
+    /// never waits for the disk.
+    fn try_now(&self, job: &mut Job) -> Option<Outcome> {
+        match worker::read_cached(self.pool.file(), &mut job.op) {
+            Ok(true) => Some(worker::settle(job, true)),
+            Ok(false) => None,
+            Err(_) => Some(worker::settle(job, false)),
+        }
+    }
+
     /// The byte offset of `len` bytes at `sector`, if whole sectors inside the disk.
     fn range(&self, sector: u64, len: u64) -> Result<u64, Refusal> {
         let offset = sector.checked_mul(SECTOR).ok_or(Refusal::Status(VIRTIO_BLK_S_IOERR))?;
@@ -309,7 +321,10 @@ impl VirtioDevice for Block {
             return Handled::Done(Outcome::refused(0)); // nowhere to say what went wrong
         };
         let (code, refused) = match self.request(&chain, mem, status) {
-            Ok(Work::Job(job)) => {
+            Ok(Work::Job(mut job)) => {
+                if let Some(outcome) = self.try_now(&mut job) {
+                    return Handled::Done(outcome);
+                }
                 self.pool.submit(job);
                 return Handled::Queued;
             }

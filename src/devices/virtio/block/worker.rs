@@ -100,6 +100,10 @@ impl Pool {
         self.shared.work.notify_one();
     }
 
+    pub fn file(&self) -> &File {
+        &self.shared.file
+    }
+
     pub fn in_flight(&self) -> usize {
         self.shared.lock().in_flight
     }
@@ -150,15 +154,7 @@ fn worker(shared: &Shared) {
                 st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let ok = execute(&shared.file, &job.op).is_ok();
-        let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR } as u8;
-        // The parser checked the address; a failure here cannot be reported anyway.
-        let _ = job.mem.write_obj(status, job.status);
-        let outcome = if ok {
-            Outcome { used_len: job.used_len, bytes: job.bytes, refused: false }
-        } else {
-            Outcome { used_len: 1, bytes: 0, refused: false }
-        };
+        let outcome = settle(&job, execute(&shared.file, &job.op).is_ok());
         let head = job.head;
         drop(job); // guest memory is no longer touched past this point
         {
@@ -169,6 +165,14 @@ fn worker(shared: &Shared) {
         shared.idle.notify_all();
         let _ = shared.event.write(1);
     }
+}
+
+/// Writes a finished job's status byte and returns what the used ring gets.
+pub(super) fn settle(job: &Job, ok: bool) -> Outcome {
+    let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR } as u8;
+    // The parser checked the address; a failure here cannot be reported anyway.
+    let _ = job.mem.write_obj(status, job.status);
+    if ok { Outcome { used_len: job.used_len, bytes: job.bytes, refused: false } } else { Outcome { used_len: 1, bytes: 0, refused: false } }
 }
 
 fn execute(file: &File, op: &Op) -> io::Result<()> {
@@ -237,38 +241,71 @@ fn write_zeroes(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// preadv/pwritev of all of `iov` at `offset`, however the kernel splits it. Every
-/// round moves at least one byte or fails, so it ends.
-fn transfer(fd: RawFd, iov: &[HostSlice], mut offset: u64, write: bool) -> io::Result<()> {
+/// preadv/pwritev of all of `iov` at `offset`, however the kernel splits it.
+fn transfer(fd: RawFd, iov: &[HostSlice], offset: u64, write: bool) -> io::Result<()> {
     let mut pending: VecDeque<HostSlice> = iov.iter().copied().filter(|s| s.len > 0).collect();
+    let mut offset = offset;
+    let how = if write { How::Write } else { How::Read };
+    match move_bytes(fd, &mut pending, &mut offset, how)? {
+        true => Ok(()),
+        false => Err(io::ErrorKind::WouldBlock.into()), // only a cached read stops early
+    }
+}
+
+/// A read served from the host's page cache on the calling thread (preadv2 with
+/// RWF_NOWAIT), so a request whose data is cached needs no hand-off to a worker.
+/// Returns true when all of it was read; false when the rest is not cached, with
+/// `op` advanced past what was read, to be finished by a worker.
+pub(super) fn read_cached(file: &File, op: &mut Op) -> io::Result<bool> {
+    let Op::Read { iov, offset } = op else { return Ok(false) };
+    let mut pending: VecDeque<HostSlice> = iov.iter().copied().filter(|s| s.len > 0).collect();
+    let done = move_bytes(file.as_raw_fd(), &mut pending, offset, How::ReadCached)?;
+    *iov = pending.into();
+    Ok(done)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum How {
+    Read,
+    Write,
+    /// A read of what the page cache holds: stops (false) where it would wait.
+    ReadCached,
+}
+
+/// Moves the bytes of `pending` at `offset`, advancing both, until all moved (true)
+/// or, for a cached read, the rest is not cached (false). Every round moves at least
+/// one byte or ends, so it ends.
+fn move_bytes(fd: RawFd, pending: &mut VecDeque<HostSlice>, offset: &mut u64, how: How) -> io::Result<bool> {
     let mut vecs: Vec<libc::iovec> = Vec::with_capacity(pending.len().min(IOV_MAX));
     while !pending.is_empty() {
         vecs.clear();
         vecs.extend(pending.iter().take(IOV_MAX).map(|s| libc::iovec { iov_base: s.ptr.cast(), iov_len: s.len }));
-        let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let off = i64::try_from(*offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let count = vecs.len() as libc::c_int; // at most IOV_MAX
         // SAFETY: each iovec addresses guest RAM (or a live local buffer for writes of
         // zeroes) that stays mapped for the call: the job holds the GuestMemoryMmap. The
         // kernel writes only into the buffers for a read; for a write it only reads them.
         let n = unsafe {
-            if write {
-                libc::pwritev(fd, vecs.as_ptr(), count, off)
-            } else {
-                libc::preadv(fd, vecs.as_ptr(), count, off)
+            match how {
+                How::Write => libc::pwritev(fd, vecs.as_ptr(), count, off),
+                How::Read => libc::preadv(fd, vecs.as_ptr(), count, off),
+                How::ReadCached => libc::preadv2(fd, vecs.as_ptr(), count, off, libc::RWF_NOWAIT),
             }
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // Not cached, or this file cannot say: a worker reads the rest.
+                Some(libc::EAGAIN | libc::EOPNOTSUPP) if how == How::ReadCached => return Ok(false),
+                _ => return Err(e),
             }
-            return Err(e);
         }
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into()); // the file shrank under us
         }
         let mut moved = n as usize;
-        offset += moved as u64;
+        *offset += moved as u64;
         while moved > 0 {
             let Some(front) = pending.front_mut() else { break };
             if moved >= front.len {
@@ -282,5 +319,64 @@ fn transfer(fd: RawFd, iov: &[HostSlice], mut offset: u64, write: bool) -> io::R
             }
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_of(bytes: &[u8]) -> (File, vmm_sys_util::tempfile::TempFile) {
+        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        t.as_file().write_all(bytes).unwrap();
+        t.as_file().sync_all().unwrap();
+        (t.as_file().try_clone().unwrap(), t)
+    }
+
+    /// Two buffers of 8 KiB each, as a read's iovec.
+    fn read_op(bufs: &mut [Vec<u8>], offset: u64) -> Op {
+        let iov = bufs.iter_mut().map(|b| HostSlice { ptr: b.as_mut_ptr(), len: b.len() }).collect();
+        Op::Read { iov, offset }
+    }
+
+    #[test]
+    fn a_cached_read_is_done_on_the_calling_thread() {
+        let data: Vec<u8> = (0..32768u32).map(|i| (i % 253) as u8).collect();
+        let (file, _t) = file_of(&data);
+        let mut bufs = vec![vec![0u8; 8192], vec![0u8; 8192]];
+        let mut op = read_op(&mut bufs, 4096);
+        // Just written: in the page cache (a file system that cannot say reads nothing).
+        if read_cached(&file, &mut op).unwrap() {
+            assert_eq!(bufs.concat(), data[4096..4096 + 16384]);
+        }
+    }
+
+    #[test]
+    fn an_uncached_rest_is_left_for_a_worker_with_the_op_advanced() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let (file, _t) = file_of(&data);
+        // Drop the file's pages, then bring back only the first 4 KiB.
+        // SAFETY: fadvise on an open fd only changes caching.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut first = [0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut first, 0).unwrap();
+        let mut bufs = vec![vec![0u8; 8192], vec![0u8; 8192]];
+        let mut op = read_op(&mut bufs, 0);
+        let done = read_cached(&file, &mut op).unwrap();
+        if !done {
+            // What the cache did not hold, a worker's plain read finishes.
+            let Op::Read { iov, offset } = &op else { panic!("the op changed kind") };
+            assert_eq!(*offset as usize + iov.iter().map(|s| s.len).sum::<usize>(), 16384);
+            transfer(file.as_raw_fd(), iov, *offset, false).unwrap();
+        }
+        assert_eq!(bufs.concat(), data[..16384]);
+    }
+
+    #[test]
+    fn only_reads_are_tried_at_once() {
+        let (file, _t) = file_of(&[0u8; 4096]);
+        let mut op = Op::Flush;
+        assert!(!read_cached(&file, &mut op).unwrap());
+    }
 }

@@ -213,10 +213,11 @@ fn out_of_range_and_odd_requests() {
 #[test]
 fn reset_waits_for_requests_in_flight() {
     let (mut d, _file) = disk(false, None);
+    // Writes: they always go to the workers (a cached read may finish at once).
     for i in 0..21u64 {
-        d.mem.write_obj(IN, GuestAddress(HEADER + i * 16)).unwrap();
+        d.mem.write_obj(OUT, GuestAddress(HEADER + i * 16)).unwrap();
         d.mem.write_obj(0u64, GuestAddress(HEADER + i * 16 + 8)).unwrap();
-        let head = d.chain(&[(HEADER + i * 16, 16, false), (BUF, 0x4000, true), (STATUS + i, 1, true)]);
+        let head = d.chain(&[(HEADER + i * 16, 16, false), (BUF, 0x4000, false), (STATUS + i, 1, true)]);
         d.make_available(head);
     }
     d.fill(STATUS, 21, 0xff);
