@@ -1,6 +1,7 @@
 //! skiff: a virtual machine monitor for Linux guests on KVM (x86_64).
 //!
 //! Rooms, one concern each (see DESIGN.md in the shared folder):
+//! - [`api`]: the control API (HTTP over a Unix socket) and the trait the VMM serves it through.
 //! - [`config`]: every user-settable knob, validated once.
 //! - [`control`]: how devices, vCPUs and signals ask the machine to stop, and wake
 //!   the event loop (below `vmm`, which drives it, and beside the rooms that use it).
@@ -16,6 +17,7 @@
 // aborts on panic): use `output`.
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod devices;
