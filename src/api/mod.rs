@@ -8,7 +8,8 @@
 //! - `dispatch.rs`: the [`Controller`] trait the VMM implements and [`dispatch`],
 //!   which maps its outcome to a status and body.
 //!
-//! On the event loop:
+//! Wiring: `ApiServer::bind(path)` before the run (its error is one line for
+//! main to print), `event_loop.add(api.fd(), Source::Api)`, and on `Source::Api`:
 //! ```ignore
 //! for inc in api.take_requests() {
 //!     let resp = api::dispatch(&inc.request, &mut controller);

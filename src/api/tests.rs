@@ -539,3 +539,62 @@ fn a_socket_replaced_after_bind_is_not_removed_by_drop() {
     drop(server);
     assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
 }
+
+#[test]
+fn many_clients_at_once_are_all_answered() {
+    let srv = Running::start("many");
+    let path = srv.path.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::new(&path);
+                for _ in 0..50 {
+                    c.send(&req("GET", "/machine-config", ""));
+                    assert_eq!(c.response().status, "HTTP/1.1 200 ");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(srv.stop().len(), 400);
+}
+
+#[test]
+fn random_input_never_panics_or_hangs_the_server() {
+    let srv = Running::start("fuzz");
+    const PIECES: &[&[u8]] = &[
+        b"GET", b"PUT", b"PATCH", b"DELETE", b"get", b" ", b"  ", b"/", b"/vm", b"/actions", b"/snapshot/load", b"http://x/",
+        b"HTTP/1.1", b"HTTP/1.0", b"HTTP/9", b"\r\n", b"\n", b"\r", b"\r\n\r\n", b"Content-Length: ", b"Content-Length:",
+        b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"0", b"7", b"18", b"65537", b"4294967296", b"-1", b"{",
+        b"}", b"\"state\"", b":", b"\"Paused\"", b"\x00", b"\xff\xfe", b"\xc3\x28", b"%00", b"?a=b", b"#",
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for case in 0..400 {
+        let mut input = Vec::new();
+        for _ in 0..next() % 24 {
+            match next() % 8 {
+                0 => input.extend((0..next() % 64).map(|_| next() as u8)),
+                _ => input.extend_from_slice(PIECES[(next() % PIECES.len() as u64) as usize]),
+            }
+        }
+        let mut c = srv.client();
+        let _ = c.s.write_all(&input);
+        let _ = c.s.shutdown(std::net::Shutdown::Write);
+        // The server answers what it can and then closes: reading ends, no hang.
+        let deadline = Instant::now() + TIMEOUT;
+        while c.fill() > 0 {
+            assert!(Instant::now() < deadline, "case {case}: {input:?}");
+        }
+    }
+    assert_eq!(srv.ask(&req("GET", "/", "")).status, "HTTP/1.1 200 ");
+    srv.stop();
+}
