@@ -598,3 +598,30 @@ fn random_input_never_panics_or_hangs_the_server() {
     assert_eq!(srv.ask(&req("GET", "/", "")).status, "HTTP/1.1 200 ");
     srv.stop();
 }
+
+#[test]
+fn a_large_answer_to_a_slow_reader_goes_out_in_pieces_without_blocking() {
+    let dir = TempDir::new("slow");
+    let mut server = ApiServer::bind(&dir.sock()).unwrap();
+    let mut c = Client::new(&dir.sock());
+    c.send(&format!("{}{}", req("GET", "/stats", ""), req("GET", "/", "")));
+    let got = drive(&mut server, 2);
+    // 4 MiB cannot fit in the socket: respond() writes what fits and returns.
+    let big = "x".repeat(4 << 20);
+    server.respond(got[0].token, ApiResponse::json(&big));
+    server.respond(got[1].token, ApiResponse::no_content());
+    let reader = std::thread::spawn(move || {
+        let a = c.response();
+        let b = c.response();
+        (a.body.len(), b.status)
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    while !reader.is_finished() {
+        assert!(Instant::now() < deadline);
+        // Readable again each time the client made room.
+        if wait_readable(server.fd(), Instant::now() + Duration::from_millis(100)) {
+            assert!(server.take_requests().is_empty());
+        }
+    }
+    assert_eq!(reader.join().unwrap(), (big.len() + 2, "HTTP/1.1 204 ".to_string()));
+}
