@@ -21,7 +21,11 @@ At the end, skiff's MMIO exits to the disk's registers per request (--stats, ove
 whole run, driver set-up included): notifications are ioeventfds, so what remains is
 the interrupt acknowledgement virtio-mmio needs (status read + ack write).
 
-Usage: bench/disk.py [--runs N]
+--direct gives skiff the disk with `,direct` (O_DIRECT where a request is aligned), so
+its data path is the host dd's (O_DIRECT too); without it skiff goes through the host's
+page cache, which the guest's O_DIRECT does not reach.
+
+Usage: bench/disk.py [--runs N] [--direct]
 """
 
 import argparse
@@ -46,8 +50,8 @@ DONE = "__skiff_bench_done__"
 class Guest:
     """The default guest on pipes, driven like a user at its shell."""
 
-    def __init__(self, image):
-        cmd = [SKIFF, "run", "--stats", "--disk", image]
+    def __init__(self, image, extra):
+        cmd = [SKIFF, "run", "--stats", "--disk", image] + extra
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.buf = b""
         self.err = []
@@ -127,6 +131,7 @@ def spread(xs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--direct", action="store_true", help="give skiff the disk with ,direct (O_DIRECT, like the host's dd)")
     args = ap.parse_args()
     for path in (SKIFF, os.path.join(GUEST, "vmlinux")):
         if not os.path.exists(path):
@@ -141,7 +146,7 @@ def main():
         "seq-read": ("dd if={d} of=/dev/null bs=1M count=256 iflag=direct", 256, ["dd", f"if={image}", "of=/dev/null", "bs=1M", "count=256", "iflag=direct"]),
         "rand-read": ("skiff-check randread {d} 2000", 2000 * 4096 / (1 << 20), [checker, "randread", image, "2000"]),
     }
-    g = Guest(image)
+    g = Guest(image + (",direct" if args.direct else ""), [])
     try:
         measure(g, ops, image, args.runs)
     finally:

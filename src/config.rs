@@ -50,32 +50,32 @@ pub enum ConfigError {
 /// Most disks one machine takes (each a virtio-mmio slot with its own GSI).
 pub const MAX_DISKS: usize = 7;
 
-/// One `--disk PATH[,ro][,id=NAME]`.
+/// One `--disk PATH[,ro][,id=NAME][,direct]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     /// What the guest reads as the disk's serial (VIRTIO_BLK_T_GET_ID): at most 20 bytes.
     pub id: Option<String>,
+    /// Data goes between guest memory and the disk with O_DIRECT, past the host's page
+    /// cache, wherever a request's buffers and offset are aligned as the file needs.
+    pub direct: bool,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// `PATH[,ro][,id=NAME]`; options after the first comma, each once.
+    /// `PATH[,ro][,id=NAME][,direct]`; options after the first comma, each once.
     fn from_str(arg: &str) -> Result<Self, ConfigError> {
         let err = |why: &str| ConfigError::Disk(arg.to_string(), why.to_string());
         let mut parts = arg.split(',');
         let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| err("no path before the options"))?;
-        let mut disk = DiskConfig { path: PathBuf::from(path), read_only: false, id: None };
-        let mut seen_ro = false;
+        let mut disk = DiskConfig { path: PathBuf::from(path), read_only: false, id: None, direct: false };
         for opt in parts {
             match opt.split_once('=') {
-                None if opt == "ro" && !seen_ro => {
-                    seen_ro = true;
-                    disk.read_only = true;
-                }
-                None if opt == "ro" => return Err(err("`ro` given twice")),
+                None if opt == "ro" && !disk.read_only => disk.read_only = true,
+                None if opt == "direct" && !disk.direct => disk.direct = true,
+                None if opt == "ro" || opt == "direct" => return Err(err(&format!("`{opt}` given twice"))),
                 Some(("id", name)) if disk.id.is_none() => {
                     if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_graphic()) {
                         return Err(err("id= must be 1 to 20 printable ASCII characters"));
@@ -83,7 +83,7 @@ impl std::str::FromStr for DiskConfig {
                     disk.id = Some(name.to_string());
                 }
                 Some(("id", _)) => return Err(err("id= given twice")),
-                _ => return Err(err(&format!("unknown option `{opt}` (known: ro, id=NAME)"))),
+                _ => return Err(err(&format!("unknown option `{opt}` (known: ro, id=NAME, direct)"))),
             }
         }
         Ok(disk)
@@ -210,14 +210,15 @@ mod tests {
     #[test]
     fn disk_arguments_parse_or_say_what_is_wrong() {
         let d: DiskConfig = "a.img".parse().unwrap();
-        assert_eq!(d, DiskConfig { path: "a.img".into(), read_only: false, id: None });
-        let d: DiskConfig = "/x/b.img,ro,id=data1".parse().unwrap();
-        assert_eq!(d, DiskConfig { path: "/x/b.img".into(), read_only: true, id: Some("data1".into()) });
+        assert_eq!(d, DiskConfig { path: "a.img".into(), read_only: false, id: None, direct: false });
+        let d: DiskConfig = "/x/b.img,ro,id=data1,direct".parse().unwrap();
+        assert_eq!(d, DiskConfig { path: "/x/b.img".into(), read_only: true, id: Some("data1".into()), direct: true });
         for (bad, why) in [
             ("", "no path"),
             (",ro", "no path"),
             ("a,rw", "unknown option `rw`"),
             ("a,ro,ro", "twice"),
+            ("a,direct,direct", "twice"),
             ("a,id=", "id="),
             ("a,id=123456789012345678901", "id="),
             ("a,id=x,id=y", "twice"),

@@ -87,8 +87,10 @@ struct RunArgs {
     guest_defaults: bool,
     /// A disk for the guest (virtio-blk): a raw image file or a block device, its
     /// size a multiple of 512 bytes; `ro` makes it read-only, `id=NAME` sets the serial
-    /// the guest reads. Repeatable: the first is /dev/vda, the next /dev/vdb, ...
-    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    /// the guest reads, `direct` moves data with O_DIRECT (past the host's page cache)
+    /// where a request is aligned as the file needs. Repeatable: the first is /dev/vda,
+    /// the next /dev/vdb, ...
+    #[arg(long, value_name = "PATH[,ro][,id=NAME][,direct]")]
     disk: Vec<String>,
     /// No virtio entropy device (by default the guest gets one, fed from the host's
     /// getrandom).

@@ -334,7 +334,7 @@ fn open_disks(config: &VmConfig) -> Result<Vec<crate::devices::virtio::block::Bl
     config
         .disks
         .iter()
-        .map(|d| crate::devices::virtio::block::Block::open(&d.path, d.read_only, d.id.clone()).map_err(|e| VmmError::Disk(e.to_string())))
+        .map(|d| crate::devices::virtio::block::Block::open(&d.path, d.read_only, d.id.clone(), d.direct).map_err(|e| VmmError::Disk(e.to_string())))
         .collect()
 }
 

@@ -24,7 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::{Chain, host_slices, read_stream, write_stream};
 use super::{Completion, DeviceState, Handled, Outcome, VirtioDevice, VirtioError};
-use worker::{Job, Op, Pool};
+use worker::{DirectIo, Job, Op, Pool};
 
 pub const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -62,6 +62,8 @@ pub enum BlockError {
     IdTooLong { path: String, id: String },
     #[error("disk {path}: starting its I/O threads: {err}")]
     Workers { path: String, err: std::io::Error },
+    #[error("disk {path}: direct: the file cannot be opened with O_DIRECT here: {err}")]
+    Direct { path: String, err: std::io::Error },
 }
 
 pub struct Block {
@@ -74,8 +76,9 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens a disk image or block device for a guest.
-    pub fn open(path: &Path, read_only: bool, id: Option<String>) -> Result<Block, BlockError> {
+    /// Opens a disk image or block device for a guest; `direct` also opens it with
+    /// O_DIRECT for the requests that fit its alignment.
+    pub fn open(path: &Path, read_only: bool, id: Option<String>, direct: bool) -> Result<Block, BlockError> {
         let shown = path.display().to_string();
         // Looked at before opening: opening a FIFO would block.
         let meta = std::fs::metadata(path).map_err(|err| BlockError::Open { path: shown.clone(), err })?;
@@ -104,7 +107,11 @@ impl Block {
             // Unique per file on this host, and stable across runs.
             None => pad_id(format!("{:x}-{:x}", meta.dev(), meta.ino()).as_bytes()),
         };
-        let pool = Pool::start(Arc::new(file), WORKERS, "skiff-blk")
+        let direct = match direct {
+            true => Some(DirectIo::open(path, read_only).map_err(|err| BlockError::Direct { path: shown.clone(), err })?),
+            false => None,
+        };
+        let pool = Pool::start(Arc::new(file), direct, WORKERS, "skiff-blk")
             .map_err(|err| BlockError::Workers { path: shown.clone(), err })?;
         let features = if read_only {
             bit(VIRTIO_BLK_F_RO)
@@ -143,7 +150,8 @@ impl Block {
                 }
                 let offset = self.range(sector, data_out)?;
                 let iov = host_slices(mem, chain.writable(), 0, data_out).ok_or(Refusal::Malformed)?;
-                Ok(job(Op::Read { iov, offset }, data_out as u32 + 1, data_out))
+                let direct = self.pool.fits_direct(&iov, offset);
+                Ok(job(Op::Read { iov, offset, direct }, data_out as u32 + 1, data_out))
             }
             VIRTIO_BLK_T_OUT => {
                 if data_out != 0 {
@@ -154,7 +162,8 @@ impl Block {
                 }
                 let offset = self.range(sector, extra_in)?;
                 let iov = host_slices(mem, chain.readable(), HEADER_LEN, extra_in).ok_or(Refusal::Malformed)?;
-                Ok(job(Op::Write { iov, offset }, 1, extra_in))
+                let direct = self.pool.fits_direct(&iov, offset);
+                Ok(job(Op::Write { iov, offset, direct }, 1, extra_in))
             }
             VIRTIO_BLK_T_FLUSH => Ok(job(Op::Flush, 1, 0)),
             VIRTIO_BLK_T_GET_ID => {

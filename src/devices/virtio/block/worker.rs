@@ -22,8 +22,9 @@ const IOV_MAX: usize = 1024;
 const ZERO_CHUNK: usize = 64 << 10;
 
 pub(super) enum Op {
-    Read { iov: Vec<HostSlice>, offset: u64 },
-    Write { iov: Vec<HostSlice>, offset: u64 },
+    /// `direct`: through the O_DIRECT file (the request fits its alignment).
+    Read { iov: Vec<HostSlice>, offset: u64, direct: bool },
+    Write { iov: Vec<HostSlice>, offset: u64, direct: bool },
     Flush,
     /// (offset, length) in bytes; the data may read back as anything after.
     Discard { ranges: Vec<(u64, u64)> },
@@ -52,8 +53,48 @@ struct State {
     closing: bool,
 }
 
+/// The disk opened a second time with O_DIRECT, and the alignment a request must
+/// have to use it (from statx's STATX_DIOALIGN; 4 KiB where the kernel cannot say).
+pub(super) struct DirectIo {
+    file: File,
+    mem_align: usize,
+    offset_align: u64,
+}
+
+impl DirectIo {
+    pub fn open(path: &std::path::Path, read_only: bool) -> io::Result<DirectIo> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new().read(true).write(!read_only).custom_flags(libc::O_DIRECT).open(path)?;
+        let (mem_align, offset_align) = dio_alignment(&file).unwrap_or((4096, 4096));
+        if mem_align == 0 || offset_align == 0 {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "its file system does not do direct I/O"));
+        }
+        Ok(DirectIo { file, mem_align: mem_align as usize, offset_align: u64::from(offset_align) })
+    }
+
+    /// Whether every buffer's address and length, and the offset and total, are
+    /// aligned as O_DIRECT on this file needs.
+    fn fits(&self, iov: &[HostSlice], offset: u64) -> bool {
+        let total: u64 = iov.iter().map(|s| s.len as u64).sum();
+        iov.iter().all(|s| (s.ptr as usize).is_multiple_of(self.mem_align) && s.len.is_multiple_of(self.mem_align))
+            && offset.is_multiple_of(self.offset_align)
+            && total.is_multiple_of(self.offset_align)
+    }
+}
+
+/// (memory alignment, offset alignment) for O_DIRECT on `file`, if statx says.
+fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: libc::statx is a plain struct of integers: all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx fills `stx` for an fd we hold open; the empty path with
+    // AT_EMPTY_PATH names the fd itself.
+    let rc = unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
+    (rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0).then_some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
 struct Shared {
     file: Arc<File>,
+    direct: Option<DirectIo>,
     state: Mutex<State>,
     /// Signalled when a job is queued, and at close.
     work: Condvar,
@@ -74,9 +115,10 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    pub fn start(file: Arc<File>, workers: usize, name: &str) -> io::Result<Pool> {
+    pub fn start(file: Arc<File>, direct: Option<DirectIo>, workers: usize, name: &str) -> io::Result<Pool> {
         let shared = Arc::new(Shared {
             file,
+            direct,
             state: Mutex::default(),
             work: Condvar::new(),
             idle: Condvar::new(),
@@ -102,6 +144,11 @@ impl Pool {
 
     pub fn file(&self) -> &File {
         &self.shared.file
+    }
+
+    /// Whether a request with these buffers at `offset` can go through O_DIRECT.
+    pub fn fits_direct(&self, iov: &[HostSlice], offset: u64) -> bool {
+        self.shared.direct.as_ref().is_some_and(|d| d.fits(iov, offset))
     }
 
     pub fn in_flight(&self) -> usize {
@@ -154,7 +201,7 @@ fn worker(shared: &Shared) {
                 st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let outcome = settle(&job, execute(&shared.file, &job.op).is_ok());
+        let outcome = settle(&job, execute(shared, &job.op).is_ok());
         let head = job.head;
         drop(job); // guest memory is no longer touched past this point
         {
@@ -175,11 +222,16 @@ pub(super) fn settle(job: &Job, ok: bool) -> Outcome {
     if ok { Outcome { used_len: job.used_len, bytes: job.bytes, refused: false } } else { Outcome { used_len: 1, bytes: 0, refused: false } }
 }
 
-fn execute(file: &File, op: &Op) -> io::Result<()> {
-    let fd = file.as_raw_fd();
+fn execute(shared: &Shared, op: &Op) -> io::Result<()> {
+    let fd = shared.file.as_raw_fd();
+    // The parser set `direct` only where the O_DIRECT file exists.
+    let data_fd = |direct: bool| match (&shared.direct, direct) {
+        (Some(d), true) => d.file.as_raw_fd(),
+        _ => fd,
+    };
     match op {
-        Op::Read { iov, offset } => transfer(fd, iov, *offset, false),
-        Op::Write { iov, offset } => transfer(fd, iov, *offset, true),
+        Op::Read { iov, offset, direct } => transfer(data_fd(*direct), iov, *offset, false),
+        Op::Write { iov, offset, direct } => transfer(data_fd(*direct), iov, *offset, true),
         Op::Flush => {
             // SAFETY: fdatasync on a file descriptor this pool's file keeps open.
             cvt(unsafe { libc::fdatasync(fd) })
@@ -257,7 +309,8 @@ fn transfer(fd: RawFd, iov: &[HostSlice], offset: u64, write: bool) -> io::Resul
 /// Returns true when all of it was read; false when the rest is not cached, with
 /// `op` advanced past what was read, to be finished by a worker.
 pub(super) fn read_cached(file: &File, op: &mut Op) -> io::Result<bool> {
-    let Op::Read { iov, offset } = op else { return Ok(false) };
+    // A direct read is meant to bypass the cache: it goes to a worker as it is.
+    let Op::Read { iov, offset, direct: false } = op else { return Ok(false) };
     let mut pending: VecDeque<HostSlice> = iov.iter().copied().filter(|s| s.len > 0).collect();
     let done = move_bytes(file.as_raw_fd(), &mut pending, offset, How::ReadCached)?;
     *iov = pending.into();
@@ -337,7 +390,7 @@ mod tests {
     /// Two buffers of 8 KiB each, as a read's iovec.
     fn read_op(bufs: &mut [Vec<u8>], offset: u64) -> Op {
         let iov = bufs.iter_mut().map(|b| HostSlice { ptr: b.as_mut_ptr(), len: b.len() }).collect();
-        Op::Read { iov, offset }
+        Op::Read { iov, offset, direct: false }
     }
 
     #[test]
@@ -366,7 +419,7 @@ mod tests {
         let done = read_cached(&file, &mut op).unwrap();
         if !done {
             // What the cache did not hold, a worker's plain read finishes.
-            let Op::Read { iov, offset } = &op else { panic!("the op changed kind") };
+            let Op::Read { iov, offset, .. } = &op else { panic!("the op changed kind") };
             assert_eq!(*offset as usize + iov.iter().map(|s| s.len).sum::<usize>(), 16384);
             transfer(file.as_raw_fd(), iov, *offset, false).unwrap();
         }

@@ -26,7 +26,7 @@ fn disk(read_only: bool, id: Option<&str>) -> (Driver, TempFile) {
 }
 
 fn open(file: &TempFile, read_only: bool, id: Option<&str>) -> Driver {
-    let mut d = Driver::new(Box::new(Block::open(&file.0, read_only, id.map(String::from)).unwrap()));
+    let mut d = Driver::new(Box::new(Block::open(&file.0, read_only, id.map(String::from), false).unwrap()));
     d.start(VERSION_1 | EVENT_IDX, 64);
     d
 }
@@ -273,20 +273,20 @@ fn open_errors_are_one_line_naming_the_path() {
         assert!(msg.contains(want), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
     };
-    check(Block::open(&missing, false, None), &missing, "cannot open");
-    check(Block::open(&dir, false, None), &dir, "directory");
-    check(Block::open(&odd.0, false, None), &odd.0, "multiple of 512");
-    check(Block::open(&fifo.0, true, None), &fifo.0, "neither a regular file");
-    check(Block::open(&good.0, false, Some("x".repeat(21))), &good.0, "longer than 20");
+    check(Block::open(&missing, false, None, false), &missing, "cannot open");
+    check(Block::open(&dir, false, None, false), &dir, "directory");
+    check(Block::open(&odd.0, false, None, false), &odd.0, "multiple of 512");
+    check(Block::open(&fifo.0, true, None, false), &fifo.0, "neither a regular file");
+    check(Block::open(&good.0, false, Some("x".repeat(21)), false), &good.0, "longer than 20");
 
     // Locks: one writer, or any number of readers.
-    let rw = Block::open(&good.0, false, None).unwrap();
-    check(Block::open(&good.0, false, None), &good.0, "in use");
-    check(Block::open(&good.0, true, None), &good.0, "in use");
+    let rw = Block::open(&good.0, false, None, false).unwrap();
+    check(Block::open(&good.0, false, None, false), &good.0, "in use");
+    check(Block::open(&good.0, true, None, false), &good.0, "in use");
     drop(rw);
-    let ro1 = Block::open(&good.0, true, None).unwrap();
-    let ro2 = Block::open(&good.0, true, None).unwrap();
-    check(Block::open(&good.0, false, None), &good.0, "in use");
+    let ro1 = Block::open(&good.0, true, None, false).unwrap();
+    let ro2 = Block::open(&good.0, true, None, false).unwrap();
+    check(Block::open(&good.0, false, None, false), &good.0, "in use");
     assert_eq!(ro1.capacity_sectors(), 8);
     assert!(ro2.read_only());
 }
@@ -310,4 +310,31 @@ fn config_space_describes_the_disk() {
     file.seek(SeekFrom::Start(0)).unwrap();
     file.read_to_end(&mut buf).unwrap();
     assert_eq!(buf.len() as u64, MIB);
+}
+
+/// `direct`: aligned requests go through O_DIRECT, the others through the page cache,
+/// and each sees what the other wrote.
+#[test]
+fn direct_and_cached_requests_agree() {
+    let file = TempFile::new("direct.img", MIB);
+    let block = Block::open(&file.0, false, None, true)
+        .unwrap_or_else(|e| panic!("{e} (the tests need a temporary directory that allows O_DIRECT)"));
+    let mut d = Driver::new(Box::new(block));
+    d.start(VERSION_1 | EVENT_IDX, 64);
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+    // Aligned (page-aligned buffer, 4 KiB multiple, 4 KiB offset): direct.
+    d.mem.write_slice(&pattern, GuestAddress(BUF)).unwrap();
+    assert_eq!(request(&mut d, OUT, 8, &[(BUF, 8192)], false), (0, 1));
+    // An odd buffer address cannot be direct: the cached read must see the direct write.
+    d.fill(BUF, 0x4000, 0);
+    assert_eq!(request(&mut d, IN, 8, &[(BUF + 1, 4096)], true), (0, 4097));
+    assert_eq!(d.bytes(BUF + 1, 4096), pattern[..4096]);
+    // A cached write from an odd address, then a direct read of it.
+    d.mem.write_slice(&pattern[4096..], GuestAddress(BUF + 0x2001)).unwrap();
+    assert_eq!(request(&mut d, OUT, 64, &[(BUF + 0x2001, 4096)], false), (0, 1));
+    d.fill(BUF, 0x4000, 0);
+    assert_eq!(request(&mut d, IN, 64, &[(BUF, 4096)], true), (0, 4097));
+    assert_eq!(d.bytes(BUF, 4096), pattern[4096..]);
+    assert_eq!(&file_bytes(&file)[4096..4096 + 8192], &pattern[..]);
+    assert_eq!(&file_bytes(&file)[32768..32768 + 4096], &pattern[4096..]);
 }

@@ -12,7 +12,7 @@ const TABLE: u64 = DATA + 0x4000;
 
 fn blk(features: u64) -> (Driver, TempFile) {
     let file = TempFile::new("hostile.img", 1 << 20);
-    let mut d = Driver::new(Box::new(Block::open(&file.0, false, None).unwrap()));
+    let mut d = Driver::new(Box::new(Block::open(&file.0, false, None, false).unwrap()));
     d.start(features, 16);
     (d, file)
 }
