@@ -19,6 +19,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod core;
 pub mod mmio;
 pub mod rng;
 pub mod state;
@@ -32,7 +33,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use chain::{Chain, ChainError, Desc};
 pub use mmio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioMmio};
-pub use state::{DeviceState, QueueSnapshot, VirtioMmioState};
+pub use state::{DeviceState, QueueSnapshot, VirtioCoreState, VirtioMmioState, VirtioPciState};
 
 /// Feature bits the transport offers for every device (on top of the device's own).
 pub const TRANSPORT_FEATURES: u64 = (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
