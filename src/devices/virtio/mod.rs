@@ -21,6 +21,7 @@ pub mod block;
 pub mod chain;
 pub mod core;
 pub mod mmio;
+pub mod pci;
 pub mod rng;
 pub mod state;
 
@@ -33,6 +34,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use chain::{Chain, ChainError, Desc};
 pub use mmio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioMmio};
+pub use pci::VirtioPci;
 pub use state::{DeviceState, QueueSnapshot, VirtioCoreState, VirtioMmioState, VirtioPciState};
 
 /// Feature bits the transport offers for every device (on top of the device's own).
