@@ -284,7 +284,13 @@ impl DeviceManager {
         let mut refused = Vec::new();
         for (slot, v) in self.virtio.iter_mut().enumerate() {
             // virtio-pci functions registered theirs where their BAR is (and move them).
-            let VirtioTransport::Mmio(device) = &v.device else { continue };
+            let device = match &v.device {
+                VirtioTransport::Mmio(d) => d,
+                VirtioTransport::Pci(d) => {
+                    taken += d.notifiers_registered();
+                    continue;
+                }
+            };
             let notify = IoEventAddress::Mmio(VIRTIO_MMIO_BASE + slot as u64 * MMIO_SIZE + QUEUE_NOTIFY);
             for q in 0..device.queue_count() {
                 let Ok(q) = u16::try_from(q) else { break };

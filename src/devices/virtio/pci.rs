@@ -264,6 +264,11 @@ impl VirtioPci {
         self.core.queue_count()
     }
 
+    /// How many queues' notifiers KVM took where BAR 0 is now (the others exit).
+    pub fn notifiers_registered(&self) -> usize {
+        self.lock().notify_registered.iter().filter(|r| **r).count()
+    }
+
     /// Queue `index`'s notification eventfd, duplicated for the event loop.
     pub fn notifier(&self, index: usize) -> Option<EventFd> {
         self.notifiers.get(index).and_then(|fd| fd.try_clone().ok())
