@@ -541,4 +541,44 @@ mod tests {
         short[2].state = DeviceState::Cmos { index: 0, ram: vec![0; 12] };
         assert!(m.restore(&short).unwrap_err().contains("not 128"));
     }
+
+    /// With the PCI transport: the root takes ports 0xcf8-0xcff (0xcf9 still resets),
+    /// the function is found at 00:01.0 with its BAR in the window, the DSDT gets PCI0
+    /// and no virtio-mmio entry, and every state (functions included) goes out and back.
+    #[test]
+    fn the_pci_bus_is_declared_from_the_same_list() {
+        let kvm = Kvm::new().expect("/dev/kvm is needed for this test");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let console = crate::devices::serial::Console::start(Box::new(std::io::sink())).unwrap();
+        let shared = Arc::new(PciKvm::new(None));
+        let control = Arc::new(Control::new());
+        let mut m = DeviceManager::new(&vm, &control, ConsoleOut::new(console), Some(shared)).unwrap();
+        m.add_virtio(&vm, &mem, "rng".into(), Box::new(crate::devices::virtio::rng::Rng::new())).unwrap();
+        m.build_buses().unwrap();
+        assert_eq!(m.virtio[0].notifiers.len(), 1, "the event loop watches the PCI notifier");
+        let pio = &m.buses.pio;
+        pio.write(u64::from(CONFIG_ADDRESS_PORT), &0x8000_0800u32.to_le_bytes());
+        let mut id = [0u8; 4];
+        pio.read(0xcfc, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1044_1af4);
+        pio.write(u64::from(CONFIG_ADDRESS_PORT), &0x8000_0810u32.to_le_bytes());
+        pio.read(0xcfc, &mut id);
+        assert_eq!(u32::from_le_bytes(id), PCI_MMIO_START as u32 | 4);
+        let mut q = [0u8; 2];
+        m.buses.mmio.read(PCI_MMIO_START + 0x12, &mut q);
+        assert_eq!(u16::from_le_bytes(q), 1, "num_queues through the window");
+        let acpi = m.acpi_devices();
+        assert!(acpi.iter().any(|d| d.name == "PCI0") && !acpi.iter().any(|d| d.hid == AcpiHid::Str("LNRO0005")));
+        let saved = m.save();
+        assert_eq!(saved.len(), m.declared.len());
+        assert!(saved.iter().any(|s| s.space == Space::Pci && s.base == 1));
+        pio.write(u64::from(CONFIG_ADDRESS_PORT) + 4, &[0]); // command: decode off
+        m.reset();
+        m.restore(&saved).unwrap();
+        assert_eq!(m.save(), saved);
+        pio.write(u64::from(RESET_CF9_PORT), &[0x06]);
+        assert!(control.stopping(), "0xcf9 resets the machine through the PCI ports");
+    }
 }
