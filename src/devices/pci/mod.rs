@@ -102,7 +102,9 @@ impl PciRoot {
     fn selected(&self) -> Option<(&Arc<dyn PciFunction>, u64)> {
         let a = self.address.load(Ordering::Relaxed);
         let (bus, device, function, reg) = ((a >> 16) & 0xff, (a >> 11) & 0x1f, (a >> 8) & 7, a & 0xfc);
-        if a & ENABLE == 0 || bus != 0 || function != 0 {
+        // Bits 30:24 are reserved (AMD's extended-register bits 27:24 reach offsets
+        // past 0xff, which these functions do not have): they select nothing.
+        if a & ENABLE == 0 || a & 0x7f00_0000 != 0 || bus != 0 || function != 0 {
             return None;
         }
         Some((self.devices.get(device as usize)?, u64::from(reg)))

@@ -88,6 +88,10 @@ fn mechanism_one_addresses_bus_zero_only() {
     m.root.write(0, &(1u32 << 11).to_le_bytes());
     m.root.read(4, &mut d);
     assert_eq!(d, [0xff; 4]);
+    // AMD's extended-register bits (offset 0x100 and up): no such space here.
+    m.root.write(0, &(0x8100_0800u32).to_le_bytes());
+    m.root.read(4, &mut d);
+    assert_eq!(d, [0xff; 4]);
     // Writes to absent devices go nowhere; a byte at 0xcf9 is the reset register.
     m.cfg_write(5, 0x10, 4, u32::MAX);
     m.root.write(1, &[0x02]);
