@@ -93,7 +93,7 @@ impl Msix {
     pub fn table_read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let dwords = match data.len() {
-            4 | 8 if offset % data.len() as u64 == 0 => data.len() / 4,
+            4 | 8 if offset.is_multiple_of(data.len() as u64) => data.len() / 4,
             _ => return,
         };
         for (i, chunk) in data.chunks_mut(4).enumerate().take(dwords) {
@@ -116,7 +116,7 @@ impl Msix {
 
     /// A table write (4 or 8 bytes, aligned). Returns the vector it touched.
     pub fn table_write(&mut self, offset: u64, data: &[u8]) -> Option<usize> {
-        if !matches!(data.len(), 4 | 8) || offset % data.len() as u64 != 0 {
+        if !matches!(data.len(), 4 | 8) || !offset.is_multiple_of(data.len() as u64) {
             return None;
         }
         let mut touched = None;
@@ -139,7 +139,7 @@ impl Msix {
     /// A pending-bit array read: 4 or 8 bytes, aligned (writes to it are ignored).
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if !matches!(data.len(), 4 | 8) || offset % data.len() as u64 != 0 {
+        if !matches!(data.len(), 4 | 8) || !offset.is_multiple_of(data.len() as u64) {
             return;
         }
         for (i, byte) in data.iter_mut().enumerate() {

@@ -469,7 +469,7 @@ impl VirtioPci {
                 // A write KVM did not take (no ioeventfd, or another size): the address
                 // names the queue.
                 let rel = offset - NOTIFY;
-                if rel % u64::from(NOTIFY_MULTIPLIER) == 0 {
+                if rel.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) {
                     let q = (rel / u64::from(NOTIFY_MULTIPLIER)) as usize;
                     with_irq!(self, inner, |st, irq| self.core.run_queue(st, irq, q));
                 }
