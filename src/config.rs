@@ -18,7 +18,8 @@ pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// `panic=-1` turns a guest panic into a reboot skiff sees instead of a hang;
 /// `tsc=reliable`/`no_timer_check` skip checks that are slow when guest kernel mode is
 /// emulated; `acpi_pm_good` skips Linux's PM-timer sanity loop (100,000 port reads;
-/// skiff's PM timer is monotonic by construction); `pci=off`: the machine has no PCI bus; `8250.nr_uarts=1`:
+/// skiff's PM timer is monotonic by construction); `pci=off`: the machine has no PCI bus
+/// (dropped with `--virtio-transport pci`, see [`default_cmdline`]); `8250.nr_uarts=1`:
 /// there is one UART, so do not probe for three more; `cryptomgr.notests` skips the
 /// crypto self-tests; `loglevel=4` keeps the serial console (an exit a byte) short.
 /// Where the probe finds host quirks, skiff appends what they need (`clearcpuid=`,
@@ -28,8 +29,39 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=k pani
      tsc=reliable no_timer_check acpi_pm_good pci=off \
      8250.nr_uarts=1 cryptomgr.notests random.trust_cpu=on loglevel=4";
 
+/// How virtio devices reach the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio windows declared in the DSDT (an exit per interrupt for its status).
+    #[default]
+    Mmio,
+    /// virtio-pci functions on a PCI bus, with MSI-X (no exit per interrupt).
+    Pci,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "mmio" => Ok(Transport::Mmio),
+            "pci" => Ok(Transport::Pci),
+            _ => Err(ConfigError::Transport(s.to_string())),
+        }
+    }
+}
+
+/// skiff's default command line for a transport: `pci=off` goes when there is a PCI bus.
+pub fn default_cmdline(transport: Transport) -> String {
+    match transport {
+        Transport::Mmio => DEFAULT_CMDLINE.to_string(),
+        Transport::Pci => DEFAULT_CMDLINE.replace(" pci=off", ""),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--virtio-transport {0}: must be `pci` or `mmio`")]
+    Transport(String),
     #[error("kernel {path}: {reason}")]
     Kernel { path: PathBuf, reason: String },
     #[error("initrd {path}: {reason}")]
@@ -128,6 +160,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Probe the host afresh instead of reusing the cached probe (vcpu/probe/cache.rs).
     pub reprobe: bool,
+    /// virtio over MMIO or PCI.
+    pub transport: Transport,
 }
 
 /// Where the default guest lives: `$SKIFF_GUEST_DIR`, else `guest/out` in the source
@@ -242,6 +276,17 @@ mod tests {
         assert!(parse_memory("").is_err());
         assert!(parse_memory("99999999999999999999G").is_err());
         assert!(parse_memory("2T").is_err());
+    }
+
+    #[test]
+    fn transports() {
+        assert_eq!("pci".parse::<Transport>().unwrap(), Transport::Pci);
+        assert_eq!("mmio".parse::<Transport>().unwrap(), Transport::Mmio);
+        let e = "PCI".parse::<Transport>().unwrap_err().to_string();
+        assert_eq!(e, "--virtio-transport PCI: must be `pci` or `mmio`");
+        assert!(default_cmdline(Transport::Mmio).contains(" pci=off "));
+        let pci = default_cmdline(Transport::Pci);
+        assert!(!pci.contains("pci=off") && pci.contains("acpi_pm_good 8250.nr_uarts=1"), "{pci}");
     }
 
     #[test]

@@ -100,6 +100,10 @@ struct RunArgs {
     /// what an earlier run found on this host.
     #[arg(long)]
     reprobe: bool,
+    /// How virtio devices reach the guest: `mmio` (virtio-mmio windows in the DSDT) or
+    /// `pci` (virtio-pci functions with MSI-X: no exit per interrupt).
+    #[arg(long, value_name = "pci|mmio", default_value = "mmio")]
+    virtio_transport: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -206,6 +210,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     if let Some(i) = &initrd {
         config::check_readable(i).map_err(|r| format!("initrd {}: {r}", i.display()))?;
     }
+    let transport: config::Transport = args.virtio_transport.parse().map_err(|e: config::ConfigError| e.to_string())?;
     let disks = args.disk.iter().map(|d| d.parse::<config::DiskConfig>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
     if disks.len() > config::MAX_DISKS {
         return Err(format!("--disk: {} disks given, at most {} are supported", disks.len(), config::MAX_DISKS));
@@ -213,7 +218,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     Ok(VmConfig {
         kernel,
         initrd,
-        cmdline: args.cmdline.unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string()),
+        cmdline: args.cmdline.unwrap_or_else(|| config::default_cmdline(transport)),
         cpus,
         memory,
         stats: args.stats,
@@ -228,6 +233,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         disks,
         rng: !args.no_rng,
         reprobe: args.reprobe,
+        transport,
     })
 }
 

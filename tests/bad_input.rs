@@ -218,3 +218,8 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn unknown_virtio_transport() {
+    assert_one_line_error(&["run", "--virtio-transport", "isa"], &["--virtio-transport isa", "`pci` or `mmio`"]);
+}

@@ -8,6 +8,7 @@ pub mod bus;
 pub mod coalesced;
 pub mod doorbell;
 pub mod legacy;
+pub mod pci;
 pub mod pm;
 pub mod rtc;
 pub mod serial;

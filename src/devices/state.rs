@@ -47,6 +47,14 @@ pub enum DeviceState {
     /// The boot marker is skiff's own timing aid: nothing the guest can see.
     BootMarker,
     Virtio(super::virtio::VirtioMmioState),
+    /// PCI configuration mechanism #1: the address register, and the 0xcf9 reset
+    /// control register that shares its ports.
+    PciRoot { address: u32, reset_control: u8 },
+    /// The host bridge has nothing the guest can change.
+    PciHostBridge,
+    /// The BAR window: the BARs are their functions' state.
+    PciWindow,
+    VirtioPci(Box<super::virtio::VirtioPciState>),
     /// Stand-ins in tests.
     #[cfg(test)]
     None,
@@ -64,6 +72,10 @@ impl DeviceState {
             DeviceState::Pm(_) => "pm",
             DeviceState::BootMarker => "boot-marker",
             DeviceState::Virtio(_) => "virtio",
+            DeviceState::PciRoot { .. } => "pci-root",
+            DeviceState::PciHostBridge => "pci-host-bridge",
+            DeviceState::PciWindow => "pci-window",
+            DeviceState::VirtioPci(_) => "virtio-pci",
             #[cfg(test)]
             DeviceState::None => "none",
         }

@@ -432,6 +432,9 @@ pub enum AcpiHid {
 pub enum AcpiWindow {
     Io { port: u16, len: u8 },
     Mmio { base: u32, len: u32 },
+    /// A PCI host bridge (bus 0, segment 0): configuration ports 0xcf8-0xcff, every
+    /// other port passed through, and this 32-bit memory window for BARs.
+    PciRoot { mmio_base: u32, mmio_len: u32 },
 }
 
 /// A device's interrupt.
@@ -457,6 +460,9 @@ pub struct AcpiDevice {
 impl AcpiDevice {
     /// `Device (name) { _HID hid, [_UID uid,] _CRS { window, irq } }`.
     fn aml(&self) -> Result<Vec<u8>, AcpiError> {
+        if let AcpiWindow::PciRoot { mmio_base, mmio_len } = self.window {
+            return self.pci_root_aml(mmio_base, mmio_len);
+        }
         if self.name.len() != 4 || !self.name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') {
             return Err(AcpiError::BadDeviceName(self.name.clone()));
         }
@@ -481,7 +487,7 @@ impl AcpiDevice {
                 io = io_range(port, len);
                 &io
             }
-            AcpiWindow::Mmio { base, len } => {
+            AcpiWindow::Mmio { base, len } | AcpiWindow::PciRoot { mmio_base: base, mmio_len: len } => {
                 mmio = aml::Memory32Fixed::new(true, base, len);
                 &mmio
             }
@@ -507,6 +513,36 @@ impl AcpiDevice {
             children.push(uid);
         }
         children.push(&crs);
+        Ok(aml_bytes(&aml::Device::new(self.name.as_str().into(), children)))
+    }
+}
+
+impl AcpiDevice {
+    /// `Device (PCI0) { _HID PNP0A08, _CID PNP0A03, _UID, _SEG 0, _BBN 0, _CRS }`: the
+    /// _CRS holds bus 0, the configuration ports, the legacy port ranges on either side
+    /// of them, and the BAR window. No _PRT: the functions have no INTx pin.
+    fn pci_root_aml(&self, mmio_base: u32, mmio_len: u32) -> Result<Vec<u8>, AcpiError> {
+        if self.name.len() != 4 || !self.name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') {
+            return Err(AcpiError::BadDeviceName(self.name.clone()));
+        }
+        let hid_id = match self.hid {
+            AcpiHid::Eisa(id) => id,
+            AcpiHid::Str(_) => "PNP0A08",
+        };
+        let hid = aml::Name::new("_HID".into(), &aml::EISAName::new(hid_id));
+        let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+        let uid = aml::Name::new("_UID".into(), &self.uid.unwrap_or(0));
+        let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+        let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+        let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+        let cf8 = io_range(0xcf8, 8);
+        let low_io = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+        let high_io = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+        let last = mmio_base.saturating_add(mmio_len.saturating_sub(1));
+        let mem = aml::AddressSpace::new_memory(aml::AddressSpaceCacheable::NotCacheable, true, mmio_base, last, None);
+        let crs_items: Vec<&dyn Aml> = vec![&bus, &cf8, &low_io, &high_io, &mem];
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(crs_items));
+        let children: Vec<&dyn Aml> = vec![&hid, &cid, &uid, &seg, &bbn, &crs];
         Ok(aml_bytes(&aml::Device::new(self.name.as_str().into(), children)))
     }
 }

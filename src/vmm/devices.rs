@@ -16,7 +16,9 @@ use crate::devices::legacy::{BootMarker, I8042, PostPort, ResetControl};
 use crate::devices::pm::{PM_BLOCK_LEN, PmBlock};
 use crate::devices::rtc::Cmos;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
-use crate::devices::virtio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio};
+use crate::devices::pci::routing::Kvm as PciKvm;
+use crate::devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, HostBridge, PciFunction, PciRoot, PciWindow};
+use crate::devices::virtio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio, VirtioPci, VirtioStats};
 use crate::devices::state::{DEVICE_STATE_VERSION, DeviceState};
 use crate::devices::{BusDevice, Buses};
 
@@ -38,6 +40,9 @@ const UART_PORT_LEN: u8 = 8;
 pub enum Space {
     Pio,
     Mmio,
+    /// A function on PCI bus 0 (base = device number), reached through the PCI root's
+    /// configuration ports and the BAR window, not on a bus of its own.
+    Pci,
 }
 
 /// How a write-only part of a device's range may skip the exit to skiff.
@@ -77,13 +82,56 @@ pub struct Legacy {
     pub marker: Arc<BootMarker>,
 }
 
-/// One virtio-mmio device and the eventfds KVM signals when its queues are notified
-/// (empty where KVM took none: QueueNotify then exits and the transport handles it).
+/// A virtio device behind either transport.
+pub enum VirtioTransport {
+    Mmio(Arc<VirtioMmio>),
+    Pci(Arc<VirtioPci>),
+}
+
+impl VirtioTransport {
+    pub fn notify(&self, queue: u16) {
+        match self {
+            VirtioTransport::Mmio(d) => d.notify(queue),
+            VirtioTransport::Pci(d) => d.notify(queue),
+        }
+    }
+    pub fn backend_fds(&self) -> Vec<std::os::fd::RawFd> {
+        match self {
+            VirtioTransport::Mmio(d) => d.backend_fds(),
+            VirtioTransport::Pci(d) => d.backend_fds(),
+        }
+    }
+    pub fn backend_ready(&self, i: usize) {
+        match self {
+            VirtioTransport::Mmio(d) => d.backend_ready(i),
+            VirtioTransport::Pci(d) => d.backend_ready(i),
+        }
+    }
+    pub fn stats(&self) -> VirtioStats {
+        match self {
+            VirtioTransport::Mmio(d) => d.stats(),
+            VirtioTransport::Pci(d) => d.stats(),
+        }
+    }
+}
+
+/// One virtio device and the eventfds KVM signals when its queues are notified
+/// (empty where KVM took none: the notification then exits and the transport handles it).
 pub struct VirtioSlot {
     pub name: String,
-    pub device: Arc<VirtioMmio>,
-    /// (queue index, eventfd KVM signals for a QueueNotify write of that index).
+    pub device: VirtioTransport,
+    /// (queue index, eventfd KVM signals for a notification of that queue).
     pub notifiers: Vec<(u16, EventFd)>,
+}
+
+/// What the PCI bus is built from (with `--virtio-transport pci`).
+pub struct PciParts {
+    /// The VM handle functions use at run time (ioeventfds, MSI routes, irqfds).
+    pub kvm: Arc<PciKvm>,
+    /// The 0xcf9 reset control register, which the PCI root's ports take in.
+    reset_control: Arc<dyn BusDevice>,
+    /// Functions by device number - 1 (device 0 is the host bridge).
+    functions: Vec<Arc<dyn PciFunction>>,
 }
 
 /// The machine's devices and the buses built from them.
@@ -92,11 +140,13 @@ pub struct DeviceManager {
     pub declared: Vec<Declared>,
     pub legacy: Legacy,
     pub virtio: Vec<VirtioSlot>,
+    pub pci: Option<PciParts>,
 }
 
 impl DeviceManager {
     /// Declares the legacy devices; `serial_out` is the console the UART writes to.
-    pub fn new(vm: &VmFd, control: &Arc<Control>, serial_out: ConsoleOut) -> Result<Self, VmmError> {
+    /// With `pci` (the VM handle its functions use), virtio devices go on a PCI bus.
+    pub fn new(vm: &VmFd, control: &Arc<Control>, serial_out: ConsoleOut, pci: Option<Arc<PciKvm>>) -> Result<Self, VmmError> {
         let serial_irq = irq_line(vm, COM1_IRQ, "COM1")?;
         let serial = Arc::new(SerialDevice::new(serial_irq, serial_out, control.clone()).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?);
         let marker = Arc::new(BootMarker::default());
@@ -109,7 +159,8 @@ impl DeviceManager {
             acpi: None,
             fast: None,
         };
-        let declared = vec![
+        let reset_control: Arc<dyn BusDevice> = Arc::new(ResetControl::new(control.clone(), "0xcf9 reset control"));
+        let mut declared = vec![
             Declared {
                 acpi: Some(com1_acpi()),
                 ..pio("COM1 16550 UART", COM1_PORT, UART_PORT_LEN as u64, serial.clone())
@@ -125,14 +176,21 @@ impl DeviceManager {
                 fast: Some((POST_PORT as u64, 1, FastWrite::Coalesced)),
                 ..pio("POST port", POST_PORT, 1, Arc::new(PostPort::default()))
             },
-            pio("0xcf9 reset control", RESET_CF9_PORT, 1, Arc::new(ResetControl::new(control.clone(), "0xcf9 reset control"))),
             pio("ACPI PM block", PM1A_EVT_PORT, PM_BLOCK_LEN, Arc::new(PmBlock::new(control.clone()))),
             Declared {
                 fast: Some((BOOT_MARKER_PORT as u64, 1, FastWrite::Doorbell)),
                 ..pio("boot marker", BOOT_MARKER_PORT, 1, marker.clone())
             },
         ];
-        Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker }, virtio: Vec::new() })
+        let pci = match pci {
+            // The PCI root's ports (0xcf8-0xcff) take the reset register in.
+            Some(kvm) => Some(PciParts { kvm, reset_control, functions: Vec::new() }),
+            None => {
+                declared.insert(4, pio("0xcf9 reset control", RESET_CF9_PORT, 1, reset_control));
+                None
+            }
+        };
+        Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker }, virtio: Vec::new(), pci })
     }
 
     /// Declares a virtio-mmio device in the next slot: its registers at
@@ -140,6 +198,9 @@ impl DeviceManager {
     /// slot (edge-triggered through an irqfd), its ACPI entry an `LNRO0005` device
     /// (what Linux's virtio_mmio driver binds to).
     pub fn add_virtio(&mut self, vm: &VmFd, mem: &vm_memory::GuestMemoryMmap, name: String, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
+        if self.pci.is_some() {
+            return self.add_virtio_pci(mem, name, device);
+        }
         let slot = self.virtio.len();
         if slot >= VIRTIO_SLOTS {
             return Err(VmmError::Device(format!("{name}: no free virtio slot (at most {VIRTIO_SLOTS} devices)")));
@@ -163,8 +224,55 @@ impl DeviceManager {
             }),
             fast: None,
         });
-        self.virtio.push(VirtioSlot { name, device: transport, notifiers: Vec::new() });
+        self.virtio.push(VirtioSlot { name, device: VirtioTransport::Mmio(transport), notifiers: Vec::new() });
         Ok(())
+    }
+
+    /// Declares a virtio-pci function at the next device number (1, 2, ...), its BAR 0
+    /// placed by skiff (as firmware would) at [`PCI_MMIO_START`] + (number - 1) * the
+    /// BAR size; its queue notifiers are ioeventfds from the start.
+    fn add_virtio_pci(&mut self, mem: &vm_memory::GuestMemoryMmap, name: String, device: Box<dyn VirtioDevice>) -> Result<(), VmmError> {
+        use crate::devices::virtio::pci::BAR_SIZE;
+        let Some(pci) = self.pci.as_mut() else { return Err(VmmError::Device(format!("{name}: no PCI bus"))) };
+        let number = pci.functions.len() + 1;
+        let bar = PCI_MMIO_START + (number as u64 - 1) * BAR_SIZE;
+        if number >= crate::devices::pci::MAX_DEVICES || bar + BAR_SIZE > PCI_MMIO_START + PCI_MMIO_SIZE {
+            return Err(VmmError::Device(format!("{name}: no free PCI device number")));
+        }
+        let function = Arc::new(VirtioPci::new(device, mem.clone(), pci.kvm.clone(), bar).map_err(|e| VmmError::Device(format!("{name}: {e}")))?);
+        pci.functions.push(function.clone());
+        self.declared.push(Declared { name: "virtio-pci", space: Space::Pci, base: number as u64, len: 1, device: function.clone(), acpi: None, fast: None });
+        let notifiers = (0..function.queue_count()).filter_map(|q| Some((u16::try_from(q).ok()?, function.notifier(q)?))).collect();
+        self.virtio.push(VirtioSlot { name, device: VirtioTransport::Pci(function), notifiers });
+        Ok(())
+    }
+
+    /// Declares the PCI root (configuration ports), the host bridge and the BAR window,
+    /// once every function is declared.
+    fn declare_pci_bus(&mut self) {
+        let Some(pci) = self.pci.as_ref() else { return };
+        let bridge: Arc<dyn PciFunction> = Arc::new(HostBridge::default());
+        let mut devices = vec![bridge.clone()];
+        devices.extend(pci.functions.iter().cloned());
+        let root = Arc::new(PciRoot::new(pci.reset_control.clone(), devices));
+        let window = Arc::new(PciWindow::new(PCI_MMIO_START, pci.functions.clone()));
+        self.declared.push(Declared {
+            name: "PCI configuration ports",
+            space: Space::Pio,
+            base: u64::from(CONFIG_ADDRESS_PORT),
+            len: CONFIG_PORTS_LEN,
+            device: root,
+            acpi: Some(AcpiDevice {
+                name: "PCI0".into(),
+                hid: AcpiHid::Eisa("PNP0A08"),
+                uid: Some(0),
+                window: AcpiWindow::PciRoot { mmio_base: PCI_MMIO_START as u32, mmio_len: PCI_MMIO_SIZE as u32 },
+                irq: None,
+            }),
+            fast: None,
+        });
+        self.declared.push(Declared { name: "PCI host bridge", space: Space::Pci, base: 0, len: 1, device: bridge, acpi: None, fast: None });
+        self.declared.push(Declared { name: "PCI BAR window", space: Space::Mmio, base: PCI_MMIO_START, len: PCI_MMIO_SIZE, device: window, acpi: None, fast: None });
     }
 
     /// Has KVM signal an eventfd for each virtio queue's notification (an ioeventfd on
@@ -175,8 +283,16 @@ impl DeviceManager {
         let mut taken = 0;
         let mut refused = Vec::new();
         for (slot, v) in self.virtio.iter_mut().enumerate() {
+            // virtio-pci functions registered theirs where their BAR is (and move them).
+            let device = match &v.device {
+                VirtioTransport::Mmio(d) => d,
+                VirtioTransport::Pci(d) => {
+                    taken += d.notifiers_registered();
+                    continue;
+                }
+            };
             let notify = IoEventAddress::Mmio(VIRTIO_MMIO_BASE + slot as u64 * MMIO_SIZE + QUEUE_NOTIFY);
-            for q in 0..v.device.queue_count() {
+            for q in 0..device.queue_count() {
                 let Ok(q) = u16::try_from(q) else { break };
                 let registered = EventFd::new(EFD_NONBLOCK)
                     .map_err(|e| e.to_string())
@@ -199,11 +315,13 @@ impl DeviceManager {
 
     /// Puts every declared device on its bus. Call once, after every declaration.
     pub fn build_buses(&mut self) -> Result<(), VmmError> {
+        self.declare_pci_bus();
         let mut buses = Buses::default();
         for d in &self.declared {
             let bus = match d.space {
                 Space::Pio => &mut buses.pio,
                 Space::Mmio => &mut buses.mmio,
+                Space::Pci => continue,
             };
             let err = |e: crate::devices::bus::BusError| VmmError::Device(format!("{}: {e}", d.name));
             bus.insert(d.device.clone(), d.base, d.len).map_err(err)?;
@@ -385,7 +503,7 @@ mod tests {
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
         let console = crate::devices::serial::Console::start(Box::new(std::io::sink())).unwrap();
-        let mut m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console)).unwrap();
+        let mut m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console), None).unwrap();
         m.build_buses().unwrap();
         assert_eq!(m.acpi_devices(), legacy_acpi_devices());
         assert!(m.buses.pio.lookup(COM1_PORT as u64 + 7, 1).is_some());
@@ -398,7 +516,7 @@ mod tests {
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
         let console = crate::devices::serial::Console::start(Box::new(std::io::sink())).unwrap();
-        let mut m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console)).unwrap();
+        let mut m = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console), None).unwrap();
         m.build_buses().unwrap();
         // Guest-visible changes: CMOS RAM, the UART's scratch register, a POST code.
         m.buses.pio.write(RTC_PORT as u64, &[0x40]);
@@ -422,5 +540,45 @@ mod tests {
         let mut short = saved;
         short[2].state = DeviceState::Cmos { index: 0, ram: vec![0; 12] };
         assert!(m.restore(&short).unwrap_err().contains("not 128"));
+    }
+
+    /// With the PCI transport: the root takes ports 0xcf8-0xcff (0xcf9 still resets),
+    /// the function is found at 00:01.0 with its BAR in the window, the DSDT gets PCI0
+    /// and no virtio-mmio entry, and every state (functions included) goes out and back.
+    #[test]
+    fn the_pci_bus_is_declared_from_the_same_list() {
+        let kvm = Kvm::new().expect("/dev/kvm is needed for this test");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let console = crate::devices::serial::Console::start(Box::new(std::io::sink())).unwrap();
+        let shared = Arc::new(PciKvm::new(None));
+        let control = Arc::new(Control::new());
+        let mut m = DeviceManager::new(&vm, &control, ConsoleOut::new(console), Some(shared)).unwrap();
+        m.add_virtio(&vm, &mem, "rng".into(), Box::new(crate::devices::virtio::rng::Rng::new())).unwrap();
+        m.build_buses().unwrap();
+        assert_eq!(m.virtio[0].notifiers.len(), 1, "the event loop watches the PCI notifier");
+        let pio = &m.buses.pio;
+        pio.write(u64::from(CONFIG_ADDRESS_PORT), &0x8000_0800u32.to_le_bytes());
+        let mut id = [0u8; 4];
+        pio.read(0xcfc, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1044_1af4);
+        pio.write(u64::from(CONFIG_ADDRESS_PORT), &0x8000_0810u32.to_le_bytes());
+        pio.read(0xcfc, &mut id);
+        assert_eq!(u32::from_le_bytes(id), PCI_MMIO_START as u32 | 4);
+        let mut q = [0u8; 2];
+        m.buses.mmio.read(PCI_MMIO_START + 0x12, &mut q);
+        assert_eq!(u16::from_le_bytes(q), 1, "num_queues through the window");
+        let acpi = m.acpi_devices();
+        assert!(acpi.iter().any(|d| d.name == "PCI0") && !acpi.iter().any(|d| d.hid == AcpiHid::Str("LNRO0005")));
+        let saved = m.save();
+        assert_eq!(saved.len(), m.declared.len());
+        assert!(saved.iter().any(|s| s.space == Space::Pci && s.base == 1));
+        pio.write(u64::from(CONFIG_ADDRESS_PORT) + 4, &[0]); // command: decode off
+        m.reset();
+        m.restore(&saved).unwrap();
+        assert_eq!(m.save(), saved);
+        pio.write(u64::from(RESET_CF9_PORT), &[0x06]);
+        assert!(control.stopping(), "0xcf9 resets the machine through the PCI ports");
     }
 }

@@ -30,6 +30,11 @@ pub const HIMEM_START: u64 = 0x100000;
 /// The 32-bit MMIO hole: RAM beyond it is mapped above 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The PCI host bridge's 32-bit memory window, where skiff places BARs (vmm/devices.rs):
+/// above the virtio-mmio slots (0xd000_0000) and the address the hostile test kernels
+/// leave unclaimed (0xdf00_0000), below the I/O APIC.
+pub const PCI_MMIO_START: u64 = 0xe000_0000;
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map (real-mode emulation).

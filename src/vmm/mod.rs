@@ -259,7 +259,7 @@ impl Vmm {
         let out = ConsoleOut::new(console.clone());
         let console_bytes = out.bytes.clone();
         let console_first_byte = out.first_byte.clone();
-        let mut devices = build_devices(&vm, &mem, config, &control, out, disks)?;
+        let mut devices = build_devices(&kvm, &vm, &mem, config, &control, out, disks)?;
         let entry = write_guest_tables(&mem, &kernel, config, &cmdline, &devices.acpi_devices())?;
 
         let failure_bytes = report_failed_instruction_bytes(&vm);
@@ -299,6 +299,7 @@ impl Vmm {
 /// The machine's devices: the legacy PC set, then virtio-rng (unless --no-rng) and a
 /// virtio-blk per disk, in the slots the guest will see them in.
 fn build_devices(
+    kvm: &Kvm,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
@@ -306,7 +307,11 @@ fn build_devices(
     console: ConsoleOut,
     disks: Vec<crate::devices::virtio::block::Block>,
 ) -> Result<DeviceManager, VmmError> {
-    let mut devices = DeviceManager::new(vm, control, console)?;
+    let pci = match config.transport {
+        crate::config::Transport::Pci => Some(Arc::new(crate::devices::pci::routing::Kvm::new(Some(Arc::new(share_vm(kvm, vm)?))))),
+        crate::config::Transport::Mmio => None,
+    };
+    let mut devices = DeviceManager::new(vm, control, console, pci)?;
     if config.rng {
         devices.add_virtio(vm, mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
     }
@@ -315,6 +320,19 @@ fn build_devices(
     }
     devices.build_buses()?;
     Ok(devices)
+}
+
+/// A second handle on the VM (a duplicated fd), for devices that call KVM at run time.
+fn share_vm(kvm: &Kvm, vm: &VmFd) -> Result<VmFd, VmmError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup of a valid, open fd (the VM's); the result is checked before use.
+    let fd = unsafe { libc::dup(vm.as_raw_fd()) };
+    if fd < 0 {
+        return Err(VmmError::Device(format!("duplicating the VM fd: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: `fd` is a fresh duplicate of a KVM VM fd that nothing else owns; the
+    // VmFd takes ownership and closes it.
+    unsafe { kvm.create_vmfd_from_rawfd(fd) }.map_err(|e| VmmError::Kvm("duplicating the VM fd", e))
 }
 
 /// Writes that need no exit to skiff: KVM's coalesced ring (port 0x80, the RTC

@@ -19,7 +19,9 @@
 
 pub mod block;
 pub mod chain;
+pub mod core;
 pub mod mmio;
+pub mod pci;
 pub mod rng;
 pub mod state;
 
@@ -32,7 +34,8 @@ use vm_memory::GuestMemoryMmap;
 
 pub use chain::{Chain, ChainError, Desc};
 pub use mmio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioMmio};
-pub use state::{DeviceState, QueueSnapshot, VirtioMmioState};
+pub use pci::VirtioPci;
+pub use state::{DeviceState, QueueSnapshot, VirtioCoreState, VirtioMmioState, VirtioPciState};
 
 /// Feature bits the transport offers for every device (on top of the device's own).
 pub const TRANSPORT_FEATURES: u64 = (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)

@@ -641,3 +641,44 @@ fn iasl_reads_the_madt_skiff_means() {
     assert_eq!((field(nmi[0], "Processor ID"), field(nmi[0], "Interrupt Input LINT")), ("FF", "01"));
     assert_eq!(subtables.len(), 3 + 1 + 1 + 1, "nothing else");
 }
+
+/// The PCI host bridge as the device manager declares it with `--virtio-transport pci`:
+/// iasl reads PNP0A08/PNP0A03, segment and bus 0, and a _CRS with bus 0, the
+/// configuration ports, the legacy port ranges and the BAR window.
+#[test]
+fn iasl_reads_the_pci_host_bridge_skiff_means() {
+    use crate::vmm::layout::{PCI_MMIO_SIZE, PCI_MMIO_START};
+    let iasl = Iasl::new("dsdt-pci");
+    let pci = AcpiDevice {
+        name: "PCI0".into(),
+        hid: AcpiHid::Eisa("PNP0A08"),
+        uid: Some(0),
+        window: AcpiWindow::PciRoot { mmio_base: PCI_MMIO_START as u32, mmio_len: PCI_MMIO_SIZE as u32 },
+        irq: None,
+    };
+    let asl: String = iasl
+        .disassemble("dsdt", &build_dsdt(&[pci]).unwrap())
+        .lines()
+        .map(|l| l.split("//").next().unwrap().trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('*') && !l.starts_with("/*"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    for want in [
+        "Device (PCI0) { Name (_HID, EisaId (\"PNP0A08\")",
+        "Name (_CID, EisaId (\"PNP0A03\")",
+        "Name (_UID, Zero) Name (_SEG, Zero) Name (_BBN, Zero)",
+        "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, 0x0000, 0x0000, 0x0001,",
+        "IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08, )",
+        "0x0000, 0x0000, 0x0CF7, 0x0000, 0x0CF8,",
+        "0x0000, 0x0D00, 0xFFFF, 0x0000, 0xF300,",
+        "DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, 0x00000000, 0xE0000000, 0xEFFFFFFF, 0x00000000, 0x10000000,",
+    ] {
+        assert!(asl.contains(want), "{want}\n in: {asl}");
+    }
+    // The window stays clear of RAM's hole neighbours: the virtio-mmio slots, the
+    // hostile kernels' unclaimed address, the I/O APIC and local APIC.
+    let end = PCI_MMIO_START + PCI_MMIO_SIZE;
+    for addr in [0xd000_0000u64, 0xd000_8000, 0xdf00_0000, IOAPIC_ADDR, LAPIC_ADDR] {
+        assert!(addr < PCI_MMIO_START || addr >= end, "{addr:#x}");
+    }
+}
