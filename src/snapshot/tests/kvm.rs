@@ -38,7 +38,7 @@ fn real_state_through_the_file_and_back() {
         tsc_khz: fd.get_tsc_khz().is_ok(),
     };
     let console = Console::start(Box::new(std::io::sink())).unwrap();
-    let mut devices = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console)).unwrap();
+    let mut devices = DeviceManager::new(&vm, &Arc::new(Control::new()), ConsoleOut::new(console), None).unwrap();
     devices.build_buses().unwrap();
     devices.buses.pio.write(0x70, &[0x40]);
     devices.buses.pio.write(0x71, &[0x5a]);
