@@ -35,6 +35,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,9 @@ def main():
     for path in (SKIFF, os.path.join(GUEST, "vmlinux")):
         if not os.path.exists(path):
             sys.exit(f"bench/disk.py: {path} is missing (cargo build --release; scripts/fetch-guest)")
+    # A SIGTERM or SIGHUP ends the run through the cleanup below, like Ctrl-C.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _f: sys.exit(f"bench/disk.py: stopped by signal {n}"))
     work = tempfile.mkdtemp(prefix="skiff-disk-bench-")
     image = os.path.join(work, "disk.img")
     subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=512", "status=none"], check=True)
