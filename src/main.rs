@@ -33,6 +33,10 @@ enum Command {
     /// default guest that scripts/fetch-guest built (Debian's kernel and a busybox
     /// initramfs). `poweroff` in the guest ends skiff with status 0.
     Run(RunArgs),
+    /// Restore a snapshot taken through the API (`PUT /snapshot/create`) and run it,
+    /// with its console on this terminal. The machine (vCPUs, memory, disks, devices)
+    /// is the snapshot's; its disks must be unchanged since.
+    Restore(RestoreArgs),
     /// Probe this host's KVM: which instructions it cannot run in guest kernel mode
     /// (hidden from the guest's CPUID), and what a guest kernel instruction costs.
     /// Always probes afresh, and refreshes the results `skiff run` reuses.
@@ -104,6 +108,38 @@ struct RunArgs {
     /// `pci` (virtio-pci functions with MSI-X: no exit per interrupt).
     #[arg(long, value_name = "pci|mmio", default_value = "mmio")]
     virtio_transport: String,
+    /// Serve the control API (HTTP over a Unix socket created here, mode 0600):
+    /// Firecracker's paths for pause/resume, snapshots, instance and machine info, and
+    /// `GET /stats`. The socket is removed at exit.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot file (`snapshot_path` of `PUT /snapshot/create`).
+    #[arg(long, value_name = "PATH")]
+    snapshot: PathBuf,
+    /// Its guest-memory file, where it is no longer where the snapshot says.
+    #[arg(long, value_name = "PATH")]
+    mem_file: Option<PathBuf>,
+    /// Run the guest at once; otherwise it stays paused until `PATCH /vm` resumes
+    /// it (which needs --api-sock).
+    #[arg(long)]
+    resume: bool,
+    /// Serve the control API on this socket, as `skiff run --api-sock` does.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// On exit, print exit counts, the restore's timing and more (as `skiff run --stats`).
+    #[arg(long)]
+    stats: bool,
+    /// On exit, print the time from skiff's start to the guest's first console byte
+    /// and to exit.
+    #[arg(long)]
+    boot_time: bool,
+    /// As `skiff run --no-coalesce`.
+    #[arg(long)]
+    no_coalesce: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -127,6 +163,7 @@ fn main() -> ExitCode {
     let cli = parse_command_line();
     match cli.command {
         Command::Run(args) => finish(run(args, started)),
+        Command::Restore(args) => finish(restore(args, started)),
         Command::Probe => finish(probe()),
     }
 }
@@ -238,6 +275,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
 }
 
 fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
+    let api = bind_api(args.api_sock.as_deref())?;
     let config = build_config(args)?;
     let vmm = {
         let config = config.clone();
@@ -245,12 +283,54 @@ fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
             Vmm::build(&config, Box::new(output::RawStdout)).map_err(|e| e.to_string())
         })?
     };
+    run_machine(vmm, &config, api, started)
+}
+
+fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
+    if !args.resume && args.api_sock.is_none() {
+        return Err("restore: without --resume the guest stays paused until the API resumes it: give --resume or --api-sock".into());
+    }
+    let api = bind_api(args.api_sock.as_deref())?;
+    // The restoring command's own choices; the machine's shape is the snapshot's.
+    let like = VmConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        cmdline: String::new(),
+        cpus: 1,
+        memory: 0,
+        stats: args.stats,
+        boot_time: args.boot_time,
+        on_reboot: OnReboot::Reset,
+        pvh: false,
+        coalesce: !args.no_coalesce,
+        guest_defaults: false,
+        disks: Vec::new(),
+        rng: false,
+        reprobe: false,
+        transport: config::Transport::Mmio,
+    };
+    let vmm = interruptible("restoring the snapshot", move || {
+        let opts = skiff::vmm::RestoreOptions { snapshot: &args.snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume };
+        Vmm::restore(&opts, &like, Box::new(output::RawStdout)).map_err(|e| e.to_string())
+    })?;
+    let config = vmm.config().clone();
+    run_machine(vmm, &config, api, started)
+}
+
+/// The API socket, bound before the machine is built so that a bad path is one line
+/// before any work.
+fn bind_api(path: Option<&std::path::Path>) -> Result<Option<skiff::api::ApiServer>, String> {
+    path.map(|p| skiff::api::ApiServer::bind(p).map_err(|e| e.to_string())).transpose()
+}
+
+/// Runs a built or restored machine to its end and turns the end into an exit status.
+fn run_machine(vmm: Vmm, config: &VmConfig, api: Option<skiff::api::ApiServer>, started: Instant) -> Result<ExitCode, String> {
     let report = {
         // Raw mode only while the guest runs; the guard restores it on every path out.
         let _raw = terminal::RawMode::enter_if_tty();
-        vmm.run(started).map_err(|e| e.to_string())?
+        vmm.run(started, api).map_err(|e| e.to_string())?
     };
-    print_reports(&config, &report);
+    print_reports(config, &report);
     match &report.reason {
         StopReason::Poweroff => Ok(ExitCode::SUCCESS),
         StopReason::Reboot(source) => {
@@ -280,9 +360,14 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
     }
     if config.boot_time || config.stats {
         let ms = |v: Option<f64>| v.map_or("never".to_string(), |v| format!("{v:.1} ms"));
+        if !r.restore_phases.is_empty() {
+            let phases: Vec<String> = r.restore_phases.iter().map(|(p, t)| format!("{p} {t:.2} ms")).collect();
+            let _ = writeln!(out, "restore: {}", phases.join(", "));
+        }
         let _ = writeln!(
             out,
-            "boot: first console byte {}, /init marker {}, exit {:.1} ms",
+            "boot: running {}, first console byte {}, /init marker {}, exit {:.1} ms",
+            ms(r.boot.running_ms),
             ms(r.boot.first_console_byte_ms),
             ms(r.boot.init_marker_ms),
             r.boot.exit_ms

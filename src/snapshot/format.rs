@@ -43,7 +43,7 @@ use bincode::Options;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Chipset, CpuidEntry, Header, MemoryFileRef, MemoryRange, PatchedSite, Snapshot, SnapshotError, atomic, memory};
+use super::{Chipset, CpuidEntry, Header, Machine, MemoryFileRef, MemoryRange, PatchedSite, Snapshot, SnapshotError, atomic, memory};
 use crate::devices::state::DEVICE_STATE_VERSION;
 use crate::vcpu::state::{VcpuState, VmState};
 use crate::vmm::devices::SavedDevice;
@@ -72,12 +72,13 @@ pub enum SectionKind {
     MemoryMap = 4,
     MemoryFile = 5,
     PatchedSites = 6,
+    Machine = 7,
 }
 
 impl SectionKind {
     pub fn from_id(id: u32) -> Option<Self> {
         use SectionKind::*;
-        [Vcpu, Chipset, Devices, MemoryMap, MemoryFile, PatchedSites].into_iter().find(|k| *k as u32 == id)
+        [Vcpu, Chipset, Devices, MemoryMap, MemoryFile, PatchedSites, Machine].into_iter().find(|k| *k as u32 == id)
     }
 
     pub fn name(self) -> &'static str {
@@ -88,6 +89,7 @@ impl SectionKind {
             SectionKind::MemoryMap => "memory-map",
             SectionKind::MemoryFile => "memory-file",
             SectionKind::PatchedSites => "patched-sites",
+            SectionKind::Machine => "machine",
         }
     }
 
@@ -176,6 +178,7 @@ pub(super) fn section_payloads(s: &Snapshot) -> Result<Vec<(SectionKind, Vec<u8>
     out.push((SectionKind::MemoryMap, ser("memory-map", &s.memory_map)?));
     out.push((SectionKind::MemoryFile, ser("memory-file", &s.memory_file)?));
     out.push((SectionKind::PatchedSites, ser("patched-sites", &s.patched_sites)?));
+    out.push((SectionKind::Machine, ser("machine", &s.machine)?));
     Ok(out)
 }
 
@@ -220,6 +223,7 @@ pub fn encode(s: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
     }
     check_memory(s)?;
     check_patched(&s.patched_sites)?;
+    check_machine(s)?;
     let sections: Vec<OutSection> =
         section_payloads(s)?.into_iter().map(|(k, p)| (k as u32, k.version(), true, p)).collect();
     frame(&s.header, &sections)
@@ -388,7 +392,7 @@ fn once<T>(slot: &mut Option<T>, kind: SectionKind, v: T) -> Result<(), Snapshot
 /// numbered 0..n, the memory layout consistent.
 fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, SnapshotError> {
     let mut vcpus: Vec<(u32, VcpuState)> = Vec::new();
-    let (mut chipset, mut devices, mut map, mut file, mut patched) = (None, None, None, None, None);
+    let (mut chipset, mut devices, mut map, mut file, mut patched, mut machine) = (None, None, None, None, None, None);
     for (index, s) in sections.iter().enumerate() {
         let Some(kind) = SectionKind::from_id(s.kind) else {
             if s.required {
@@ -427,6 +431,7 @@ fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, S
             SectionKind::MemoryMap => once(&mut map, kind, de::<Vec<MemoryRange>>(name, p)?)?,
             SectionKind::MemoryFile => once(&mut file, kind, de::<MemoryFileRef>(name, p)?)?,
             SectionKind::PatchedSites => once(&mut patched, kind, de::<Vec<PatchedSite>>(name, p)?)?,
+            SectionKind::Machine => once(&mut machine, kind, de::<Machine>(name, p)?)?,
         }
     }
     vcpus.sort_by_key(|v| v.0);
@@ -445,8 +450,10 @@ fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, S
         memory_map: map.ok_or_else(|| missing(SectionKind::MemoryMap))?,
         memory_file: file.ok_or_else(|| missing(SectionKind::MemoryFile))?,
         patched_sites: patched.ok_or_else(|| missing(SectionKind::PatchedSites))?,
+        machine: machine.ok_or_else(|| missing(SectionKind::Machine))?,
     };
     check_memory(&snapshot)?;
+    check_machine(&snapshot)?;
     check_patched(&snapshot.patched_sites)?;
     Ok(snapshot)
 }
@@ -461,6 +468,11 @@ fn check_memory(s: &Snapshot) -> Result<(), SnapshotError> {
         memory::check_runs(&d.pages, &s.memory_file).map_err(|r| bad("memory-file", r))?;
     }
     Ok(())
+}
+
+fn check_machine(s: &Snapshot) -> Result<(), SnapshotError> {
+    let ram = s.memory_map.iter().map(|r| r.len).fold(0u64, u64::saturating_add);
+    s.machine.check(s.vcpus.len(), ram).map_err(|reason| SnapshotError::Invalid { kind: "machine", reason })
 }
 
 fn check_patched(sites: &[PatchedSite]) -> Result<(), SnapshotError> {

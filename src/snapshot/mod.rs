@@ -18,6 +18,7 @@
 mod atomic;
 mod format;
 mod host;
+mod machine;
 mod memory;
 
 #[cfg(test)]
@@ -33,6 +34,7 @@ use crate::vmm::devices::SavedDevice;
 
 pub use atomic::write_atomic;
 pub use host::check_host;
+pub use machine::{DiskRecord, Machine};
 pub use format::{FORMAT_VERSION, MAGIC, SectionKind, decode, encode, read_snapshot, write_snapshot};
 pub use memory::{MEMORY_TRAILER_SIZE, MemoryWritten, PAGE_SIZE, map_memory, write_memory_diff, write_memory_full};
 
@@ -47,6 +49,8 @@ pub struct Snapshot {
     pub memory_map: Vec<MemoryRange>,
     pub memory_file: MemoryFileRef,
     pub patched_sites: Vec<PatchedSite>,
+    /// The machine's shape and the files behind it.
+    pub machine: Machine,
 }
 
 /// Who wrote the snapshot and what CPU the guest was shown.

@@ -34,6 +34,8 @@ pub enum VcpuError {
     GuestMemory(u8),
     #[error("vCPU {0}: state {1}")]
     State(u8, state::StateError),
+    #[error("vCPU {0}: restoring: {1}")]
+    Restore(u8, String),
 }
 
 /// What every vCPU of a machine shares about its state: which MSRs it is made of and
@@ -273,6 +275,40 @@ impl Vcpu {
         self.set_firmware_state()?;
         if self.index == 0 {
             self.set_boot_state(entry)?;
+        }
+        Ok(())
+    }
+
+    /// The state to snapshot. An exit skiff answered (port or MMIO read data, an MSR
+    /// write's verdict) is only complete in the registers once KVM_RUN is entered
+    /// again, so it is entered once with `immediate_exit` set: KVM finishes the
+    /// instruction and returns at once, without running the guest.
+    pub fn save_state(&mut self) -> Result<state::VcpuState, VcpuError> {
+        let run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // SAFETY: the kvm_run page of this vCPU, mapped while `self.fd` lives; only this
+        // thread (the vCPU's own) touches it now.
+        unsafe { (*run).immediate_exit = 1 };
+        let result = self.fd.run().map(|_| ());
+        // SAFETY: as above.
+        unsafe { (*run).immediate_exit = 0 };
+        match result {
+            Err(e) if e.errno() == libc::EINTR => {}
+            // An exit instead of EINTR: KVM ran nothing of the guest either way.
+            Ok(()) => {}
+            Err(e) => return Err(VcpuError::Kvm(self.index, "KVM_RUN (completing the last exit)", e)),
+        }
+        self.get_state()
+    }
+
+    /// Puts a snapshot's state, and re-arms what skiff keeps outside it: the SYSCALL
+    /// fix-up's breakpoint, found again from the restored LSTAR and IDT.
+    pub fn restore_state(&mut self, s: &state::VcpuState) -> Result<(), VcpuError> {
+        self.put_state(s)?;
+        if self.syscall_fixup.is_some()
+            && let Some(lstar) = s.msrs.get_value(syscall_fixup::MSR_LSTAR).filter(|v| *v != 0)
+        {
+            syscall_fixup::SyscallFixup::on_lstar_write(self, lstar)
+                .map_err(|e| VcpuError::Restore(self.index, e))?;
         }
         Ok(())
     }

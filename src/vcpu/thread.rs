@@ -6,7 +6,7 @@
 //! ```text
 //!            Resume                    Pause / machine stop
 //!  Paused ──────────▶ Running ─────────────────────────────▶ Paused
-//!    │  PowerOn, TakeStats answered while paused                 │
+//!    │  PowerOn, TakeStats, SaveState answered while paused       │
 //!    └─────────────────────── Exit ──────────────────────────────┴──▶ gone
 //! ```
 //!
@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::time::{Duration, Instant};
 
+use super::state::VcpuState;
 use super::{BootEntry, ThreadExit, Vcpu, VcpuError, kick};
 use crate::control::Control;
 use crate::stats::ExitStats;
@@ -37,6 +38,8 @@ pub enum VcpuEvent {
     PowerOn(BootEntry, bool),
     /// Hand over the exit statistics and profile samples gathered so far.
     TakeStats,
+    /// Hand over the vCPU's whole state, for a snapshot; only while paused.
+    SaveState,
     /// Answer at once (measures the round trip itself).
     Ping,
     /// End the thread.
@@ -49,6 +52,7 @@ pub enum VcpuResponse {
     Resumed,
     PoweredOn(Result<(), VcpuError>),
     Stats(Box<ExitStats>, Vec<(u32, u64)>),
+    State(Result<Box<VcpuState>, VcpuError>),
     Pong,
     Exited,
 }
@@ -198,6 +202,9 @@ fn handle(vcpu: &mut Vcpu, control: &Control, event: VcpuEvent, running: bool, r
             let samples = vcpu.rip_samples.as_mut().map(|(_, s)| std::mem::take(s)).unwrap_or_default();
             (VcpuResponse::Stats(stats, samples), running)
         }
+        // A running vCPU's state would be stale when it arrives: refused.
+        VcpuEvent::SaveState if running => (VcpuResponse::State(Err(VcpuError::Restore(vcpu.index, "state asked for while running".into()))), running),
+        VcpuEvent::SaveState => (VcpuResponse::State(vcpu.save_state().map(Box::new)), running),
         VcpuEvent::Ping => (VcpuResponse::Pong, running),
         VcpuEvent::Exit => (VcpuResponse::Exited, false),
     };

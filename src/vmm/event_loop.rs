@@ -32,6 +32,8 @@ pub enum Source {
     Stdin,
     /// The guest emptied the serial port's receive FIFO.
     SerialRoom,
+    /// The control API's socket has work (api/server.rs).
+    Api,
 }
 
 /// The process's wake-up eventfd: created once, never closed, because a signal

@@ -67,19 +67,42 @@ fn set_slots(vm: &VmFd, mem: &GuestMemoryMmap, present: bool) -> Result<(), Memo
 
 /// Zeroes all guest RAM, as at power-up, by giving the pages back to the host
 /// (MADV_DONTNEED on private anonymous memory reads back as zeroes): no copy, and the
-/// resident size drops to what the next boot touches.
+/// resident size drops to what the next boot touches. RAM restored from a snapshot
+/// is the memory file mapped private, where MADV_DONTNEED would bring the file's
+/// pages back, so there fresh anonymous memory is mapped over it instead.
 pub fn clear(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for region in mem.iter() {
         let size = region.len();
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|e| MemoryError::Create { size, reason: e.to_string() })?;
+        let failed = |what: &str| MemoryError::Create { size, reason: format!("clearing at reset ({what}): {}", std::io::Error::last_os_error()) };
+        if region.file_offset().is_some() {
+            // SAFETY: replaces `host..host+size`, one mapping owned by `mem`, with
+            // anonymous memory at the same address and protection (MAP_FIXED); no
+            // vCPU runs during a reset and nothing in skiff holds a reference into
+            // guest memory across one. The region keeps describing the address.
+            let p = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(failed("mmap"));
+            }
+            continue;
+        }
         // SAFETY: `host..host+size` is one private anonymous mapping owned by `mem`;
         // no vCPU runs while the machine is being reset, and nothing in skiff holds a
         // reference into guest memory across a reset.
         let rc = unsafe { libc::madvise(host.cast(), size as usize, libc::MADV_DONTNEED) };
         if rc != 0 {
-            return Err(MemoryError::Create { size, reason: format!("clearing at reset: {}", std::io::Error::last_os_error()) });
+            return Err(failed("madvise"));
         }
     }
     Ok(())

@@ -6,13 +6,16 @@
 //! manager), event_loop.rs, vcpus.rs (the vCPU threads as a set), run.rs (the lifecycle).
 
 pub mod acpi;
+mod api;
 pub mod devices;
 pub mod event_loop;
 pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod reboot;
+mod restore;
 mod run;
+mod snapshot;
 pub mod vcpus;
 
 use std::sync::{Arc, OnceLock};
@@ -35,6 +38,8 @@ use crate::vcpu::{BootEntry, StateSpec, Vcpu, cpuid, kick, probe};
 use devices::DeviceManager;
 use layout::*;
 pub use reboot::{RebootRecord, RebootSummary};
+pub use restore::RestoreOptions;
+pub use snapshot::Kind as SnapshotKind;
 
 /// Process exit status when the guest reboots and `--on-reboot=exit` applies.
 pub const EXIT_REBOOT: i32 = 3;
@@ -63,6 +68,8 @@ pub enum VmmError {
     Disk(String),
     #[error("creating a thread: {0}")]
     Thread(std::io::Error),
+    #[error("snapshot {0}")]
+    Snapshot(String),
 }
 
 /// Capabilities without which skiff cannot run a machine, with their KVM names.
@@ -139,6 +146,8 @@ pub struct RunReport {
     pub diagnostic: Option<String>,
     /// Each virtio device: its name and what it did.
     pub virtio: Vec<String>,
+    /// A restore's phases and their milliseconds.
+    pub restore_phases: Vec<(&'static str, f64)>,
     /// Guest console output never written: the console failed (closed pipe) or took
     /// nothing for a while at the end (nobody reads it).
     pub console_unwritten: u64,
@@ -147,6 +156,8 @@ pub struct RunReport {
 /// Boot timing, each from skiff's start.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BootTimes {
+    /// When every vCPU was first told to run (after a restore: the guest running).
+    pub running_ms: Option<f64>,
     pub first_console_byte_ms: Option<f64>,
     pub init_marker_ms: Option<f64>,
     pub exit_ms: f64,
@@ -198,6 +209,18 @@ pub struct Vmm {
     coalescing: String,
     doorbells: String,
     failure_bytes: &'static str,
+    /// The CPUID table every vCPU's is derived from (what a snapshot records).
+    guest_cpuid: CpuId,
+    /// Hold the vCPUs paused when the run starts (a restore without --resume: the
+    /// API resumes them).
+    start_paused: bool,
+    /// The last snapshot taken of (or restored into) this machine since its memory
+    /// was last cleared: what a diff snapshot applies on top of.
+    diff_base: Option<std::path::PathBuf>,
+    /// When the vCPUs were first resumed.
+    first_resume: Option<Instant>,
+    /// How long each phase of a restore took (for --stats).
+    restore_phases: Vec<(&'static str, f64)>,
 }
 
 impl Vmm {
@@ -208,18 +231,7 @@ impl Vmm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-        // The probe runs its own throw-away VMs; let it overlap with building this one
-        // (memory, kernel loading), which needs its results only for CPUID and the
-        // command line.
-        let probe = {
-            let kvm_fd = open_kvm()?;
-            let supported = supported.clone();
-            let policy = if config.reprobe { ProbePolicy::Refresh } else { ProbePolicy::UseCache };
-            std::thread::Builder::new()
-                .name("skiff-probe".into())
-                .spawn(move || probe::probe_host_cached(&kvm_fd, &supported, policy))
-                .map_err(VmmError::Thread)?
-        };
+        let probe = spawn_probe(&supported, config.reprobe)?;
         // Disks first: a wrong path or a locked image is reported before any work.
         let disks = open_disks(config)?;
         let mem = memory::create_guest_memory(config.memory)?;
@@ -227,18 +239,7 @@ impl Vmm {
         // (the command line is written later) and the probe runs or is read from its
         // cache.
         let (vm, kernel) = std::thread::scope(|s| {
-            let vm = s.spawn(|| -> Result<_, VmmError> {
-                let vm = create_vm_with_ram(&kvm, &mem)?;
-                let (quirks, origin) = probe
-                    .join()
-                    .map_err(|_| VmmError::Probe("the probe thread panicked".into()))?
-                    .map_err(VmmError::Probe)?;
-                if quirks.user_syscall_broken {
-                    filter_lstar_writes(&vm)?;
-                }
-                let pristine = add_chipset(&vm)?;
-                Ok((vm, pristine, quirks, origin))
-            });
+            let vm = s.spawn(|| create_vm(&kvm, &mem, probe));
             let kernel = loader::load_kernel(&mem, &config.kernel);
             (vm.join(), kernel)
         });
@@ -283,11 +284,21 @@ impl Vmm {
             coalescing,
             doorbells,
             failure_bytes,
+            guest_cpuid: base_cpuid,
+            start_paused: false,
+            diff_base: None,
+            first_resume: None,
+            restore_phases: Vec::new(),
         };
         for vcpu in &mut vmm.vcpus {
             vcpu.power_on(entry)?;
         }
         Ok(vmm)
+    }
+
+    /// The machine's configuration (for a restore: the snapshot's machine).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// The saved-MSR set this machine uses (what is state, and what is not and why).
@@ -354,6 +365,37 @@ fn open_disks(config: &VmConfig) -> Result<Vec<crate::devices::virtio::block::Bl
         .iter()
         .map(|d| crate::devices::virtio::block::Block::open(&d.path, d.read_only, d.id.clone(), d.direct).map_err(|e| VmmError::Disk(e.to_string())))
         .collect()
+}
+
+/// The host probe on a thread of its own: it runs throw-away VMs (or reads its
+/// cache), overlapping with the build, which needs its results only for CPUID, the
+/// MSR filter and the command line.
+fn spawn_probe(supported: &CpuId, reprobe: bool) -> Result<ProbeThread, VmmError> {
+    let kvm_fd = open_kvm()?;
+    let supported = supported.clone();
+    let policy = if reprobe { ProbePolicy::Refresh } else { ProbePolicy::UseCache };
+    std::thread::Builder::new()
+        .name("skiff-probe".into())
+        .spawn(move || probe::probe_host_cached(&kvm_fd, &supported, policy))
+        .map_err(VmmError::Thread)
+}
+
+type ProbeThread = std::thread::JoinHandle<Result<(HostQuirks, ProbeOrigin), String>>;
+
+/// The VM with its RAM, the probe's findings, the MSR filter they call for, and
+/// the chipset (in that order: see `create_vm_with_ram`), with the chipset's
+/// power-up state.
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, probe: ProbeThread) -> Result<(VmFd, VmState, HostQuirks, ProbeOrigin), VmmError> {
+    let vm = create_vm_with_ram(kvm, mem)?;
+    let (quirks, origin) = probe
+        .join()
+        .map_err(|_| VmmError::Probe("the probe thread panicked".into()))?
+        .map_err(VmmError::Probe)?;
+    if quirks.user_syscall_broken {
+        filter_lstar_writes(&vm)?;
+    }
+    let pristine = add_chipset(&vm)?;
+    Ok((vm, pristine, quirks, origin))
 }
 
 /// A new VM with its RAM registered.

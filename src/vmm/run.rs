@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::event_loop::{EventLoop, Source};
 use super::reboot::StormWatch;
 use super::vcpus::VcpuSet;
+use crate::api::ApiServer;
 use crate::devices::serial::StdinFeed;
 use super::*;
 
@@ -26,6 +27,8 @@ struct Lifecycle {
     console_before: u64,
     /// skiff's threads while the machine is idle: what a reboot's report should find.
     idle_threads: u64,
+    /// Exit statistics already taken from the vCPUs (by `GET /stats`).
+    stats: ExitStats,
 }
 
 /// What to do after a stop was handled.
@@ -37,7 +40,7 @@ enum AfterStop {
 impl Vmm {
     /// Runs the machine until it stops for good; an in-place reboot runs it again.
     /// Returns why it stopped, with the statistics.
-    pub fn run(mut self, started: Instant) -> Result<RunReport, VmmError> {
+    pub fn run(mut self, started: Instant, mut api: Option<ApiServer>) -> Result<RunReport, VmmError> {
         kick::install_handler().map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
 
         // On an error path out of here the guest's last output still reaches the
@@ -56,6 +59,9 @@ impl Vmm {
         // (scripts/symbolize-profile turns them into guest functions).
         let profile = std::env::var_os("SKIFF_PROFILE").map(std::path::PathBuf::from);
         let mut lp = self.event_loop(profile.is_some())?;
+        if let Some(a) = &api {
+            lp.add(a.fd(), Source::Api).map_err(|e| VmmError::Device(format!("event loop: the API socket: {e}")))?;
+        }
         // Host input on the event loop where epoll can watch stdin; a thread otherwise.
         let _stdin = match lp.add(libc::STDIN_FILENO, Source::Stdin) {
             Ok(()) => None,
@@ -80,12 +86,13 @@ impl Vmm {
             }
         }));
         let mut life = Lifecycle { idle_threads: thread_and_fd_counts(None).0, ..Default::default() };
-        let result = self.drive(&mut lp, &mut set, &mut life, &mut stdin);
+        let result = self.drive(&mut lp, &mut set, &mut life, &mut stdin, api.as_mut());
         // Whatever happened, no vCPU thread outlives the run.
         self.control.request_stop(StopReason::Error("the event loop ended".into()));
         let _ = set.pause_all();
         self.control.retire_kicker();
-        let (stats, mut samples) = set.take_stats().unwrap_or_default();
+        let (mut stats, mut samples) = set.take_stats().unwrap_or_default();
+        stats.merge(&life.stats);
         let _ = set.exit_all();
         result?;
         if let Some(path) = profile {
@@ -123,12 +130,23 @@ impl Vmm {
     }
 
     /// The event loop proper: runs until the machine stops for good.
-    fn drive(&mut self, lp: &mut EventLoop, set: &mut VcpuSet, life: &mut Lifecycle, stdin: &mut StdinFeed) -> Result<(), VmmError> {
+    fn drive(
+        &mut self,
+        lp: &mut EventLoop,
+        set: &mut VcpuSet,
+        life: &mut Lifecycle,
+        stdin: &mut StdinFeed,
+        mut api: Option<&mut ApiServer>,
+    ) -> Result<(), VmmError> {
         life.boot_started = Some(Instant::now());
-        if let Err(e) = set.resume_all() {
-            // A vCPU thread that is already gone stopped the machine with its reason.
-            self.control.request_fatal(e.to_string());
-            return Ok(());
+        if !self.start_paused {
+            // (A restore without --resume waits for the API to resume the guest.)
+            self.first_resume = Some(Instant::now());
+            if let Err(e) = set.resume_all() {
+                // A vCPU thread that is already gone stopped the machine with its reason.
+                self.control.request_fatal(e.to_string());
+                return Ok(());
+            }
         }
         let mut hooks = TestHooks::from_env();
         loop {
@@ -159,6 +177,11 @@ impl Vmm {
                     Source::Backend { device, index } => {
                         if let Some(v) = self.devices.virtio.get(device) {
                             v.device.backend_ready(index);
+                        }
+                    }
+                    Source::Api => {
+                        if let Some(server) = api.as_deref_mut() {
+                            super::api::serve(server, super::api::Api { vmm: self, set, stats: &mut life.stats });
                         }
                     }
                 }
@@ -256,6 +279,8 @@ impl Vmm {
         // translation of the old contents (see memory::unregister_from_kvm).
         memory::unregister_from_kvm(&self.vm, &self.mem)?;
         memory::clear(&self.mem)?;
+        // A diff on top of the last snapshot would miss the cleared pages.
+        self.diff_base = None;
         self.vm_pristine
             .put(&self.vm)
             .map_err(|e| VmmError::Device(format!("resetting the chipset: {e}")))?;
@@ -266,13 +291,14 @@ impl Vmm {
     }
 
     /// What a finished run reports.
-    fn report(self, stats: ExitStats, reboots: RebootSummary, started: Instant) -> RunReport {
+    fn report(mut self, stats: ExitStats, reboots: RebootSummary, started: Instant) -> RunReport {
         // What the guest wrote reaches the console before skiff reports and exits, as
         // long as the console takes it (a console nobody reads does not hold the stop).
         let console_unwritten = self.console.drain(crate::output::STALL);
         self.console.close();
         let since = |t: Option<&Instant>| t.map(|t| t.duration_since(started).as_secs_f64() * 1e3);
         let boot = BootTimes {
+            running_ms: since(self.first_resume.as_ref()),
             first_console_byte_ms: since(self.console_first_byte.get()),
             init_marker_ms: since(self.devices.legacy.marker.reached.get()),
             exit_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -295,6 +321,7 @@ impl Vmm {
             cmdline: self.cmdline,
             reboots,
             diagnostic: self.control.take_diagnostic(),
+            restore_phases: std::mem::take(&mut self.restore_phases),
             virtio: self.devices.virtio.iter().map(|v| format!("{}: {}", v.name, v.device.stats())).collect(),
             console_unwritten,
         }

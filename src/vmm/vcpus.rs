@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::control::Control;
 use crate::stats::ExitStats;
 use crate::vcpu::thread::{ThreadError, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vcpu::state::VcpuState;
 use crate::vcpu::{BootEntry, Vcpu, VcpuError};
 
 /// Profile samples: (milliseconds since the start, vCPU index, guest RIP).
@@ -22,6 +23,8 @@ pub enum VcpusError {
     Thread(#[from] ThreadError),
     #[error("{0}")]
     Vcpu(#[from] VcpuError),
+    #[error("the vCPUs are running (pause first)")]
+    Running,
 }
 
 pub struct VcpuSet {
@@ -106,6 +109,21 @@ impl VcpuSet {
             }
         }
         Ok(())
+    }
+
+    /// Every (paused) vCPU's state, in vCPU order, for a snapshot.
+    pub fn save_all(&self) -> Result<Vec<VcpuState>, VcpusError> {
+        if !self.paused {
+            return Err(VcpusError::Running);
+        }
+        let mut states = Vec::with_capacity(self.handles.len());
+        for (h, a) in self.handles.iter().zip(self.all(|| VcpuEvent::SaveState)?) {
+            match a {
+                VcpuResponse::State(s) => states.push(*s?),
+                _ => return Err(ThreadError::OutOfTurn(h.index).into()),
+            }
+        }
+        Ok(states)
     }
 
     /// A request and answer to every vCPU thread, changing nothing.

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -54,10 +56,19 @@ impl Guest {
 
     /// Boots with extra environment variables (test hooks).
     pub fn boot_env(args: &[&str], env: &[(&str, &str)]) -> Guest {
-        require_kvm();
         require_guest();
+        Self::start("run", args, env)
+    }
+
+    /// Restores a snapshot (`skiff restore ARGS`), its console on pipes.
+    pub fn restore(args: &[&str]) -> Guest {
+        Self::start("restore", args, &[])
+    }
+
+    fn start(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Guest {
+        require_kvm();
         let mut child = Command::new(SKIFF)
-            .arg("run")
+            .arg(subcommand)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
@@ -169,6 +180,20 @@ impl Guest {
             }
             out.push(line);
         }
+    }
+
+    /// Kills skiff with SIGKILL and waits for it, then takes what the console printed
+    /// before into the transcript; returns the status and skiff's stderr.
+    pub fn kill9_collect(&mut self) -> (ExitStatus, String) {
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("wait");
+        // The reader thread ends at the pipe's end: everything it read is queued.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            self.transcript.push_str(&line);
+            self.transcript.push('\n');
+        }
+        let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        (status, err)
     }
 
     /// Kills skiff with SIGKILL (no chance to flush anything) and waits for it.

@@ -61,6 +61,7 @@ fn real_state_through_the_file_and_back() {
         memory_map: w.map.clone(),
         memory_file: w.file.clone(),
         patched_sites: Vec::new(),
+        machine: Machine { disks: Vec::new(), ..sample_machine(1, 4 << 20) },
     };
     let path = dir.path("vm.snap");
     write_snapshot(&path, &original).unwrap();

@@ -101,6 +101,25 @@ pub(super) fn sample(vcpus: u8) -> Snapshot {
         ],
         memory_file: MemoryFileRef { path: "guest.mem".into(), size: (1 << 20) + (64 << 10) + MEMORY_TRAILER_SIZE, id: [7; 16], diff: None },
         patched_sites: vec![PatchedSite { guest_addr: 0x100_0000, original: vec![0x8b, 0x05, 0x80, 0x00, 0xe0, 0xfe], patched: vec![0x0f, 0x01, 0xc1, 0x90, 0x90, 0x90] }],
+        machine: sample_machine(vcpus, (1 << 20) + (64 << 10)),
+    }
+}
+
+/// A machine record that fits `sample`'s vCPUs and memory map.
+pub(super) fn sample_machine(cpus: u8, memory: u64) -> Machine {
+    Machine {
+        cpus,
+        memory,
+        kernel: "/boot/vmlinux".into(),
+        initrd: Some("/boot/initrd.cpio".into()),
+        cmdline: "console=ttyS0".into(),
+        guest_cmdline: "console=ttyS0 clearcpuid=avx512f".into(),
+        pvh: false,
+        on_reboot_exit: false,
+        guest_defaults: false,
+        rng: true,
+        pci: false,
+        disks: vec![DiskRecord { path: "/tmp/disk.img".into(), read_only: true, id: Some("d0".into()), direct: false, dev: 2049, ino: 77, size: 1 << 20, mtime_ns: 1_700_000_000_000_000_000 }],
     }
 }
 
@@ -117,6 +136,7 @@ pub(super) fn assert_same(a: &Snapshot, b: &Snapshot) {
     assert_eq!(a.memory_map, b.memory_map);
     assert_eq!(a.memory_file, b.memory_file);
     assert_eq!(a.patched_sites, b.patched_sites);
+    assert_eq!(a.machine, b.machine);
 }
 
 /// The version 1 sections of `s`, as `frame` takes them.
@@ -246,7 +266,7 @@ const PINNED_DEVICES: (usize, u32) = (329, 2_427_677_232);
 fn section_kinds_are_stable() {
     // Ids are written in files: they never change meaning.
     let ids: Vec<(u32, &str)> = (0..8).filter_map(SectionKind::from_id).map(|k| (k as u32, k.name())).collect();
-    assert_eq!(ids, [(1, "vcpu"), (2, "chipset"), (3, "devices"), (4, "memory-map"), (5, "memory-file"), (6, "patched-sites")]);
+    assert_eq!(ids, [(1, "vcpu"), (2, "chipset"), (3, "devices"), (4, "memory-map"), (5, "memory-file"), (6, "patched-sites"), (7, "machine")]);
 }
 
 #[test]

@@ -108,7 +108,7 @@ fn section_version_this_skiff_cannot_read() {
 #[test]
 fn missing_and_duplicate_sections() {
     let s = sample(2);
-    for kind in [SectionKind::Vcpu, SectionKind::Chipset, SectionKind::Devices, SectionKind::MemoryMap, SectionKind::MemoryFile, SectionKind::PatchedSites] {
+    for kind in [SectionKind::Vcpu, SectionKind::Chipset, SectionKind::Devices, SectionKind::MemoryMap, SectionKind::MemoryFile, SectionKind::PatchedSites, SectionKind::Machine] {
         let b = reframe(&s, |v| v.retain(|x| x.0 != kind as u32));
         assert_eq!(err(&b).to_string(), format!("no {} section", kind.name()));
     }

@@ -1,0 +1,148 @@
+//! The machine a snapshot was taken of: what restore must build again before any
+//! state can be put (vCPU count, RAM, the devices and the files behind them, the
+//! kernel a later reboot loads), and how to tell that a disk changed since.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DiskConfig, OnReboot, Transport, VmConfig};
+
+/// Most disks a snapshot may name (a hostile file cannot make restore open many).
+const MAX_DISKS: usize = crate::config::MAX_DISKS;
+
+/// The machine's shape, as `skiff run` was told it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: u8,
+    pub memory: u64,
+    /// The kernel and initrd a reboot of the restored machine loads again.
+    pub kernel: String,
+    pub initrd: Option<String>,
+    /// The command line as configured, and as the guest got it (with what the
+    /// host's quirks added).
+    pub cmdline: String,
+    pub guest_cmdline: String,
+    pub pvh: bool,
+    pub on_reboot_exit: bool,
+    pub guest_defaults: bool,
+    pub rng: bool,
+    pub pci: bool,
+    pub disks: Vec<DiskRecord>,
+}
+
+/// One disk and the file behind it when the snapshot was taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub path: String,
+    pub read_only: bool,
+    pub id: Option<String>,
+    pub direct: bool,
+    /// The file's identity and size, and its last change (nanoseconds since the
+    /// epoch; 0 for a block device, whose writes do not move it).
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: u64,
+}
+
+impl DiskRecord {
+    /// The disk as it is now (taken after every request in flight finished).
+    pub fn of(d: &DiskConfig) -> Result<Self, String> {
+        let path = d.path.to_str().ok_or_else(|| format!("disk {}: not a UTF-8 path", d.path.display()))?;
+        let (dev, ino, size, mtime_ns) = identity(&d.path)?;
+        Ok(DiskRecord { path: path.to_string(), read_only: d.read_only, id: d.id.clone(), direct: d.direct, dev, ino, size, mtime_ns })
+    }
+
+    /// Refuses a disk that is not the file the snapshot was taken with, or that was
+    /// written since: the guest's page cache and filesystem state would not match it.
+    pub fn check_unchanged(&self) -> Result<(), String> {
+        let now = identity(Path::new(&self.path))?;
+        let was = (self.dev, self.ino, self.size, self.mtime_ns);
+        if (now.0, now.1) != (was.0, was.1) {
+            return Err(format!("disk {}: not the file the snapshot was taken with (replaced since)", self.path));
+        }
+        if now.2 != was.2 {
+            return Err(format!("disk {}: {} bytes, {} when the snapshot was taken", self.path, now.2, was.2));
+        }
+        if now.3 != was.3 {
+            return Err(format!("disk {}: written since the snapshot was taken (its modification time changed)", self.path));
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> DiskConfig {
+        DiskConfig { path: self.path.clone().into(), read_only: self.read_only, id: self.id.clone(), direct: self.direct }
+    }
+}
+
+/// (device, inode, size, modification time in ns) of a disk; the size of a block
+/// device is its length, and its time 0.
+fn identity(path: &Path) -> Result<(u64, u64, u64, u64), String> {
+    let m = std::fs::metadata(path).map_err(|e| format!("disk {}: {e}", path.display()))?;
+    if m.file_type().is_file() {
+        let ns = u64::try_from(m.mtime()).unwrap_or(0).saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec().max(0) as u64);
+        return Ok((m.dev(), m.ino(), m.len(), ns));
+    }
+    // A block device: its length from seeking to the end.
+    use std::io::{Seek, SeekFrom};
+    let size = std::fs::File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|e| format!("disk {}: {e}", path.display()))?;
+    Ok((m.rdev(), 0, size, 0))
+}
+
+impl Machine {
+    /// The record of a running machine's configuration.
+    pub fn of(config: &VmConfig, guest_cmdline: &str) -> Result<Self, String> {
+        let utf8 = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| format!("{}: not a UTF-8 path", p.display()));
+        Ok(Machine {
+            cpus: config.cpus,
+            memory: config.memory,
+            kernel: utf8(&config.kernel)?,
+            initrd: config.initrd.as_deref().map(utf8).transpose()?,
+            cmdline: config.cmdline.clone(),
+            guest_cmdline: guest_cmdline.to_string(),
+            pvh: config.pvh,
+            on_reboot_exit: config.on_reboot == OnReboot::Exit,
+            guest_defaults: config.guest_defaults,
+            rng: config.rng,
+            pci: config.transport == Transport::Pci,
+            disks: config.disks.iter().map(DiskRecord::of).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The configuration to build the machine again with; `like` gives what is the
+    /// restoring command's to choose (statistics, probing, coalescing).
+    pub fn config(&self, like: &VmConfig) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone().into(),
+            initrd: self.initrd.clone().map(Into::into),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory,
+            on_reboot: if self.on_reboot_exit { OnReboot::Exit } else { OnReboot::Reset },
+            pvh: self.pvh,
+            guest_defaults: self.guest_defaults,
+            disks: self.disks.iter().map(DiskRecord::config).collect(),
+            rng: self.rng,
+            transport: if self.pci { Transport::Pci } else { Transport::Mmio },
+            ..like.clone()
+        }
+    }
+
+    /// What a reader checks before trusting the record.
+    pub fn check(&self, vcpus: usize, ram: u64) -> Result<(), String> {
+        if usize::from(self.cpus) != vcpus {
+            return Err(format!("{} vCPUs, and {vcpus} vCPU sections", self.cpus));
+        }
+        if self.memory != ram {
+            return Err(format!("{} bytes of RAM, and {ram} in the memory map", self.memory));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(format!("{} disks (at most {MAX_DISKS})", self.disks.len()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! Snapshot and restore through the control API, on the chatter test kernel (it
+//! prints "chatter: N ....." lines, N = 1, 2, 3, ..., forever): a restored guest goes
+//! on from the very line it was at. Every refusal is one line, a non-zero exit, and
+//! no file written. (tests/boot.rs does the same with the Debian guest.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::api;
+use common::{Guest, skiff, tiny_kernel};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A scratch directory of the test's own.
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("snapshot-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// The chatter kernel with the API on `dir`/api.sock, waited for until it printed line 20.
+fn chatter(dir: &Path, extra: &[&str]) -> (Guest, PathBuf) {
+    let sock = dir.join("api.sock");
+    let kernel = tiny_kernel("chatter");
+    let mut args = vec!["--kernel", kernel.to_str().unwrap(), "--boot", "pvh", "--api-sock", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut g = Guest::boot(&args);
+    g.wait_for("chatter: 20 ", WAIT);
+    (g, sock)
+}
+
+/// The number of the last "chatter: N" the console showed (its line may be cut).
+fn last_number(transcript: &str) -> u64 {
+    transcript
+        .rsplit("chatter: ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no chatter line in {:?}", &transcript[transcript.len().saturating_sub(300)..]))
+}
+
+/// Pauses, snapshots into `dir` (vm.snap, vm.mem), and kills the guest; returns the
+/// last line number it printed.
+fn snapshot_and_kill(mut g: Guest, sock: &Path, dir: &Path) -> u64 {
+    api::pause(sock);
+    let (code, body) = api::request(sock, "GET", "/", None);
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""state":"Paused""#), "{body}");
+    let (code, body) = api::snapshot(sock, &dir.join("vm.snap"), &dir.join("vm.mem"));
+    assert_eq!(code, 204, "snapshot: {body}");
+    // Whatever the console still held reaches the transcript before the count.
+    std::thread::sleep(Duration::from_millis(200));
+    g.kill9_collect();
+    last_number(&g.transcript)
+}
+
+/// The first whole line a restored chatter prints: "chatter: N".
+fn first_whole_line(g: &mut Guest) -> u64 {
+    let line = g.wait_for("chatter: ", WAIT);
+    line.split("chatter: ").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|n| n.parse().ok()).expect("a number")
+}
+
+#[test]
+fn a_restored_guest_goes_on_from_where_it_was() {
+    let dir = scratch("continue");
+    let (g, sock) = chatter(&dir, &[]);
+    let last = snapshot_and_kill(g, &sock, &dir);
+    let snap = dir.join("vm.snap");
+    let mut r = Guest::restore(&["--snapshot", snap.to_str().unwrap(), "--resume"]);
+    assert_eq!(first_whole_line(&mut r), last + 1, "the restored guest skipped or repeated lines");
+    r.wait_for(&format!("chatter: {} ", last + 50), WAIT);
+}
+
+#[test]
+fn one_snapshot_restores_in_two_processes_at_once_and_its_memory_file_is_untouched() {
+    let dir = scratch("twice");
+    let (g, sock) = chatter(&dir, &[]);
+    let last = snapshot_and_kill(g, &sock, &dir);
+    let mem = std::fs::read(dir.join("vm.mem")).unwrap();
+    let snap = dir.join("vm.snap");
+    let mut a = Guest::restore(&["--snapshot", snap.to_str().unwrap(), "--resume"]);
+    let mut b = Guest::restore(&["--snapshot", snap.to_str().unwrap(), "--resume"]);
+    assert_eq!(first_whole_line(&mut a), last + 1);
+    assert_eq!(first_whole_line(&mut b), last + 1);
+    a.wait_for(&format!("chatter: {} ", last + 100), WAIT);
+    b.wait_for(&format!("chatter: {} ", last + 100), WAIT);
+    drop((a, b));
+    assert!(std::fs::read(dir.join("vm.mem")).unwrap() == mem, "a restore wrote to the memory file");
+}
+
+/// Restored paused, resumed through the API, snapshotted again, and that snapshot
+/// restored: the count goes on through both.
+#[test]
+fn a_restored_machine_resumes_through_the_api_and_snapshots_again() {
+    let dir = scratch("chain");
+    let (g, sock) = chatter(&dir, &[]);
+    let last = snapshot_and_kill(g, &sock, &dir);
+    let sock2 = dir.join("api2.sock");
+    let snap = dir.join("vm.snap");
+    let mut r = Guest::restore(&["--snapshot", snap.to_str().unwrap(), "--api-sock", sock2.to_str().unwrap()]);
+    api::wait_for_socket(&sock2, WAIT);
+    let (_, body) = api::request(&sock2, "GET", "/", None);
+    assert!(body.contains(r#""state":"Paused""#), "restored without --resume: {body}");
+    api::resume(&sock2);
+    assert_eq!(first_whole_line(&mut r), last + 1);
+    r.wait_for(&format!("chatter: {} ", last + 30), WAIT);
+    let dir2 = dir.join("second");
+    std::fs::create_dir_all(&dir2).unwrap();
+    let last2 = snapshot_and_kill(r, &sock2, &dir2);
+    let snap2 = dir2.join("vm.snap");
+    let mut r2 = Guest::restore(&["--snapshot", snap2.to_str().unwrap(), "--resume"]);
+    assert_eq!(first_whole_line(&mut r2), last2 + 1);
+}
+
+#[test]
+fn snapshot_requests_that_cannot_be_done_are_refused_and_write_nothing() {
+    let dir = scratch("api-refusals");
+    let (g, sock) = chatter(&dir, &[]);
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // Running: must pause first.
+    let (code, body) = api::snapshot(&sock, &out.join("a.snap"), &out.join("a.mem"));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("fault_message") && body.contains("pause"), "{body}");
+    api::pause(&sock);
+    // A directory that does not exist; the same file for both; unknown fields; a
+    // diff with no full snapshot before it.
+    let (code, body) = api::snapshot(&sock, &out.join("nope/a.snap"), &out.join("a.mem"));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = api::snapshot(&sock, &out.join("same"), &out.join("same"));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = api::request(&sock, "PUT", "/snapshot/create", Some(r#"{"snapshot_path": "x", "mem_file_path": "y", "colour": 1}"#));
+    assert_eq!(code, 400, "{body}");
+    let body_diff = format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#, out.join("d.snap").display(), out.join("d.mem").display());
+    let (code, body) = api::request(&sock, "PUT", "/snapshot/create", Some(&body_diff));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = api::request(&sock, "PUT", "/snapshot/load", Some(r#"{"snapshot_path": "x", "mem_backend": {"backend_path": "y", "backend_type": "File"}}"#));
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(entries(&out), Vec::<String>::new(), "a refused request left files behind");
+    // The machine is fine: it resumes and goes on.
+    api::resume(&sock);
+    let mut g = g;
+    let n = last_number(&g.transcript);
+    g.wait_for(&format!("chatter: {} ", n + 20), WAIT);
+    let (code, body) = api::request(&sock, "GET", "/stats", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("io-out"), "{body}");
+}
+
+/// Each bad snapshot: one line naming what is wrong, a non-zero exit, nothing written.
+#[test]
+fn bad_snapshots_are_refused_with_one_line() {
+    let dir = scratch("refusals");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("{},id=d0", disk.display());
+    let (g, sock) = chatter(&dir, &["--disk", &disk_arg]);
+    snapshot_and_kill(g, &sock, &dir);
+    let _ = std::fs::remove_file(dir.join("api.sock"));
+    let good = std::fs::read(dir.join("vm.snap")).unwrap();
+    let case = |name: &str, bytes: &[u8], expect: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let before = entries(&dir);
+        let (status, _, err) = skiff(&["restore", "--snapshot", p.to_str().unwrap(), "--resume"]);
+        assert!(!status.success(), "{name}: restored");
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(expect), "{name}: expected {expect:?} in {err:?}");
+        assert!(!err.contains("panick"), "{name}: {err}");
+        assert_eq!(entries(&dir), before, "{name}: files changed");
+    };
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    case("flipped.snap", &flipped, "checksum");
+    case("truncated.snap", &good[..good.len() - 100], "truncated");
+    case("text.snap", b"this is not a snapshot\n", "wrong magic");
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&99u32.to_le_bytes());
+    case("newer.snap", &newer, "newer");
+    // The memory file moved away.
+    std::fs::rename(dir.join("vm.mem"), dir.join("moved.mem")).unwrap();
+    case("nomem.snap", &good, "vm.mem");
+    // Another snapshot's memory file in its place.
+    std::fs::write(dir.join("vm.mem"), vec![0u8; std::fs::metadata(dir.join("moved.mem")).unwrap().len() as usize]).unwrap();
+    case("othermem.snap", &good, "not a skiff memory file");
+    std::fs::rename(dir.join("moved.mem"), dir.join("vm.mem")).unwrap();
+    // The disk written since.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::OpenOptions::new().write(true).open(&disk).and_then(|f| std::os::unix::fs::FileExt::write_at(&f, b"x", 512)).unwrap();
+    case("disk-changed.snap", &good, "written since the snapshot");
+    // A missing file, and a restore nothing could resume.
+    let (status, _, err) = skiff(&["restore", "--snapshot", dir.join("missing.snap").to_str().unwrap(), "--resume"]);
+    assert!(!status.success() && err.trim_end().lines().count() == 1 && err.contains("missing.snap"), "{err}");
+    let (status, _, err) = skiff(&["restore", "--snapshot", dir.join("vm.snap").to_str().unwrap()]);
+    assert!(!status.success() && err.trim_end().lines().count() == 1 && err.contains("--resume"), "{err}");
+}
