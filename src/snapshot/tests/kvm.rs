@@ -137,6 +137,7 @@ fn timings() {
     let full = t.elapsed();
     let mut snap = sample(4);
     snap.memory_map = w.map.clone();
+    snap.machine.memory = snap.memory_map.iter().map(|r| r.len).sum();
     snap.memory_file = w.file.clone();
     write_snapshot(&path, &snap).unwrap();
     let t = Instant::now();

@@ -44,6 +44,7 @@ fn assert_same_memory(a: &GuestMemoryMmap, b: &GuestMemoryMmap) {
 fn snapshot_for(w: &MemoryWritten) -> Snapshot {
     let mut s = sample(1);
     s.memory_map = w.map.clone();
+    s.machine.memory = s.memory_map.iter().map(|r| r.len).sum();
     s.memory_file = w.file.clone();
     s
 }
