@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Snapshot and restore benchmark.
+
+For 256 MiB and 2 GiB guests of the chatter test kernel (it prints numbered lines
+forever): boot it with --api-sock, pause it, take a full snapshot through the API,
+then restore it --runs times. Printed (min/median/max over runs):
+- restore to running: skiff's own "boot: running" (from its start to the moment the
+  vCPUs are told to run), and the wall time from starting `skiff restore` to the
+  first console byte it prints (the guest running again, seen from outside);
+- snapshot create: the time of PUT /snapshot/create, the memory file's size and how
+  much of it is allocated (zero pages are holes), against `cp` of a file of the
+  guest's memory size (random data, page cache warm) followed by fsync of the copy
+  (a snapshot is fsynced), interleaved with the snapshots: the goal is at most 1.2x.
+
+--debian adds the default guest (Debian's kernel): a cold boot to a shell that
+answers a command, against a restore of a snapshot of that shell to the same
+answer, as a ratio (one cold boot: minutes where guest kernel mode is emulated).
+
+Usage: bench/restore.py [--runs N] [--debian]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+SKIFF = os.path.join(TARGET, "release", "skiff")
+
+
+def api(sock, method, path, body=None):
+    """One HTTP request on the API socket; (status, body)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(600)
+    s.connect(sock)
+    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.decode().split("\r\n")[1:]:
+        k, _, v = line.partition(":")
+        if k.strip().lower() == "content-length":
+            length = int(v)
+    while len(rest) < length:
+        rest += s.recv(65536)
+    s.close()
+    return int(head.split()[1]), rest.decode(errors="replace")
+
+
+def wait_socket(sock, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock)
+            s.close()
+            return
+        except OSError:
+            time.sleep(0.005)
+    sys.exit(f"bench/restore.py: {sock} never answered")
+
+
+class Console:
+    """A skiff process's console on pipes."""
+
+    def __init__(self, cmd):
+        self.t0 = time.monotonic()
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.buf = b""
+        self.first_byte = None
+        self.err = []
+        threading.Thread(target=lambda: self.err.append(self.p.stderr.read()), daemon=True).start()
+
+    def read_until(self, needle, timeout):
+        deadline = time.monotonic() + timeout
+        while needle.encode() not in self.buf:
+            if time.monotonic() > deadline:
+                sys.exit(f"bench/restore.py: timed out waiting for {needle!r}: {self.buf[-500:]!r}")
+            chunk = self.p.stdout.read1(65536)
+            if not chunk:
+                self.p.wait(timeout=60)
+                time.sleep(0.2)
+                err = self.err[0].decode(errors="replace") if self.err else ""
+                sys.exit(f"bench/restore.py: skiff ended (status {self.p.returncode}) before {needle!r}:\n{err[-2000:]}")
+            if self.first_byte is None:
+                self.first_byte = time.monotonic() - self.t0
+            self.buf += chunk
+            self.buf = self.buf[-(1 << 20):]
+        head, _, self.buf = self.buf.partition(needle.encode())
+        return head.decode(errors="replace")
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        # Keep reading the console, so skiff's last writes never wait on a full pipe.
+        threading.Thread(target=self.p.stdout.read, daemon=True).start()
+        try:
+            self.p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+        time.sleep(0.1)
+        return self.err[0].decode(errors="replace") if self.err else ""
+
+
+def spread(xs, fmt="{:8.2f}"):
+    return " ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
+
+
+def running_ms(stderr):
+    for line in stderr.splitlines():
+        if line.startswith("boot: running "):
+            return float(line.split()[2])
+    sys.exit(f"bench/restore.py: no 'boot: running' line in:\n{stderr[-1500:]}")
+
+
+def cp_floor(work, size):
+    """`cp` of a `size`-byte file of random data (page cache warm) plus fsync of the copy."""
+    src = os.path.join(work, "cp-src")
+    if not os.path.exists(src) or os.path.getsize(src) != size:
+        with open(src, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 1 << 24)
+                f.write(os.urandom(n))
+                left -= n
+    dst = os.path.join(work, "cp-dst")
+    t = time.monotonic()
+    subprocess.run(["cp", src, dst], check=True)
+    fd = os.open(dst, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    ms = (time.monotonic() - t) * 1e3
+    os.unlink(dst)
+    return ms
+
+
+def tiny(work, memory, runs):
+    sock = os.path.join(work, "api.sock")
+    kernel = os.path.join(GUEST, "chatter.elf")
+    g = Console([SKIFF, "run", "--kernel", kernel, "--boot", "pvh", "--memory", memory, "--api-sock", sock])
+    wait_socket(sock)
+    g.read_until("chatter: 20 ", 60)
+    size = int(memory.rstrip("MG")) << (20 if memory.endswith("M") else 30)
+    create, cp, alloc = [], [], []
+    code, body = api(sock, "PATCH", "/vm", {"state": "Paused"})
+    if code != 204:
+        sys.exit(f"bench/restore.py: pause: {code} {body}")
+    snap, mem = os.path.join(work, "vm.snap"), os.path.join(work, "vm.mem")
+    for _ in range(runs):
+        t = time.monotonic()
+        code, body = api(sock, "PUT", "/snapshot/create", {"snapshot_path": snap, "mem_file_path": mem})
+        create.append((time.monotonic() - t) * 1e3)
+        if code != 204:
+            sys.exit(f"bench/restore.py: snapshot: {code} {body}")
+        alloc.append(os.stat(mem).st_blocks * 512 / (1 << 20))
+        cp.append(cp_floor(work, size))
+    g.stop()
+    run, wall = [], []
+    for _ in range(runs):
+        r = Console([SKIFF, "restore", "--snapshot", snap, "--resume", "--boot-time"])
+        r.read_until("chatter: ", 30)
+        wall.append(r.first_byte * 1e3)
+        run.append(running_ms(r.stop()))
+    mib = os.path.getsize(mem) / (1 << 20)
+    print(f"guest {memory} (chatter), {runs} runs, min/median/max:")
+    print(f"  restore: running (skiff's report)   {spread(run)} ms   goal <= 3 ms for 256 MiB")
+    print(f"  restore: first console byte (wall)  {spread(wall)} ms")
+    print(f"  snapshot create (PUT, full)         {spread(create)} ms")
+    print(f"  cp + fsync of {memory} (the floor)    {spread(cp)} ms   ratio (medians) {statistics.median(create) / statistics.median(cp):.3f}")
+    print(f"  memory file: {mib:.0f} MiB long, {statistics.median(alloc):.2f} MiB allocated; snapshot file {os.path.getsize(snap)} bytes")
+
+
+def debian(work):
+    sock = os.path.join(work, "deb.sock")
+    t = time.monotonic()
+    g = Console([SKIFF, "run", "--api-sock", sock])
+    g.read_until("skiff-guest: ready", 3600)
+    g.p.stdin.write(b"echo he''llo-cold\n")
+    g.p.stdin.flush()
+    g.read_until("hello-cold", 600)
+    cold = time.monotonic() - t
+    api(sock, "PATCH", "/vm", {"state": "Paused"})
+    snap, mem = os.path.join(work, "deb.snap"), os.path.join(work, "deb.mem")
+    code, body = api(sock, "PUT", "/snapshot/create", {"snapshot_path": snap, "mem_file_path": mem})
+    if code != 204:
+        sys.exit(f"bench/restore.py: Debian snapshot: {code} {body}")
+    g.stop()
+    t = time.monotonic()
+    r = Console([SKIFF, "restore", "--snapshot", snap, "--resume"])
+    r.p.stdin.write(b"echo he''llo-restored\n")
+    r.p.stdin.flush()
+    r.read_until("hello-restored", 600)
+    warm = time.monotonic() - t
+    r.stop()
+    print("Debian guest (default), a shell answering `echo`:")
+    print(f"  cold boot {cold * 1e3:10.1f} ms; restore {warm * 1e3:8.1f} ms; ratio {warm / cold:.5f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--debian", action="store_true", help="also time a restored Debian shell against a cold boot")
+    args = ap.parse_args()
+    for path in (SKIFF, os.path.join(GUEST, "chatter.elf")):
+        if not os.path.exists(path):
+            sys.exit(f"bench/restore.py: {path} is missing (cargo build --release; scripts/fetch-guest)")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _f: sys.exit(f"bench/restore.py: stopped by signal {n}"))
+    work = tempfile.mkdtemp(prefix="skiff-restore-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    try:
+        for memory in ("256M", "2G"):
+            tiny(work, memory, args.runs)
+        if args.debian:
+            debian(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
