@@ -28,6 +28,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of `run`'s arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Boot a Linux guest with its console on this terminal. With no flags, boots the
     /// default guest that scripts/fetch-guest built (Debian's kernel and a busybox
@@ -66,9 +68,11 @@ struct RunArgs {
     /// to its /init marker (port 0x440), and to exit.
     #[arg(long)]
     boot_time: bool,
-    /// Boot protocol for an ELF kernel: the Linux 64-bit entry, or PVH.
-    #[arg(long, value_enum, default_value_t = BootProtocol::Linux64)]
-    boot: BootProtocol,
+    /// Boot protocol: the Linux 64-bit entry, PVH, or multiboot (version 1). Default:
+    /// multiboot for a kernel with a multiboot header in its first 8 KiB, else the
+    /// Linux 64-bit entry.
+    #[arg(long, value_enum)]
+    boot: Option<BootProtocol>,
     /// What a guest reboot (i8042 reset line, ACPI reset register, port 0xcf9, triple
     /// fault) does: `reset` resets the machine in place and boots again; `exit` stops
     /// skiff with status 3.
@@ -104,13 +108,27 @@ struct RunArgs {
     /// `pci` (virtio-pci functions with MSI-X: no exit per interrupt).
     #[arg(long, value_name = "pci|mmio", default_value = "mmio")]
     virtio_transport: String,
+    /// A module for a multiboot kernel, with its string (default: the path); after
+    /// --initrd, which is the first module. Repeatable.
+    #[arg(long, value_name = "PATH[,STRING]")]
+    module: Vec<String>,
+    /// QEMU's isa-debug-exit: a guest write of V to the port ends skiff with status
+    /// (V << 1) | 1. Default port 0xf4, size 1.
+    #[arg(long, value_name = "[port=0xf4][,size=1|2|4]", num_args = 0..=1, default_missing_value = "")]
+    exit_device: Option<String>,
+    /// A file in fw_cfg's directory (QEMU's firmware configuration interface, ports
+    /// 0x510-0x511), from a host file or a string (string= takes the rest of the
+    /// argument). Names start with opt/ and are at most 55 bytes. Repeatable.
+    #[arg(long, value_name = "name=opt/NAME,file=PATH|string=TEXT")]
+    fw_cfg: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BootProtocol {
-    #[value(name = "linux64")]
+    #[value(name = "linux64", alias = "linux")]
     Linux64,
     Pvh,
+    Multiboot,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -215,6 +233,21 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     if disks.len() > config::MAX_DISKS {
         return Err(format!("--disk: {} disks given, at most {} are supported", disks.len(), config::MAX_DISKS));
     }
+    let modules = args.module.iter().map(|m| m.parse::<config::ModuleConfig>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    let exit_device = args.exit_device.as_deref().map(str::parse::<config::ExitDeviceConfig>).transpose().map_err(|e| e.to_string())?;
+    let fw_cfg = args.fw_cfg.iter().map(|f| f.parse::<config::FwCfgItem>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    if let Some(dup) = fw_cfg.iter().enumerate().find_map(|(i, f)| fw_cfg.get(..i)?.iter().any(|g| g.name == f.name).then_some(&f.name)) {
+        return Err(format!("--fw-cfg: the name {dup} is given twice"));
+    }
+    if fw_cfg.len() > skiff::devices::fw_cfg::MAX_FILES {
+        return Err(format!("--fw-cfg: {} files given, at most {}", fw_cfg.len(), skiff::devices::fw_cfg::MAX_FILES));
+    }
+    let boot = args.boot.map(|b| match b {
+        BootProtocol::Linux64 => config::BootProtocol::Linux,
+        BootProtocol::Pvh => config::BootProtocol::Pvh,
+        BootProtocol::Multiboot => config::BootProtocol::Multiboot,
+    });
+    let kernel_args = args.cmdline.clone();
     Ok(VmConfig {
         kernel,
         initrd,
@@ -227,13 +260,18 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
             RebootAction::Reset => OnReboot::Reset,
             RebootAction::Exit => OnReboot::Exit,
         },
-        pvh: matches!(args.boot, BootProtocol::Pvh),
+        pvh: matches!(args.boot, Some(BootProtocol::Pvh)),
         coalesce: !args.no_coalesce,
         guest_defaults: args.guest_defaults,
         disks,
         rng: !args.no_rng,
         reprobe: args.reprobe,
         transport,
+        boot,
+        kernel_args,
+        modules,
+        exit_device,
+        fw_cfg,
     })
 }
 
@@ -253,6 +291,7 @@ fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
     print_reports(&config, &report);
     match &report.reason {
         StopReason::Poweroff => Ok(ExitCode::SUCCESS),
+        StopReason::GuestExit(value) => Ok(ExitCode::from(StopReason::guest_exit_status(*value))),
         StopReason::Reboot(source) => {
             let mut text = String::new();
             if let Some(d) = &report.diagnostic {

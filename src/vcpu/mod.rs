@@ -56,6 +56,9 @@ pub enum BootEntry {
     Linux64 { entry: u64, boot_params: u64, pml4: u64 },
     /// PVH: 32-bit protected mode, paging off, EBX = hvm_start_info.
     Pvh { entry: u64, start_info: u64 },
+    /// Multiboot: 32-bit protected mode, paging off, flat segments, interrupts off,
+    /// EAX = 0x2BADB002, EBX = the multiboot information structure.
+    Multiboot { entry: u32, info: u32 },
 }
 
 // Control-register and EFER bits used at boot.
@@ -258,6 +261,15 @@ impl Vcpu {
                 sregs.efer = 0;
                 regs.rip = entry;
                 regs.rbx = start_info;
+            }
+            BootEntry::Multiboot { entry, info } => {
+                sregs.cs = kvm_segment_from_gdt(BOOT_GDT[3], SEL_CODE32);
+                sregs.cr0 = CR0_PE | CR0_ET;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+                regs.rip = u64::from(entry);
+                regs.rax = u64::from(crate::vmm::loader::multiboot::BOOTLOADER_MAGIC);
+                regs.rbx = u64::from(info);
             }
         }
         self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;

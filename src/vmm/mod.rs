@@ -239,7 +239,7 @@ impl Vmm {
                 let pristine = add_chipset(&vm)?;
                 Ok((vm, pristine, quirks, origin))
             });
-            let kernel = loader::load_kernel(&mem, &config.kernel);
+            let kernel = loader::load_kernel_for(&mem, config);
             (vm.join(), kernel)
         });
         let (vm, vm_pristine, quirks, probe_origin) =
@@ -312,6 +312,7 @@ fn build_devices(
         crate::config::Transport::Mmio => None,
     };
     let mut devices = DeviceManager::new(vm, control, console, pci)?;
+    devices.add_kernel_test_devices(control, config)?;
     if config.rng {
         devices.add_virtio(vm, mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
     }
