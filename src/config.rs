@@ -434,6 +434,66 @@ mod tests {
     }
 
     #[test]
+    fn exit_device_arguments() {
+        let d = |s: &str| s.parse::<ExitDeviceConfig>();
+        assert_eq!(d("").unwrap(), ExitDeviceConfig { port: 0xf4, size: 1 });
+        assert_eq!(d("port=0x501,size=2").unwrap(), ExitDeviceConfig { port: 0x501, size: 2 });
+        assert_eq!(d("size=4,port=100").unwrap(), ExitDeviceConfig { port: 100, size: 4 });
+        for (bad, why) in [
+            ("port=0x10000", "port="),
+            ("port=x", "port="),
+            ("size=3", "size="),
+            ("port=1,port=2", "twice"),
+            ("iosize=1", "unknown option"),
+            ("port=0xffff,size=2", "past 0xffff"),
+        ] {
+            let e = d(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--exit-device ") && e.contains(why) && e.lines().count() == 1, "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn fw_cfg_arguments() {
+        let f = |s: &str| s.parse::<FwCfgItem>();
+        let s = f("name=opt/a,string=x, y=z").unwrap();
+        assert_eq!((s.name.as_str(), &s.data[..]), ("opt/a", &b"x, y=z"[..]));
+        let path = std::env::temp_dir().join(format!("skiff-fwcfg-{}", std::process::id()));
+        std::fs::write(&path, b"contents").unwrap();
+        let arg = format!("file={},name=opt/org.example/b", path.display());
+        let s = f(&arg).unwrap();
+        assert_eq!((s.name.as_str(), &s.data[..]), ("opt/org.example/b", &b"contents"[..]));
+        let _ = std::fs::remove_file(&path);
+        let long = format!("name=opt/{},string=", "n".repeat(52));
+        for (bad, why) in [
+            ("name=etc/a,string=x", "must start with `opt/`"),
+            ("name=opt/,string=x", "must start with `opt/`"),
+            (long.as_str(), "longer than 55"),
+            ("name=opt/a", "neither"),
+            ("string=x", "no name"),
+            ("name=opt/a,file=/nonexistent/x", "file /nonexistent/x"),
+            ("name=opt/a,file=/etc/hostname,string=x", "both"),
+            ("name=opt/a,name=opt/b,string=x", "twice"),
+            ("name=opt/a,size=1,string=x", "unknown option"),
+        ] {
+            let e = f(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--fw-cfg ") && e.contains(why) && e.lines().count() == 1, "{bad}: {e}");
+        }
+        assert!(f(&format!("name=opt/{},string=", "n".repeat(51))).is_ok(), "55 bytes fit");
+    }
+
+    #[test]
+    fn module_arguments() {
+        let m: ModuleConfig = "/etc/hostname,a string, with commas".parse().unwrap();
+        assert_eq!(m, ModuleConfig { path: "/etc/hostname".into(), string: "a string, with commas".into() });
+        let m: ModuleConfig = "/etc/hostname".parse().unwrap();
+        assert_eq!(m.string, "/etc/hostname");
+        for (bad, why) in [(",x", "no path"), ("/nonexistent/m", "No such file"), ("/tmp", "not a regular file")] {
+            let e = bad.parse::<ModuleConfig>().unwrap_err().to_string();
+            assert!(e.starts_with("--module ") && e.contains(why) && e.lines().count() == 1, "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn memory_sizes() {
         assert_eq!(parse_memory("256M").unwrap(), 256 << 20);
         assert_eq!(parse_memory("256").unwrap(), 256 << 20);

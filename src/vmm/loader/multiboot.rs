@@ -191,7 +191,7 @@ fn load_by_addresses(mem: &GuestMemoryMmap, file: &mut File, len: u64, h: &Heade
         .checked_sub(u64::from(skew))
         .ok_or_else(|| format!("multiboot load_addr {:#x} lies before the start of the file", h.load_addr))?;
     let load_end = match h.load_end_addr {
-        0 => load + (len - file_start),
+        0 => load.saturating_add(len - file_start),
         e if u64::from(e) < load => return Err(format!("multiboot load_end_addr {e:#x} is below load_addr {load:#x}")),
         e => u64::from(e),
     };
