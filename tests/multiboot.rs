@@ -119,6 +119,19 @@ fn the_kernel_starts_its_application_processors_with_init_sipi_4_vcpus() {
     smp(4);
 }
 
+#[test]
+fn a_multiboot_kernel_reboots_in_place() {
+    // Boot 1 reboots through the i8042, boot 2 through 0xcf9, boot 3 exits with 3:
+    // each boot loaded and entered as multiboot again (the magic checked), APs reset.
+    let kernel = kernel("mb-reboot");
+    let (status, console, stderr) = run(&["--kernel", &kernel, "--exit-device", "--cpus", "2", "--boot-time"]);
+    let boots: Vec<&str> = console.lines().filter(|l| l.starts_with("mb-reboot: ")).collect();
+    assert_eq!(boots, ["mb-reboot: boot 1", "mb-reboot: boot 2", "mb-reboot: boot 3"], "{console}
+{stderr}");
+    assert_eq!(status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains("reboots: 2 in place"), "{stderr}");
+}
+
 /// The 32-bit sum of a file's bytes, as mb-info prints it.
 fn sum(bytes: &[u8]) -> String {
     format!("{:08x}", bytes.iter().fold(0u32, |s, &b| s.wrapping_add(u32::from(b))))
