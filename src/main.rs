@@ -233,15 +233,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     if disks.len() > config::MAX_DISKS {
         return Err(format!("--disk: {} disks given, at most {} are supported", disks.len(), config::MAX_DISKS));
     }
-    let modules = args.module.iter().map(|m| m.parse::<config::ModuleConfig>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
-    let exit_device = args.exit_device.as_deref().map(str::parse::<config::ExitDeviceConfig>).transpose().map_err(|e| e.to_string())?;
-    let fw_cfg = args.fw_cfg.iter().map(|f| f.parse::<config::FwCfgItem>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
-    if let Some(dup) = fw_cfg.iter().enumerate().find_map(|(i, f)| fw_cfg.get(..i)?.iter().any(|g| g.name == f.name).then_some(&f.name)) {
-        return Err(format!("--fw-cfg: the name {dup} is given twice"));
-    }
-    if fw_cfg.len() > skiff::devices::fw_cfg::MAX_FILES {
-        return Err(format!("--fw-cfg: {} files given, at most {}", fw_cfg.len(), skiff::devices::fw_cfg::MAX_FILES));
-    }
+    let (modules, exit_device, fw_cfg) = config::parse_kernel_test_args(&args.module, args.exit_device.as_deref(), &args.fw_cfg)?;
     let boot = args.boot.map(|b| match b {
         BootProtocol::Linux64 => config::BootProtocol::Linux,
         BootProtocol::Pvh => config::BootProtocol::Pvh,

@@ -54,8 +54,9 @@ fn run(args: &[&str]) -> (ExitStatus, String, String) {
     (status, out.join().unwrap().replace('\r', ""), err.join().unwrap())
 }
 
-fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("skiff-multiboot-test-{}", std::process::id()));
+/// A scratch directory of the test's own (tests run in parallel and remove theirs).
+fn tempdir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("skiff-multiboot-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -139,7 +140,7 @@ fn sum(bytes: &[u8]) -> String {
 
 #[test]
 fn the_kernel_reads_its_command_line_memory_map_and_modules() {
-    let dir = tempdir();
+    let dir = tempdir("info");
     let (one, two) = (dir.join("module-one"), dir.join("module-two"));
     let a: Vec<u8> = (0..5000u32).map(|i| (i * 7 + 3) as u8).collect();
     let b = b"the second module\n".to_vec();
@@ -192,7 +193,7 @@ fn line_in(console: &str, prefix: &str) -> String {
 
 #[test]
 fn a_test_kernel_reads_fw_cfg_through_its_ports() {
-    let dir = tempdir();
+    let dir = tempdir("fwcfg");
     let file = dir.join("fw-cfg-file");
     std::fs::write(&file, "contents of a host file").unwrap();
     let file_arg = format!("name=opt/skiff/from-file,file={}", file.display());
@@ -249,7 +250,7 @@ fn magic_at(bytes: &[u8]) -> usize {
 
 #[test]
 fn bad_kernels_and_arguments_are_one_line_each() {
-    let dir = tempdir();
+    let dir = tempdir("bad");
     let mb = kernel("mb-long");
     // A wrong checksum.
     let bad_sum = patched(&dir, "mb-long", |b| {
