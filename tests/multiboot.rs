@@ -271,6 +271,9 @@ fn bad_kernels_and_arguments_are_one_line_each() {
     assert_one_line_error(&["--kernel", &mb, "--memory", "128M", "--module", &huge_s], &[&format!("module {huge_s}"), "do not fit"]);
     assert_one_line_error(&["--kernel", &mb, "--initrd", &huge_s, "--memory", "128M"], &["do not fit"]);
     assert_one_line_error(&["--kernel", &mb, "--module", "/nonexistent/module"], &["--module /nonexistent/module", "No such file"]);
+    // Modules for a kernel that is not multiboot.
+    let tiny_k = common::tiny_kernel("tiny");
+    assert_one_line_error(&["--kernel", &tiny_k.to_string_lossy(), "--boot", "pvh", "--module", &mb], &["only a multiboot kernel takes modules"]);
     // --boot multiboot for a kernel without a header.
     let tiny = common::tiny_kernel("tiny");
     let tiny = tiny.to_string_lossy();

@@ -296,6 +296,9 @@ pub fn write_boot_info(
     if let Some(image) = &kernel.multiboot {
         return write_multiboot_info(mem, image, config);
     }
+    if let Some(m) = config.modules.first() {
+        return Err(LoadError::Module { path: m.path.clone(), reason: "only a multiboot kernel takes modules (this one boots as Linux)".into() });
+    }
     // Command line.
     let max = kernel
         .header
