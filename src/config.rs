@@ -3,6 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+mod test_kernels;
+pub use test_kernels::{
+    EXIT_DEVICE_PORT, ExitDeviceConfig, FW_CFG_MAX_FILE, FW_CFG_MAX_NAME, FwCfgItem, ModuleConfig, parse_kernel_test_args,
+};
+
 /// Smallest and largest guest memory skiff accepts.
 pub const MIN_MEMORY: u64 = 64 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
@@ -77,6 +82,12 @@ pub enum ConfigError {
     NoDefaultGuest(PathBuf),
     #[error("--disk {0}: {1}")]
     Disk(String, String),
+    #[error("--module {0}: {1}")]
+    Module(String, String),
+    #[error("--exit-device {0}: {1}")]
+    ExitDevice(String, String),
+    #[error("--fw-cfg {0}: {1}")]
+    FwCfg(String, String),
 }
 
 /// Most disks one machine takes (each a virtio-mmio slot with its own GSI).
@@ -162,6 +173,29 @@ pub struct VmConfig {
     pub reprobe: bool,
     /// virtio over MMIO or PCI.
     pub transport: Transport,
+    /// `--boot`: the protocol the user asked for; None: detect it (a multiboot header
+    /// in the first 8 KiB, else the ELF vmlinux's or bzImage's own protocol).
+    pub boot: Option<BootProtocol>,
+    /// `--cmdline` exactly as given (a multiboot kernel gets its path, then this).
+    pub kernel_args: Option<String>,
+    /// `--module PATH[,STRING]`s for a multiboot kernel, after `--initrd`.
+    pub modules: Vec<ModuleConfig>,
+    /// `--exit-device`: QEMU's isa-debug-exit (a guest write of V ends skiff with
+    /// status (V << 1) | 1).
+    pub exit_device: Option<ExitDeviceConfig>,
+    /// `--fw-cfg` files the guest finds in fw_cfg's directory.
+    pub fw_cfg: Vec<FwCfgItem>,
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// Linux's 64-bit boot protocol (ELF vmlinux or bzImage).
+    Linux,
+    /// PVH (an ELF with the PHYS32_ENTRY note).
+    Pvh,
+    /// Multiboot version 1 (a header in the first 8 KiB).
+    Multiboot,
 }
 
 /// Where the default guest lives: `$SKIFF_GUEST_DIR`, else `guest/out` in the source

@@ -14,6 +14,17 @@ pub enum StopReason {
     Reboot(&'static str),
     /// Something went wrong that skiff cannot continue from; the text says what.
     Error(String),
+    /// The guest wrote this value to the exit device (`--exit-device`, QEMU's
+    /// isa-debug-exit): skiff ends with status (value << 1) | 1 after a clean stop.
+    GuestExit(u32),
+}
+
+impl StopReason {
+    /// The process exit status a [`StopReason::GuestExit`] of `value` gives: (value <<
+    /// 1) | 1, of which a process status keeps the low 8 bits (as QEMU's does).
+    pub fn guest_exit_status(value: u32) -> u8 {
+        ((value << 1) | 1) as u8
+    }
 }
 
 /// The signal number that asked skiff to stop (0: none), set from a signal handler

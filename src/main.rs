@@ -28,6 +28,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of `run`'s arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Boot a Linux guest with its console on this terminal. With no flags, boots the
     /// default guest that scripts/fetch-guest built (Debian's kernel and a busybox
@@ -70,9 +72,11 @@ struct RunArgs {
     /// to its /init marker (port 0x440), and to exit.
     #[arg(long)]
     boot_time: bool,
-    /// Boot protocol for an ELF kernel: the Linux 64-bit entry, or PVH.
-    #[arg(long, value_enum, default_value_t = BootProtocol::Linux64)]
-    boot: BootProtocol,
+    /// Boot protocol: the Linux 64-bit entry, PVH, or multiboot (version 1). Default:
+    /// multiboot for a kernel with a multiboot header in its first 8 KiB, else the
+    /// Linux 64-bit entry.
+    #[arg(long, value_enum)]
+    boot: Option<BootProtocol>,
     /// What a guest reboot (i8042 reset line, ACPI reset register, port 0xcf9, triple
     /// fault) does: `reset` resets the machine in place and boots again; `exit` stops
     /// skiff with status 3.
@@ -108,6 +112,19 @@ struct RunArgs {
     /// `pci` (virtio-pci functions with MSI-X: no exit per interrupt).
     #[arg(long, value_name = "pci|mmio", default_value = "mmio")]
     virtio_transport: String,
+    /// A module for a multiboot kernel, with its string (default: the path); after
+    /// --initrd, which is the first module. Repeatable.
+    #[arg(long, value_name = "PATH[,STRING]")]
+    module: Vec<String>,
+    /// QEMU's isa-debug-exit: a guest write of V to the port ends skiff with status
+    /// (V << 1) | 1. Default port 0xf4, size 1.
+    #[arg(long, value_name = "[port=0xf4][,size=1|2|4]", num_args = 0..=1, default_missing_value = "")]
+    exit_device: Option<String>,
+    /// A file in fw_cfg's directory (QEMU's firmware configuration interface, ports
+    /// 0x510-0x511), from a host file or a string (string= takes the rest of the
+    /// argument). Names start with opt/ and are at most 55 bytes. Repeatable.
+    #[arg(long, value_name = "name=opt/NAME,file=PATH|string=TEXT")]
+    fw_cfg: Vec<String>,
     /// Serve the control API (HTTP over a Unix socket created here, mode 0600):
     /// Firecracker's paths for pause/resume, snapshots, instance and machine info, and
     /// `GET /stats`. The socket is removed at exit.
@@ -144,9 +161,10 @@ struct RestoreArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BootProtocol {
-    #[value(name = "linux64")]
+    #[value(name = "linux64", alias = "linux")]
     Linux64,
     Pvh,
+    Multiboot,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -252,6 +270,13 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     if disks.len() > config::MAX_DISKS {
         return Err(format!("--disk: {} disks given, at most {} are supported", disks.len(), config::MAX_DISKS));
     }
+    let (modules, exit_device, fw_cfg) = config::parse_kernel_test_args(&args.module, args.exit_device.as_deref(), &args.fw_cfg)?;
+    let boot = args.boot.map(|b| match b {
+        BootProtocol::Linux64 => config::BootProtocol::Linux,
+        BootProtocol::Pvh => config::BootProtocol::Pvh,
+        BootProtocol::Multiboot => config::BootProtocol::Multiboot,
+    });
+    let kernel_args = args.cmdline.clone();
     Ok(VmConfig {
         kernel,
         initrd,
@@ -264,13 +289,18 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
             RebootAction::Reset => OnReboot::Reset,
             RebootAction::Exit => OnReboot::Exit,
         },
-        pvh: matches!(args.boot, BootProtocol::Pvh),
+        pvh: matches!(args.boot, Some(BootProtocol::Pvh)),
         coalesce: !args.no_coalesce,
         guest_defaults: args.guest_defaults,
         disks,
         rng: !args.no_rng,
         reprobe: args.reprobe,
         transport,
+        boot,
+        kernel_args,
+        modules,
+        exit_device,
+        fw_cfg,
     })
 }
 
@@ -308,6 +338,11 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
         rng: false,
         reprobe: false,
         transport: config::Transport::Mmio,
+        boot: None,
+        kernel_args: None,
+        modules: Vec::new(),
+        exit_device: None,
+        fw_cfg: Vec::new(),
     };
     let vmm = interruptible("restoring the snapshot", move || {
         let opts = skiff::vmm::RestoreOptions { snapshot: &args.snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume };
@@ -333,6 +368,7 @@ fn run_machine(vmm: Vmm, config: &VmConfig, api: Option<skiff::api::ApiServer>, 
     print_reports(config, &report);
     match &report.reason {
         StopReason::Poweroff => Ok(ExitCode::SUCCESS),
+        StopReason::GuestExit(value) => Ok(ExitCode::from(StopReason::guest_exit_status(*value))),
         StopReason::Reboot(source) => {
             let mut text = String::new();
             if let Some(d) = &report.diagnostic {
@@ -366,11 +402,11 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         }
         let _ = writeln!(
             out,
-            "boot: running {}, first console byte {}, /init marker {}, exit {:.1} ms",
-            ms(r.boot.running_ms),
+            "boot: first console byte {}, /init marker {}, exit {:.1} ms, vCPUs running {}",
             ms(r.boot.first_console_byte_ms),
             ms(r.boot.init_marker_ms),
-            r.boot.exit_ms
+            r.boot.exit_ms,
+            ms(r.boot.running_ms),
         );
     }
     if (config.boot_time || config.stats) && !r.reboots.is_empty() {

@@ -7,6 +7,8 @@
 pub mod bus;
 pub mod coalesced;
 pub mod doorbell;
+pub mod exit;
+pub mod fw_cfg;
 pub mod legacy;
 pub mod pci;
 pub mod pm;

@@ -55,6 +55,10 @@ pub enum DeviceState {
     /// The BAR window: the BARs are their functions' state.
     PciWindow,
     VirtioPci(Box<super::virtio::VirtioPciState>),
+    /// The exit-status device has no state of its own.
+    ExitDevice,
+    /// fw_cfg: the selected item and the next byte's offset (the items are config).
+    FwCfg { selector: u16, offset: u32 },
     /// Stand-ins in tests.
     #[cfg(test)]
     None,
@@ -76,6 +80,8 @@ impl DeviceState {
             DeviceState::PciHostBridge => "pci-host-bridge",
             DeviceState::PciWindow => "pci-window",
             DeviceState::VirtioPci(_) => "virtio-pci",
+            DeviceState::ExitDevice => "exit-device",
+            DeviceState::FwCfg { .. } => "fw-cfg",
             #[cfg(test)]
             DeviceState::None => "none",
         }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DiskConfig, OnReboot, Transport, VmConfig};
+use crate::config::{BootProtocol, DiskConfig, ExitDeviceConfig, FwCfgItem, ModuleConfig, OnReboot, Transport, VmConfig};
 
 /// Most disks a snapshot may name (a hostile file cannot make restore open many).
 const MAX_DISKS: usize = crate::config::MAX_DISKS;
@@ -30,6 +30,21 @@ pub struct Machine {
     pub rng: bool,
     pub pci: bool,
     pub disks: Vec<DiskRecord>,
+    /// `--boot` as given (None: detected), `--cmdline` as given, multiboot modules
+    /// (path, string), the exit device (port, size) and fw_cfg's files (name, data).
+    pub boot: Option<Boot>,
+    pub kernel_args: Option<String>,
+    pub modules: Vec<(String, String)>,
+    pub exit_device: Option<(u16, u8)>,
+    pub fw_cfg: Vec<(String, Vec<u8>)>,
+}
+
+/// The boot protocol asked for (config::BootProtocol, in the file's own stable shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Boot {
+    Linux,
+    Pvh,
+    Multiboot,
 }
 
 /// One disk and the file behind it when the snapshot was taken.
@@ -110,6 +125,15 @@ impl Machine {
             rng: config.rng,
             pci: config.transport == Transport::Pci,
             disks: config.disks.iter().map(DiskRecord::of).collect::<Result<_, _>>()?,
+            boot: config.boot.map(|b| match b {
+                BootProtocol::Linux => Boot::Linux,
+                BootProtocol::Pvh => Boot::Pvh,
+                BootProtocol::Multiboot => Boot::Multiboot,
+            }),
+            kernel_args: config.kernel_args.clone(),
+            modules: config.modules.iter().map(|m| Ok((utf8(&m.path)?, m.string.clone()))).collect::<Result<_, String>>()?,
+            exit_device: config.exit_device.as_ref().map(|e| (e.port, e.size)),
+            fw_cfg: config.fw_cfg.iter().map(|f| (f.name.clone(), f.data.to_vec())).collect(),
         })
     }
 
@@ -128,6 +152,15 @@ impl Machine {
             disks: self.disks.iter().map(DiskRecord::config).collect(),
             rng: self.rng,
             transport: if self.pci { Transport::Pci } else { Transport::Mmio },
+            boot: self.boot.map(|b| match b {
+                Boot::Linux => BootProtocol::Linux,
+                Boot::Pvh => BootProtocol::Pvh,
+                Boot::Multiboot => BootProtocol::Multiboot,
+            }),
+            kernel_args: self.kernel_args.clone(),
+            modules: self.modules.iter().map(|(p, s)| ModuleConfig { path: p.into(), string: s.clone() }).collect(),
+            exit_device: self.exit_device.map(|(port, size)| ExitDeviceConfig { port, size }),
+            fw_cfg: self.fw_cfg.iter().map(|(n, d)| FwCfgItem { name: n.clone(), data: d.clone().into() }).collect(),
             ..like.clone()
         }
     }

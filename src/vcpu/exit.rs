@@ -76,51 +76,81 @@ impl Vcpu {
         let _kick_target = unsafe { RunPage::enter(run_page) };
         while !self.control.stopping() && !pending.load(std::sync::atomic::Ordering::SeqCst) {
             let next = self.run_once(run_page);
-            match next {
-                Next::Continue => {}
-                Next::Sample => {
-                    if self.control.translate_checks() != self.translate_checks_done {
-                        self.translate_checks_done = self.control.translate_checks();
-                        crate::output::stderr(&super::translate_check::run(self).replace('\n', "\r\n"));
-                    }
-                    if let Some((start, samples)) = self.rip_samples.as_mut()
-                        && let Ok(regs) = self.fd.get_regs()
-                    {
-                        samples.push((start.elapsed().as_millis() as u32, regs.rip));
-                    }
-                }
-                Next::EmulationFailure(kvm_saw) => match emulate::handle_failure(self, kvm_saw.as_ref()) {
-                    Ok(Emulated::Done) => {}
-                    Ok(Emulated::Unhandled(diag)) => {
-                        self.control.request_stop(StopReason::Error(diag));
-                    }
-                    Err(e) => self.control.request_stop(StopReason::Error(e)),
-                },
-                Next::Debug => {
-                    if let Err(e) = SyscallFixup::on_debug(self) {
-                        self.control.request_stop(StopReason::Error(e));
-                    }
-                }
-                Next::LstarWrite(value) => {
-                    if let Err(e) = SyscallFixup::on_lstar_write(self, value) {
-                        self.control.request_stop(StopReason::Error(e));
-                    }
-                }
-                Next::Stop(reason) => self.control.request_stop(reason),
-                Next::TripleFault => {
-                    if self.diagnose_shutdown {
-                        self.control.set_diagnostic(emulate::diagnose(self, "triple fault (KVM_EXIT_SHUTDOWN)"));
-                    }
-                    self.control.request_stop(StopReason::Reboot("triple fault"));
-                }
-                Next::Unexpected(what) => {
-                    let diag = emulate::diagnose(self, &what);
-                    self.control.request_stop(StopReason::Error(diag));
-                }
-            }
+            self.on_exit(next);
         }
         // Whatever this vCPU left in the coalesced ring reaches its device at stop.
         self.buses.flush_coalesced();
+    }
+
+    /// Does what an exit calls for, after `run_once` handled what it could itself.
+    fn on_exit(&mut self, next: Next) {
+        match next {
+            Next::Continue => {}
+            Next::Sample => {
+                if self.control.translate_checks() != self.translate_checks_done {
+                    self.translate_checks_done = self.control.translate_checks();
+                    crate::output::stderr(&super::translate_check::run(self).replace('\n', "\r\n"));
+                }
+                if let Some((start, samples)) = self.rip_samples.as_mut()
+                    && let Ok(regs) = self.fd.get_regs()
+                {
+                    samples.push((start.elapsed().as_millis() as u32, regs.rip));
+                }
+            }
+            Next::EmulationFailure(kvm_saw) => match emulate::handle_failure(self, kvm_saw.as_ref()) {
+                Ok(Emulated::Done) => {}
+                Ok(Emulated::Unhandled(diag)) => {
+                    self.control.request_stop(StopReason::Error(diag));
+                }
+                Err(e) => self.control.request_stop(StopReason::Error(e)),
+            },
+            Next::Debug => {
+                if let Err(e) = SyscallFixup::on_debug(self) {
+                    self.control.request_stop(StopReason::Error(e));
+                }
+            }
+            Next::LstarWrite(value) => {
+                if let Err(e) = SyscallFixup::on_lstar_write(self, value) {
+                    self.control.request_stop(StopReason::Error(e));
+                }
+            }
+            Next::Stop(reason) => self.control.request_stop(reason),
+            Next::TripleFault => {
+                if self.diagnose_shutdown {
+                    self.control.set_diagnostic(emulate::diagnose(self, "triple fault (KVM_EXIT_SHUTDOWN)"));
+                }
+                self.control.request_stop(StopReason::Reboot("triple fault"));
+            }
+            Next::Unexpected(what) => {
+                let diag = emulate::diagnose(self, &what);
+                self.control.request_stop(StopReason::Error(diag));
+            }
+        }
+    }
+
+    /// The state to snapshot, on this (paused) vCPU's thread. An exit skiff answered
+    /// (port or MMIO read data, an MSR write's verdict) is only complete in the
+    /// registers once KVM_RUN is entered again, and completing a string instruction
+    /// can exit again with more data; so KVM_RUN is entered with `immediate_exit` set
+    /// until it returns EINTR (nothing left to complete, no guest instruction run),
+    /// each exit on the way handled as usual.
+    pub fn save_state(&mut self) -> Result<super::state::VcpuState, super::VcpuError> {
+        /// Exits one completion may chain (a string instruction's pages): far more.
+        const MAX_COMPLETIONS: usize = 4096;
+        let run_page: *mut kvm_run = self.fd.get_kvm_run();
+        for _ in 0..MAX_COMPLETIONS {
+            // SAFETY: the kvm_run page of this vCPU, mapped while `self.fd` lives;
+            // only this thread (the vCPU's own) touches it now.
+            unsafe { (*run_page).immediate_exit = 1 };
+            match self.run_once(run_page) {
+                // EINTR (run_once cleared the flag): everything is complete.
+                Next::Sample => return self.get_state(),
+                next => self.on_exit(next),
+            }
+        }
+        // SAFETY: as above.
+        unsafe { (*run_page).immediate_exit = 0 };
+        Err(super::VcpuError::Restore(self.index, format!("the last exit did not complete within {MAX_COMPLETIONS} exits")))
     }
 
     fn run_once(&mut self, run_page: *mut kvm_run) -> Next {

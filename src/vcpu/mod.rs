@@ -58,6 +58,9 @@ pub enum BootEntry {
     Linux64 { entry: u64, boot_params: u64, pml4: u64 },
     /// PVH: 32-bit protected mode, paging off, EBX = hvm_start_info.
     Pvh { entry: u64, start_info: u64 },
+    /// Multiboot: 32-bit protected mode, paging off, flat segments, interrupts off,
+    /// EAX = 0x2BADB002, EBX = the multiboot information structure.
+    Multiboot { entry: u32, info: u32 },
 }
 
 // Control-register and EFER bits used at boot.
@@ -261,6 +264,15 @@ impl Vcpu {
                 regs.rip = entry;
                 regs.rbx = start_info;
             }
+            BootEntry::Multiboot { entry, info } => {
+                sregs.cs = kvm_segment_from_gdt(BOOT_GDT[3], SEL_CODE32);
+                sregs.cr0 = CR0_PE | CR0_ET;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+                regs.rip = u64::from(entry);
+                regs.rax = u64::from(crate::vmm::loader::multiboot::BOOTLOADER_MAGIC);
+                regs.rbx = u64::from(info);
+            }
         }
         self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
         self.fd.set_regs(&regs).map_err(self.kvm_err("KVM_SET_REGS"))?;
@@ -277,27 +289,6 @@ impl Vcpu {
             self.set_boot_state(entry)?;
         }
         Ok(())
-    }
-
-    /// The state to snapshot. An exit skiff answered (port or MMIO read data, an MSR
-    /// write's verdict) is only complete in the registers once KVM_RUN is entered
-    /// again, so it is entered once with `immediate_exit` set: KVM finishes the
-    /// instruction and returns at once, without running the guest.
-    pub fn save_state(&mut self) -> Result<state::VcpuState, VcpuError> {
-        let run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
-        // SAFETY: the kvm_run page of this vCPU, mapped while `self.fd` lives; only this
-        // thread (the vCPU's own) touches it now.
-        unsafe { (*run).immediate_exit = 1 };
-        let result = self.fd.run().map(|_| ());
-        // SAFETY: as above.
-        unsafe { (*run).immediate_exit = 0 };
-        match result {
-            Err(e) if e.errno() == libc::EINTR => {}
-            // An exit instead of EINTR: KVM ran nothing of the guest either way.
-            Ok(()) => {}
-            Err(e) => return Err(VcpuError::Kvm(self.index, "KVM_RUN (completing the last exit)", e)),
-        }
-        self.get_state()
     }
 
     /// Puts a snapshot's state, and re-arms what skiff keeps outside it: the SYSCALL

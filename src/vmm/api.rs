@@ -10,6 +10,9 @@ use super::Vmm;
 use crate::api::{ApiServer, ControlError, Controller, InstanceInfo, InstanceState, MachineConfig, SnapshotCreate, SnapshotLoad, SnapshotType};
 use crate::stats::{ExitKind, ExitStats};
 
+/// How long a pause waits for a console that takes nothing.
+const CONSOLE_STALL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The machine and its vCPU threads, for one round of API requests.
 pub(super) struct Api<'a> {
     pub vmm: &'a mut Vmm,
@@ -32,6 +35,10 @@ impl Controller for Api<'_> {
             return Ok(());
         }
         self.set.pause_all().map_err(|e| ControlError::Internal(e.to_string()))?;
+        // What the guest printed before the pause reaches the console before the
+        // answer does (as long as the console takes it), so a client that snapshots
+        // and then kills skiff has seen all of it.
+        self.vmm.console.drain(CONSOLE_STALL);
         Ok(())
     }
 

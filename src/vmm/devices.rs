@@ -193,6 +193,44 @@ impl DeviceManager {
         Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker }, virtio: Vec::new(), pci })
     }
 
+    /// Declares the devices for people who test kernels: fw_cfg, always (QEMU's
+    /// firmware interface: CPU count, RAM size and the `--fw-cfg` files; an ACPI
+    /// `QEMU0002` entry, as Linux's qemu_fw_cfg driver looks for), and the exit-status
+    /// device when `--exit-device` asks for it (no ACPI entry, as in QEMU).
+    pub fn add_kernel_test_devices(&mut self, control: &Arc<Control>, config: &crate::config::VmConfig) -> Result<(), VmmError> {
+        use crate::devices::exit::ExitDevice;
+        use crate::devices::fw_cfg::{FW_CFG_PORT, FW_CFG_PORTS, FwCfg, FwCfgFile};
+        let files = config.fw_cfg.iter().map(|f| FwCfgFile { name: f.name.clone(), data: f.data.clone() }).collect();
+        let fw_cfg = FwCfg::new(config.cpus, config.memory, files).map_err(VmmError::Device)?;
+        self.declared.push(Declared {
+            name: "fw_cfg",
+            space: Space::Pio,
+            base: u64::from(FW_CFG_PORT),
+            len: u64::from(FW_CFG_PORTS),
+            device: Arc::new(fw_cfg),
+            acpi: Some(AcpiDevice {
+                name: "FWCF".into(),
+                hid: AcpiHid::Str("QEMU0002"),
+                uid: None,
+                window: AcpiWindow::Io { port: FW_CFG_PORT, len: FW_CFG_PORTS },
+                irq: None,
+            }),
+            fast: None,
+        });
+        if let Some(exit) = config.exit_device {
+            self.declared.push(Declared {
+                name: "exit device",
+                space: Space::Pio,
+                base: u64::from(exit.port),
+                len: u64::from(exit.size),
+                device: Arc::new(ExitDevice::new(control.clone(), exit.size)),
+                acpi: None,
+                fast: None,
+            });
+        }
+        Ok(())
+    }
+
     /// Declares a virtio-mmio device in the next slot: its registers at
     /// [`VIRTIO_MMIO_BASE`] + slot * 4 KiB, its interrupt on GSI [`VIRTIO_GSI_BASE`] +
     /// slot (edge-triggered through an irqfd), its ACPI entry an `LNRO0005` device

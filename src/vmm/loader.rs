@@ -1,6 +1,9 @@
 //! Putting a kernel, its command line and its initrd into guest memory, and choosing
 //! the entry point: an ELF vmlinux boots through the 64-bit boot protocol (or PVH when
-//! asked), a bzImage through the 64-bit entry of its compressed kernel.
+//! asked), a bzImage through the 64-bit entry of its compressed kernel, a kernel with a
+//! multiboot header through its 32-bit entry (loader/multiboot.rs).
+
+pub mod multiboot;
 
 use std::fs::File;
 use std::io::Read;
@@ -26,6 +29,10 @@ pub enum LoadError {
     Cmdline(String),
     #[error("boot information: {0}")]
     Boot(#[from] boot::BootError),
+    #[error("module {path}: {reason}")]
+    Module { path: PathBuf, reason: String },
+    #[error("multiboot boot information: {0}")]
+    MultibootInfo(String),
 }
 
 /// A loaded kernel.
@@ -39,12 +46,15 @@ pub struct LoadedKernel {
     pub end: u64,
     /// The bzImage's setup header, handed back in boot_params.
     pub header: Option<setup_header>,
+    /// A multiboot kernel's image (its entry, segments and end).
+    pub multiboot: Option<multiboot::Image>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFormat {
     Elf,
     BzImage,
+    Multiboot,
 }
 
 const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
@@ -82,7 +92,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
             _ => None,
         };
-        Ok(LoadedKernel { format: KernelFormat::Elf, entry: r.kernel_load.0, pvh_entry, end: r.kernel_end, header: None })
+        Ok(LoadedKernel { format: KernelFormat::Elf, entry: r.kernel_load.0, pvh_entry, end: r.kernel_end, header: None, multiboot: None })
     } else if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(&BZIMAGE_MAGIC[..]) {
         check_bzimage(head, len).map_err(err)?;
         let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
@@ -97,10 +107,66 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             pvh_entry: None,
             end: r.kernel_end,
             header: Some(hdr),
+            multiboot: None,
         })
     } else {
         Err(err("not a kernel: neither an ELF vmlinux nor a bzImage".into()))
     }
+}
+
+/// Loads the kernel as `config` says: by the protocol `--boot` names, or, without
+/// one, as a multiboot kernel when its first 8 KiB hold a multiboot header, else as
+/// [`load_kernel`] does.
+pub fn load_kernel_for(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, LoadError> {
+    use crate::config::BootProtocol;
+    use multiboot::Found;
+    let path = &config.kernel;
+    if matches!(config.boot, Some(BootProtocol::Linux | BootProtocol::Pvh)) {
+        return load_kernel(mem, path);
+    }
+    let err = |reason: String| LoadError::Kernel { path: path.to_path_buf(), reason };
+    let mut file = File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut head = vec![0u8; multiboot::SEARCH_BYTES];
+    let n = read_up_to(&mut file, &mut head).map_err(|e| err(e.to_string()))?;
+    head.truncate(n);
+    let header = match (multiboot::find_header(&head), config.boot) {
+        (Found::Header(h), _) => h,
+        (Found::BadChecksum(at), _) => {
+            return Err(err(format!(
+                "the multiboot header at offset {at:#x} has a wrong checksum (--boot linux boots the file as a Linux kernel)"
+            )));
+        }
+        (Found::None, Some(BootProtocol::Multiboot)) => {
+            return Err(err("--boot multiboot asked for, but there is no multiboot header in the first 8 KiB".into()));
+        }
+        (Found::None, _) => return load_kernel(mem, path),
+    };
+    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    let ram_end = mem.last_addr().0.min(MMIO_HOLE_START - 1) + 1;
+    let image = multiboot::load(mem, &mut file, len, &header, ram_end).map_err(err)?;
+    Ok(LoadedKernel { format: KernelFormat::Multiboot, entry: u64::from(image.entry), pvh_entry: None, end: image.end, header: None, multiboot: Some(image) })
+}
+
+/// A multiboot kernel's modules (`--initrd` first, then each `--module`) and boot
+/// information; returns its entry state.
+fn write_multiboot_info(mem: &GuestMemoryMmap, image: &multiboot::Image, config: &VmConfig) -> Result<BootEntry, LoadError> {
+    let ram_end = mem.last_addr().0.min(MMIO_HOLE_START - 1) + 1;
+    let initrd = config.initrd.as_ref().map(|p| (p, p.to_string_lossy().into_owned()));
+    let mut sources: Vec<multiboot::ModuleSource> = Vec::with_capacity(config.modules.len() + 1);
+    if let Some((path, string)) = &initrd {
+        sources.push(multiboot::ModuleSource { path, string });
+    }
+    sources.extend(config.modules.iter().map(|m| multiboot::ModuleSource { path: &m.path, string: &m.string }));
+    let placed = multiboot::load_modules(mem, image, &sources, ram_end).map_err(|e| LoadError::Module { path: e.path, reason: e.reason })?;
+    let modules: Vec<(u64, u64, &str)> = placed.iter().zip(&sources).map(|(&(a, b), s)| (a, b, s.string)).collect();
+    let mut cmdline = config.kernel.to_string_lossy().into_owned();
+    if let Some(args) = &config.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(args);
+    }
+    let e820 = e820_map(config.memory, EBDA_START, HIMEM_START, MMIO_HOLE_START, MMIO_HOLE_END);
+    let info = multiboot::write_info(mem, &cmdline, &modules, &e820).map_err(LoadError::MultibootInfo)?;
+    Ok(BootEntry::Multiboot { entry: image.entry, info: info as u32 })
 }
 
 /// The most the PT_NOTE segments of a kernel may hold: Linux's take a few hundred
@@ -227,6 +293,12 @@ pub fn write_boot_info(
     cmdline: &str,
     rsdp: u64,
 ) -> Result<BootEntry, LoadError> {
+    if let Some(image) = &kernel.multiboot {
+        return write_multiboot_info(mem, image, config);
+    }
+    if let Some(m) = config.modules.first() {
+        return Err(LoadError::Module { path: m.path.clone(), reason: "only a multiboot kernel takes modules (this one boots as Linux)".into() });
+    }
     // Command line.
     let max = kernel
         .header

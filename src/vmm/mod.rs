@@ -240,7 +240,7 @@ impl Vmm {
         // cache.
         let (vm, kernel) = std::thread::scope(|s| {
             let vm = s.spawn(|| create_vm(&kvm, &mem, probe));
-            let kernel = loader::load_kernel(&mem, &config.kernel);
+            let kernel = loader::load_kernel_for(&mem, config);
             (vm.join(), kernel)
         });
         let (vm, vm_pristine, quirks, probe_origin) =
@@ -323,6 +323,7 @@ fn build_devices(
         crate::config::Transport::Mmio => None,
     };
     let mut devices = DeviceManager::new(vm, control, console, pci)?;
+    devices.add_kernel_test_devices(control, config)?;
     if config.rng {
         devices.add_virtio(vm, mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
     }

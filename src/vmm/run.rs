@@ -284,7 +284,7 @@ impl Vmm {
         self.vm_pristine
             .put(&self.vm)
             .map_err(|e| VmmError::Device(format!("resetting the chipset: {e}")))?;
-        let kernel = loader::load_kernel(&self.mem, &self.config.kernel)?;
+        let kernel = loader::load_kernel_for(&self.mem, &self.config)?;
         let entry = write_guest_tables(&self.mem, &kernel, &self.config, &self.cmdline, &self.devices.acpi_devices())?;
         memory::register_with_kvm(&self.vm, &self.mem)?;
         set.power_on_all(entry, diagnose).map_err(|e| VmmError::Device(e.to_string()))

@@ -120,6 +120,11 @@ pub(super) fn sample_machine(cpus: u8, memory: u64) -> Machine {
         rng: true,
         pci: false,
         disks: vec![DiskRecord { path: "/tmp/disk.img".into(), read_only: true, id: Some("d0".into()), direct: false, dev: 2049, ino: 77, size: 1 << 20, mtime_ns: 1_700_000_000_000_000_000 }],
+        boot: Some(Boot::Multiboot),
+        kernel_args: Some("console=ttyS0".into()),
+        modules: vec![("/boot/mod1".into(), "mod1 arg".into())],
+        exit_device: Some((0xf4, 1)),
+        fw_cfg: vec![("opt/skiff/x".into(), b"hello".to_vec())],
     }
 }
 

@@ -601,6 +601,23 @@ fn iasl_reads_a_virtio_device_skiff_means() {
     }
 }
 
+/// fw_cfg's entry as Linux's qemu_fw_cfg driver looks for it: _HID "QEMU0002" and its
+/// selector and data ports as the one I/O resource.
+#[test]
+fn iasl_reads_the_fw_cfg_device_skiff_means() {
+    let iasl = Iasl::new("dsdt-fwcfg");
+    let fw = AcpiDevice { name: "FWCF".into(), hid: AcpiHid::Str("QEMU0002"), uid: None, window: AcpiWindow::Io { port: 0x510, len: 2 }, irq: None };
+    let asl: String = iasl
+        .disassemble("dsdt", &build_dsdt(&[fw]).unwrap())
+        .lines()
+        .map(|l| l.split("//").next().unwrap().trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('*') && !l.starts_with("/*"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let want = "Device (FWCF) { Name (_HID, \"QEMU0002\") Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0510, 0x0510, 0x01, 0x02, ) }) }";
+    assert!(asl.contains(want), "{asl}");
+}
+
 /// iasl's reading of the MADT: one enabled local APIC per vCPU, the I/O APIC at
 /// its address, the SCI override and the LINT1 NMI.
 #[test]
