@@ -5,6 +5,8 @@
 mod common;
 #[path = "boot/disk.rs"]
 mod disk;
+#[path = "boot/snapshot.rs"]
+mod snapshot;
 
 use std::time::Duration;
 
@@ -34,6 +36,12 @@ fn boot_and_check(cpus: u32) {
     };
     if ro.is_some() {
         args.extend(["--disk", &ro_arg]);
+    }
+    // The 2-vCPU boot serves the API: it is snapshotted, and restored after it ends.
+    let sock = disk::scratch(&format!("api{cpus}.sock"));
+    let sock_arg = sock.display().to_string();
+    if cpus == 2 {
+        args.extend(["--api-sock", &sock_arg]);
     }
     // The 2-vCPU boot is paused and resumed 100 times as its /init starts.
     let hooks: &[(&str, &str)] = if cpus == 2 { &[("SKIFF_TEST_HOOK", "pause-storm")] } else { &[] };
@@ -76,6 +84,7 @@ fn boot_and_check(cpus: u32) {
         virtio_devices_are_there(&mut g, cpus);
         assert_eq!(disk::read_raw(&mut g, "vda"), raw_sum, "vda's data after the in-place reboot");
     }
+    let snapshot = (cpus == 2).then(|| snapshot::take(&mut g, &sock));
     no_process_died_of_a_fault(&mut g);
     if cpus == 1 {
         // Files written through ext4 and unmounted: the host reads them back.
@@ -107,6 +116,10 @@ fn boot_and_check(cpus: u32) {
     assert_eq!(disk::raw_sum_on_host(&data), raw_sum, "vda's data on the host after poweroff");
     if let Some(ro) = &ro {
         assert_eq!(disk::sha256_file(ro), ro_sum, "the read-only disk's image changed");
+    }
+    // The snapshot taken before the poweroff, restored in a new skiff.
+    if let Some(taken) = snapshot {
+        snapshot::restore_and_check(&taken, &raw_sum);
     }
     // No guest instruction was answered with #UD: in kernel text that is an oops.
     let ud: Vec<&str> = stderr.lines().filter(|l| l.to_lowercase().contains("-> #ud")).collect();

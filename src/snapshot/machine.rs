@@ -65,9 +65,9 @@ pub struct DiskRecord {
 impl DiskRecord {
     /// The disk as it is now (taken after every request in flight finished).
     pub fn of(d: &DiskConfig) -> Result<Self, String> {
-        let path = d.path.to_str().ok_or_else(|| format!("disk {}: not a UTF-8 path", d.path.display()))?;
+        let path = absolute(&d.path)?;
         let (dev, ino, size, mtime_ns) = identity(&d.path)?;
-        Ok(DiskRecord { path: path.to_string(), read_only: d.read_only, id: d.id.clone(), direct: d.direct, dev, ino, size, mtime_ns })
+        Ok(DiskRecord { path, read_only: d.read_only, id: d.id.clone(), direct: d.direct, dev, ino, size, mtime_ns })
     }
 
     /// Refuses a disk that is not the file the snapshot was taken with, or that was
@@ -92,6 +92,12 @@ impl DiskRecord {
     }
 }
 
+/// A file's absolute name (a restore may run in another directory), as UTF-8.
+fn absolute(p: &Path) -> Result<String, String> {
+    let abs = std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    abs.to_str().map(str::to_string).ok_or_else(|| format!("{}: not a UTF-8 path", abs.display()))
+}
+
 /// (device, inode, size, modification time in ns) of a disk; the size of a block
 /// device is its length, and its time 0.
 fn identity(path: &Path) -> Result<(u64, u64, u64, u64), String> {
@@ -111,7 +117,7 @@ fn identity(path: &Path) -> Result<(u64, u64, u64, u64), String> {
 impl Machine {
     /// The record of a running machine's configuration.
     pub fn of(config: &VmConfig, guest_cmdline: &str) -> Result<Self, String> {
-        let utf8 = |p: &Path| p.to_str().map(str::to_string).ok_or_else(|| format!("{}: not a UTF-8 path", p.display()));
+        let utf8 = |p: &Path| absolute(p);
         Ok(Machine {
             cpus: config.cpus,
             memory: config.memory,

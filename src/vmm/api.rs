@@ -90,7 +90,7 @@ impl Controller for Api<'_> {
         let (s, _) = self.set.take_stats().map_err(|e| ControlError::Internal(e.to_string()))?;
         self.stats.merge(&s);
         let exits: serde_json::Map<String, serde_json::Value> =
-            ExitKind::ALL.iter().map(|k| (k.name().to_string(), self.stats.by_kind.get(*k as usize).copied().unwrap_or(0).into())).collect();
+            ExitKind::ALL.iter().map(|k| (k.name().split(' ').next().unwrap_or_default().to_string(), self.stats.by_kind.get(*k as usize).copied().unwrap_or(0).into())).collect();
         let ports: serde_json::Map<String, serde_json::Value> = self.stats.ports().map(|(p, n)| (format!("{p:#x}"), n.into())).collect();
         let virtio: Vec<serde_json::Value> = self
             .vmm
