@@ -134,9 +134,11 @@ struct RunArgs {
 
 #[derive(clap::Args)]
 struct RestoreArgs {
-    /// The snapshot file (`snapshot_path` of `PUT /snapshot/create`).
+    /// The snapshot file (`snapshot_path` of `PUT /snapshot/create`). Without it,
+    /// skiff serves --api-sock and waits for `PUT /snapshot/load`, as a fresh
+    /// Firecracker does.
     #[arg(long, value_name = "PATH")]
-    snapshot: PathBuf,
+    snapshot: Option<PathBuf>,
     /// Its guest-memory file, where it is no longer where the snapshot says.
     #[arg(long, value_name = "PATH")]
     mem_file: Option<PathBuf>,
@@ -317,10 +319,13 @@ fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
 }
 
 fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
+    if args.snapshot.is_none() && args.api_sock.is_none() {
+        return Err("restore: give --snapshot PATH, or --api-sock PATH to wait for PUT /snapshot/load".into());
+    }
     if !args.resume && args.api_sock.is_none() {
         return Err("restore: without --resume the guest stays paused until the API resumes it: give --resume or --api-sock".into());
     }
-    let api = bind_api(args.api_sock.as_deref())?;
+    let mut api = bind_api(args.api_sock.as_deref())?;
     // The restoring command's own choices; the machine's shape is the snapshot's.
     let like = VmConfig {
         kernel: PathBuf::new(),
@@ -344,10 +349,14 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
         exit_device: None,
         fw_cfg: Vec::new(),
     };
-    let vmm = interruptible("restoring the snapshot", move || {
-        let opts = skiff::vmm::RestoreOptions { snapshot: &args.snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume };
-        Vmm::restore(&opts, &like, Box::new(output::RawStdout)).map_err(|e| e.to_string())
-    })?;
+    let vmm = match (args.snapshot, api.as_mut()) {
+        (Some(snapshot), _) => interruptible("restoring the snapshot", move || {
+            let opts = skiff::vmm::RestoreOptions { snapshot: &snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume };
+            Vmm::restore(&opts, &like, Box::new(output::RawStdout)).map_err(|e| e.to_string())
+        })?,
+        (None, Some(server)) => skiff::vmm::wait_for_load(server, &like)?,
+        (None, None) => return Err("restore: give --snapshot PATH or --api-sock PATH".into()),
+    };
     let config = vmm.config().clone();
     run_machine(vmm, &config, api, started)
 }

@@ -42,9 +42,8 @@ fn chatter(dir: &Path, extra: &[&str]) -> (Guest, PathBuf) {
 fn last_number(transcript: &str) -> u64 {
     transcript
         .rsplit("chatter: ")
+        .filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()))
         .next()
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no chatter line in {:?}", &transcript[transcript.len().saturating_sub(300)..]))
 }
 
@@ -231,4 +230,35 @@ fn bad_snapshots_are_refused_with_one_line() {
     assert!(!status.success() && err.trim_end().lines().count() == 1 && err.contains("missing.snap"), "{err}");
     let (status, _, err) = skiff(&["restore", "--snapshot", dir.join("vm.snap").to_str().unwrap()]);
     assert!(!status.success() && err.trim_end().lines().count() == 1 && err.contains("--resume"), "{err}");
+}
+
+/// Firecracker's way: a fresh process with only the API, then `PUT /snapshot/load`.
+#[test]
+fn a_fresh_process_loads_a_snapshot_through_the_api() {
+    let dir = scratch("load");
+    let (g, sock) = chatter(&dir, &[]);
+    let before = snapshot_and_kill(g, &sock, &dir);
+    let sock2 = dir.join("load.sock");
+    let mut r = Guest::restore(&["--api-sock", sock2.to_str().unwrap()]);
+    api::wait_for_socket(&sock2, WAIT);
+    let (code, body) = api::request(&sock2, "GET", "/", None);
+    assert!(code == 200 && body.contains("Not started"), "{code} {body}");
+    let (code, _) = api::request(&sock2, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(code, 400, "a pause before any machine exists");
+    // A load that fails changes nothing: the process still waits for a good one.
+    let bad = format!(r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_path": "{}", "backend_type": "File"}}}}"#, dir.join("nope.snap").display(), dir.join("vm.mem").display());
+    let (code, body) = api::request(&sock2, "PUT", "/snapshot/load", Some(&bad));
+    assert!(code == 400 && body.contains("nope.snap"), "{code} {body}");
+    let good = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_path": "{}", "backend_type": "File"}}, "resume_vm": true}}"#,
+        dir.join("vm.snap").display(),
+        dir.join("vm.mem").display()
+    );
+    let (code, body) = api::request(&sock2, "PUT", "/snapshot/load", Some(&good));
+    assert_eq!(code, 204, "{body}");
+    goes_on_from(&mut r, &before, 50);
+    let (code, body) = api::request(&sock2, "GET", "/", None);
+    assert!(code == 200 && body.contains(r#""state":"Running""#), "{code} {body}");
+    let (code, _) = api::request(&sock2, "PUT", "/snapshot/load", Some(&good));
+    assert_eq!(code, 400, "a second load into a running machine");
 }

@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use super::snapshot::Kind;
 use super::vcpus::VcpuSet;
-use super::Vmm;
+use super::{RestoreOptions, Vmm};
+use crate::config::VmConfig;
 use crate::api::{ApiServer, ControlError, Controller, InstanceInfo, InstanceState, MachineConfig, SnapshotCreate, SnapshotLoad, SnapshotType};
 use crate::stats::{ExitKind, ExitStats};
 
@@ -72,7 +73,7 @@ impl Controller for Api<'_> {
 
     fn load_snapshot(&mut self, _: &SnapshotLoad) -> Result<(), ControlError> {
         Err(ControlError::Refused(
-            "this skiff already runs a machine: restore a snapshot in a new process (`skiff restore --snapshot PATH`)".into(),
+            "this skiff already runs a machine: load a snapshot into a new `skiff restore --api-sock PATH` (or `skiff restore --snapshot PATH`)".into(),
         ))
     }
 
@@ -112,5 +113,74 @@ impl Controller for Api<'_> {
 
     fn ctrl_alt_del(&mut self) -> Result<(), ControlError> {
         Err(ControlError::Refused("SendCtrlAltDel: skiff's i8042 has no keyboard yet".into()))
+    }
+}
+
+/// `skiff restore --api-sock` without `--snapshot`: no machine yet. The API answers
+/// (GET / says "Not started") until `PUT /snapshot/load` restores one, as a fresh
+/// Firecracker does; a stop signal ends the wait.
+pub fn wait_for_load(server: &mut ApiServer, like: &VmConfig) -> Result<Vmm, String> {
+    let mut loader = Loader { like, vmm: None };
+    loop {
+        let sig = crate::control::STOP_SIGNAL.load(Ordering::SeqCst);
+        if sig != 0 {
+            return Err(format!("stopped by signal {sig} while waiting for PUT /snapshot/load"));
+        }
+        let mut fds = [libc::pollfd { fd: server.fd(), events: libc::POLLIN, revents: 0 }];
+        // SAFETY: one valid pollfd for an fd the server owns, for the call's duration.
+        let _ = unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+        for incoming in server.take_requests() {
+            let response = crate::api::dispatch(&incoming.request, &mut loader);
+            server.respond(incoming.token, response);
+        }
+        if let Some(vmm) = loader.vmm.take() {
+            return Ok(vmm);
+        }
+    }
+}
+
+/// The API before a machine exists: only a load can be done.
+struct Loader<'a> {
+    like: &'a VmConfig,
+    vmm: Option<Vmm>,
+}
+
+fn not_yet() -> ControlError {
+    ControlError::Refused("no machine yet: load a snapshot first (PUT /snapshot/load)".into())
+}
+
+impl Controller for Loader<'_> {
+    fn pause(&mut self) -> Result<(), ControlError> {
+        Err(not_yet())
+    }
+    fn resume(&mut self) -> Result<(), ControlError> {
+        Err(not_yet())
+    }
+    fn create_snapshot(&mut self, _: &SnapshotCreate) -> Result<(), ControlError> {
+        Err(not_yet())
+    }
+    fn load_snapshot(&mut self, p: &SnapshotLoad) -> Result<(), ControlError> {
+        if self.vmm.is_some() {
+            return Err(ControlError::Refused("a snapshot is already loaded".into()));
+        }
+        if p.track_dirty_pages {
+            return Err(ControlError::Refused("track_dirty_pages: diff snapshots are not available yet in skiff".into()));
+        }
+        let opts = RestoreOptions { snapshot: &p.snapshot_path, mem_file: Some(&p.mem_file_path), resume: p.resume_vm };
+        let vmm = Vmm::restore(&opts, self.like, Box::new(crate::output::RawStdout)).map_err(|e| ControlError::Refused(e.to_string()))?;
+        self.vmm = Some(vmm);
+        Ok(())
+    }
+    fn info(&mut self) -> Result<InstanceInfo, ControlError> {
+        Ok(InstanceInfo::new(format!("skiff-{}", std::process::id()), InstanceState::NotStarted))
+    }
+    fn machine_config(&mut self) -> Result<MachineConfig, ControlError> {
+        Err(not_yet())
+    }
+    fn stats(&mut self) -> Result<serde_json::Value, ControlError> {
+        Err(not_yet())
+    }
+    fn ctrl_alt_del(&mut self) -> Result<(), ControlError> {
+        Err(not_yet())
     }
 }

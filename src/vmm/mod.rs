@@ -7,6 +7,7 @@
 
 pub mod acpi;
 mod api;
+pub use api::wait_for_load;
 pub mod devices;
 pub mod event_loop;
 pub mod layout;
