@@ -262,3 +262,51 @@ fn a_fresh_process_loads_a_snapshot_through_the_api() {
     let (code, _) = api::request(&sock2, "PUT", "/snapshot/load", Some(&good));
     assert_eq!(code, 400, "a second load into a running machine");
 }
+
+/// A diff on top of a full snapshot: only the pages that changed (chatter keeps its
+/// count in a register: almost none), and the full + diff chain restores the same
+/// memory as a full snapshot taken at the same moment, and a guest that goes on.
+#[test]
+fn a_diff_snapshot_holds_only_changed_pages_and_restores_like_a_full_one() {
+    let dir = scratch("diff");
+    let (mut g, sock) = chatter(&dir, &[]);
+    api::pause(&sock);
+    let (code, body) = api::snapshot(&sock, &dir.join("full.snap"), &dir.join("full.mem"));
+    assert_eq!(code, 204, "{body}");
+    api::resume(&sock);
+    let n = last_number(&g.transcript);
+    g.wait_for(&format!("chatter: {} ", n + 200), WAIT);
+    api::pause(&sock);
+    let diff = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#,
+        dir.join("diff.snap").display(),
+        dir.join("diff.mem").display()
+    );
+    let (code, body) = api::request(&sock, "PUT", "/snapshot/create", Some(&diff));
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = api::snapshot(&sock, &dir.join("again.snap"), &dir.join("again.mem"));
+    assert_eq!(code, 204, "{body}");
+    g.kill9_collect();
+    let before = g.transcript.clone();
+
+    // The pages the diff lists (chatter writes only its stack, with the same return
+    // addresses each time), and what its memory file holds: those and the trailer.
+    let d = skiff::snapshot::read_snapshot(&dir.join("diff.snap")).unwrap();
+    let listed: u64 = d.memory_file.diff.as_ref().expect("a diff").pages.iter().map(|r| r.1).sum();
+    let allocated = |p: &str| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(dir.join(p)).unwrap()) * 512;
+    assert!(listed <= 2, "the diff lists {listed} pages");
+    assert!(allocated("diff.mem") <= (listed + 1) * 4096, "the diff's file holds {} bytes for {listed} pages", allocated("diff.mem"));
+    assert!(allocated("full.mem") > allocated("diff.mem"), "{} {}", allocated("full.mem"), allocated("diff.mem"));
+    // Full + diff is the same memory as a full snapshot of the same moment.
+    let view = |name: &str| {
+        let p = dir.join(name);
+        let s = skiff::snapshot::read_snapshot(&p).unwrap();
+        let mem = skiff::snapshot::map_memory(&p, &s).unwrap();
+        let mut all = vec![0u8; s.memory_map[0].len as usize];
+        vm_memory::Bytes::read_slice(&mem, &mut all, vm_memory::GuestAddress(0)).unwrap();
+        all
+    };
+    assert!(view("diff.snap") == view("again.snap"), "full + diff differs from a full snapshot of the same moment");
+    let mut r = Guest::restore(&["--snapshot", dir.join("diff.snap").to_str().unwrap(), "--resume"]);
+    goes_on_from(&mut r, &before, 50);
+}

@@ -50,7 +50,7 @@ pub struct MemoryWritten {
 }
 
 /// Where each guest RAM region goes in the memory file: one after another.
-fn layout(mem: &GuestMemoryMmap) -> Result<Vec<MemoryRange>, SnapshotError> {
+pub(super) fn layout(mem: &GuestMemoryMmap) -> Result<Vec<MemoryRange>, SnapshotError> {
     let mut offset = 0u64;
     let mut map = Vec::new();
     for r in mem.iter() {
@@ -167,7 +167,7 @@ fn copy_region(
         Ok(())
     };
     let first_page = range.file_offset / PAGE_SIZE;
-    let touched = touched_pages(mem, range);
+    let touched = super::pages::touched(mem, range);
     for p in 0..range.len / PAGE_SIZE {
         let selected = dirty.is_none_or(|bm| bm.get((p / 64) as usize).is_some_and(|w| w >> (p % 64) & 1 != 0));
         if !selected {
@@ -200,25 +200,6 @@ fn copy_region(
     }
     flush(&mut fill, run_off, buf)?;
     Ok(written)
-}
-
-/// Which pages of a region of anonymous guest RAM were ever touched (present or
-/// swapped out, from /proc/self/pagemap): the others read as zero. None where that
-/// cannot be told: RAM mapped from a file (a restored machine, whose untouched pages
-/// hold the file's data), or pagemap unreadable.
-fn touched_pages(mem: &GuestMemoryMmap, range: &MemoryRange) -> Option<Vec<bool>> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    let region = mem.find_region(GuestAddress(range.guest_addr))?;
-    if region.file_offset().is_some() || region.len() != range.len {
-        return None;
-    }
-    let host = mem.get_host_address(GuestAddress(range.guest_addr)).ok()? as u64;
-    let pages = usize::try_from(range.len / PAGE_SIZE).ok()?;
-    let mut raw = vec![0u8; pages.checked_mul(8)?];
-    let f = File::open("/proc/self/pagemap").ok()?;
-    f.read_exact_at(&mut raw, (host / PAGE_SIZE).checked_mul(8)?).ok()?;
-    Some(raw.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().unwrap_or_default()) & (PRESENT | SWAPPED) != 0).collect())
 }
 
 /// What `write_memory` wrote: layout, identity, size, data pages, and the selected

@@ -20,6 +20,7 @@ mod format;
 mod host;
 mod machine;
 mod memory;
+mod pages;
 
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,7 @@ pub use atomic::write_atomic;
 pub use host::check_host;
 pub use machine::{Boot, DiskRecord, Machine};
 pub use format::{FORMAT_VERSION, MAGIC, SectionKind, decode, encode, read_snapshot, write_snapshot};
+pub use pages::changed_since;
 pub use memory::{MEMORY_TRAILER_SIZE, MemoryWritten, PAGE_SIZE, map_memory, write_memory_diff, write_memory_full};
 
 /// Everything a snapshot holds, read back whole and checked, or not at all.

@@ -163,9 +163,8 @@ impl Controller for Loader<'_> {
         if self.vmm.is_some() {
             return Err(ControlError::Refused("a snapshot is already loaded".into()));
         }
-        if p.track_dirty_pages {
-            return Err(ControlError::Refused("track_dirty_pages: diff snapshots are not available yet in skiff".into()));
-        }
+        // track_dirty_pages needs nothing: a diff is found by comparing with its
+        // parent (snapshot/pages.rs), so it is always available.
         let opts = RestoreOptions { snapshot: &p.snapshot_path, mem_file: Some(&p.mem_file_path), resume: p.resume_vm };
         let vmm = Vmm::restore(&opts, self.like, Box::new(crate::output::RawStdout)).map_err(|e| ControlError::Refused(e.to_string()))?;
         self.vmm = Some(vmm);

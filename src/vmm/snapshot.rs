@@ -36,11 +36,12 @@ impl Vmm {
             return Err("the machine is running: pause it first (PATCH /vm {\"state\": \"Paused\"})".into());
         }
         check_paths(path, mem_path)?;
-        if kind == Kind::Diff {
-            // KVM's dirty log does not see what skiff itself writes into guest memory
-            // (virtio data and rings, emulated instructions): a diff needs both.
-            return Err("diff snapshots are not available yet in skiff: take a full snapshot".into());
-        }
+        let parent = match kind {
+            Kind::Full => None,
+            Kind::Diff => Some(self.diff_base.clone().ok_or(
+                "a diff snapshot needs a full one before it, taken or restored since the machine started or was last reset",
+            )?),
+        };
         // Everything deferred reaches its device first, then devices finish their
         // requests in flight (inside `save`), so memory and device state agree.
         self.devices.buses.flush_coalesced();
@@ -50,7 +51,11 @@ impl Vmm {
         let state = VmState::get(&self.vm).map_err(|e| format!("reading the chipset: {e}"))?;
         let clock = VmClock::get(&self.vm).map_err(|e| format!("reading kvm-clock: {e}"))?.0.clock;
         let machine = Machine::of(&self.config, &self.cmdline)?;
-        let written = snapshot::write_memory_full(mem_path, &self.mem).map_err(|e| e.to_string())?;
+        let written = match &parent {
+            None => snapshot::write_memory_full(mem_path, &self.mem),
+            Some(p) => snapshot::changed_since(&self.mem, p).and_then(|dirty| snapshot::write_memory_diff(mem_path, &self.mem, &dirty, p)),
+        }
+        .map_err(|e| e.to_string())?;
         let snap = Snapshot {
             header: Header::for_this_host(self.guest_cpuid.as_slice().iter().map(CpuidEntry::from).collect()),
             vcpus,
