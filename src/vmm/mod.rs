@@ -265,7 +265,7 @@ impl Vmm {
         let entry = write_guest_tables(&mem, &kernel, config, &cmdline, &devices.acpi_devices())?;
 
         let failure_bytes = report_failed_instruction_bytes(&vm);
-        let vcpus = create_vcpus(&kvm, &vm, config, &mem, &devices.buses, &control, &supported, &base_cpuid, quirks.user_syscall_broken)?;
+        let vcpus = create_vcpus(&kvm, &vm, config, &mem, &devices.buses, &control, &supported, &base_cpuid, quirks.user_syscall_broken, None)?;
         let (coalescing, doorbells) = setup_fast_paths(&kvm, &vm, config, &vcpus, &mut devices);
         let mut vmm = Vmm {
             _kvm: kvm,
@@ -453,6 +453,7 @@ fn create_vcpus(
     supported: &CpuId,
     base_cpuid: &CpuId,
     syscall_fixup: bool,
+    known_msrs: Option<&[u32]>,
 ) -> Result<Vec<Vcpu>, VmmError> {
     let xsave_layout = Arc::new(crate::vcpu::xsave::XsaveLayout::from_cpuid(supported));
     let mut vcpus: Vec<Vcpu> = Vec::with_capacity(config.cpus as usize);
@@ -464,7 +465,7 @@ fn create_vcpus(
         // The state layout is found once, on the first vCPU (with its CPUID set).
         let spec = match &spec {
             Some(s) => s.clone(),
-            None => spec.insert(Arc::new(discover_state_spec(kvm, vm, &fd, &cpuid)?)).clone(),
+            None => spec.insert(Arc::new(discover_state_spec(kvm, vm, &fd, &cpuid, known_msrs)?)).clone(),
         };
         let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone(), spec);
         if syscall_fixup {
@@ -491,10 +492,14 @@ fn write_guest_tables(
     Ok(loader::write_boot_info(mem, kernel, config, cmdline, rsdp.0)?)
 }
 
-/// Finds the machine's state layout on its first vCPU: the saved MSRs, which state
-/// ioctls this KVM has, and the reset table's inputs.
-fn discover_state_spec(kvm: &Kvm, vm: &VmFd, fd: &kvm_ioctls::VcpuFd, cpuid: &CpuId) -> Result<StateSpec, VmmError> {
-    let msrs = MsrSet::discover(kvm, fd).map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+/// Finds the machine's state layout on its first vCPU: the saved MSRs (a restore's
+/// are the snapshot's, `known_msrs`), which state ioctls this KVM has, and the reset
+/// table's inputs.
+fn discover_state_spec(kvm: &Kvm, vm: &VmFd, fd: &kvm_ioctls::VcpuFd, cpuid: &CpuId, known_msrs: Option<&[u32]>) -> Result<StateSpec, VmmError> {
+    let msrs = match known_msrs {
+        Some(list) => MsrSet { saved: list.to_vec(), ..Default::default() },
+        None => MsrSet::discover(kvm, fd).map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?,
+    };
     let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
     let sregs2 = vm.check_extension_raw(kvm_bindings::KVM_CAP_SREGS2 as libc::c_ulong) > 0;
     let tsc_khz = fd.get_tsc_khz().is_ok();

@@ -48,6 +48,8 @@ impl Vmm {
             d.check_unchanged().map_err(|e| VmmError::Snapshot(format!("{}: {e}", opts.snapshot.display())))?;
         }
         let guest_cpuid = cpuid_of(&snap)?;
+        // The MSRs that make up a vCPU's state are the snapshot's (no discovery).
+        let msr_list: Vec<u32> = snap.vcpus.first().map(|v| v.msrs.0.iter().map(|e| e.index).collect()).unwrap_or_default();
         phases.done("host and disks checked");
         // The probe's cached findings: whether the SYSCALL fix-up is needed here. The
         // guest's CPUID is the snapshot's, never a new probe's.
@@ -65,7 +67,7 @@ impl Vmm {
         let console_first_byte = out.first_byte.clone();
         let mut devices = build_devices(&kvm, &vm, &mem, &config, &control, out, disks)?;
         let failure_bytes = report_failed_instruction_bytes(&vm);
-        let mut vcpus = create_vcpus(&kvm, &vm, &config, &mem, &devices.buses, &control, &supported, &guest_cpuid, quirks.user_syscall_broken)?;
+        let mut vcpus = create_vcpus(&kvm, &vm, &config, &mem, &devices.buses, &control, &supported, &guest_cpuid, quirks.user_syscall_broken, Some(&msr_list))?;
         phases.done("devices and vCPUs created");
         put_state(&vm, &mut vcpus, &devices, &snap)?;
         phases.done("state put");
