@@ -310,3 +310,27 @@ fn a_diff_snapshot_holds_only_changed_pages_and_restores_like_a_full_one() {
     let mut r = Guest::restore(&["--snapshot", dir.join("diff.snap").to_str().unwrap(), "--resume"]);
     goes_on_from(&mut r, &before, 50);
 }
+
+/// Clients that connect and say nothing, many at once, and one that leaves in the
+/// middle of a request: the machine runs on and the API still answers.
+#[test]
+fn idle_and_vanishing_api_clients_do_not_hold_up_the_machine() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = scratch("clients");
+    let (mut g, sock) = chatter(&dir, &[]);
+    let idle: Vec<UnixStream> = (0..80).map(|_| UnixStream::connect(&sock).expect("connect")).collect();
+    {
+        let mut half = UnixStream::connect(&sock).expect("connect");
+        half.write_all(b"PUT /snapshot/create HTTP/1.1\r\nContent-Length: 500\r\n\r\n{\"snapshot_path\": ").unwrap();
+    }
+    let n = last_number(&g.transcript);
+    g.wait_for(&format!("chatter: {} ", n + 100), WAIT);
+    let (code, body) = api::request(&sock, "GET", "/", None);
+    assert!(code == 200 && body.contains("Running"), "{code} {body}");
+    drop(idle);
+    api::pause(&sock);
+    api::resume(&sock);
+    let n = last_number(&g.transcript);
+    g.wait_for(&format!("chatter: {} ", n + 100), WAIT);
+}
