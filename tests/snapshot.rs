@@ -334,3 +334,33 @@ fn idle_and_vanishing_api_clients_do_not_hold_up_the_machine() {
     let n = last_number(&g.transcript);
     g.wait_for(&format!("chatter: {} ", n + 100), WAIT);
 }
+
+/// A restored machine reboots in place as a booted one does (RAM that was the memory
+/// file is cleared, the kernel loaded again), and the guest's CMOS counter goes on.
+#[test]
+fn a_restored_machine_reboots_in_place() {
+    let dir = scratch("reboot");
+    let sock = dir.join("api.sock");
+    let kernel = tiny_kernel("rebootloop");
+    let mut g = Guest::boot(&["--kernel", kernel.to_str().unwrap(), "--boot", "pvh", "--api-sock", sock.to_str().unwrap()]);
+    g.wait_for("rebootloop: boot 20", WAIT);
+    api::pause(&sock);
+    let (code, body) = api::snapshot(&sock, &dir.join("vm.snap"), &dir.join("vm.mem"));
+    assert_eq!(code, 204, "{body}");
+    g.kill9_collect();
+    let boots = |t: &str| -> Vec<u64> { t.split("rebootloop: boot ").skip(1).filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).collect() };
+    // The console's last line may be cut anywhere by the snapshot (the restored guest
+    // finishes it): the line before it is the last whole one, and the restored guest's
+    // first whole line is the one after the cut one.
+    let lines: Vec<&str> = g.transcript.lines().collect();
+    let whole = lines[..lines.len().saturating_sub(1)].join("\n");
+    let last = *boots(&whole).last().expect("a boot line");
+    let mut r = Guest::restore(&["--snapshot", dir.join("vm.snap").to_str().unwrap(), "--resume"]);
+    r.wait_for(&format!("rebootloop: boot {}", last + 30), WAIT);
+    let after = boots(&r.transcript.lines().filter(|l| l.starts_with("rebootloop: boot ")).collect::<Vec<_>>().join("\n"));
+    let first = *after.first().expect("boot lines after the restore");
+    assert_eq!(first, last + 2, "boots before: ..{last}; after: {after:?}");
+    for w in after.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{after:?}");
+    }
+}
