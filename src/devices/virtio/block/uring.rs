@@ -228,6 +228,66 @@ fn advance(rest: &mut Vec<HostSlice>, mut n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+    const STATUS: u64 = 0x8000;
+
+    fn job(mem: &GuestMemoryMmap, head: u16, write: bool, bufs: &[(u64, usize)], offset: u64) -> Job {
+        let iov = bufs.iter().map(|&(a, len)| {
+            let (region, at) = mem.to_region_addr(GuestAddress(a)).unwrap();
+            HostSlice { ptr: region.get_host_address(at).unwrap(), len }
+        }).collect();
+        let op = if write { Op::Write { iov, offset, direct: false } } else { Op::Read { iov, offset, direct: false } };
+        let bytes = bufs.iter().map(|b| b.1 as u64).sum();
+        Job { op, head, status: GuestAddress(STATUS + u64::from(head)), used_len: 1, bytes, mem: mem.clone() }
+    }
+
+    #[test]
+    fn reads_and_writes_across_buffers_and_a_read_past_the_end_fails() {
+        let Ok(mut ring) = Ring::new(8) else { return }; // no io_uring here: the pool serves
+        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        t.as_file().write_all(&[0u8; 16384]).unwrap();
+        let fd = t.as_file().as_raw_fd();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let pattern: Vec<u8> = (0..6000u32).map(|i| (i % 241) as u8 + 1).collect();
+        mem.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
+        ring.submit(job(&mem, 0, true, &[(0x1000, 1000), (0x1000 + 1000, 5000)], 512), fd).ok().unwrap();
+        assert_eq!(ring.quiesce().len(), 1);
+        assert_eq!(ring.in_flight(), 0);
+        // Read back into other buffers, and a read that runs past the file's end.
+        ring.submit(job(&mem, 1, false, &[(0x4000, 3000), (0x6000, 3000)], 512), fd).ok().unwrap();
+        ring.submit(job(&mem, 2, false, &[(0x9000, 8192)], 12288), fd).ok().unwrap();
+        let mut done = ring.quiesce();
+        done.sort_by_key(|c| c.head);
+        assert_eq!(done.iter().map(|c| c.head).collect::<Vec<_>>(), [1, 2]);
+        let mut back = vec![0u8; 6000];
+        mem.read_slice(&mut back[..3000], GuestAddress(0x4000)).unwrap();
+        mem.read_slice(&mut back[3000..], GuestAddress(0x6000)).unwrap();
+        assert_eq!(back, pattern);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 2)).unwrap(), VIRTIO_BLK_S_IOERR as u8, "EOF is an error");
+    }
+
+    #[test]
+    fn a_full_ring_hands_the_job_back_and_other_ops_are_not_taken() {
+        let Ok(mut ring) = Ring::new(1) else { return };
+        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        t.as_file().write_all(&[7u8; 8192]).unwrap();
+        let fd = t.as_file().as_raw_fd();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let slots = ring.slots.len();
+        for head in 0..slots as u16 {
+            assert!(ring.submit(job(&mem, head, false, &[(0x1000, 512)], 0), fd).is_ok());
+        }
+        assert!(ring.submit(job(&mem, 99, false, &[(0x1000, 512)], 0), fd).is_err(), "no free slot");
+        let flush = Job { op: Op::Flush, ..job(&mem, 100, false, &[], 0) };
+        assert!(!Ring::takes(&flush.op));
+        assert!(ring.submit(flush, fd).is_err());
+        assert_eq!(ring.quiesce().len(), slots);
+    }
 
     #[test]
     fn advance_drops_whole_and_partial_buffers() {
