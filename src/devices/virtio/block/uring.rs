@@ -93,7 +93,7 @@ impl Ring {
         let flight = Flight { job, fd, write, offset, rest, iovecs: Iovecs::default(), retries: 0 };
         self.in_flight += 1;
         self.start(slot, flight);
-        self.enter(0);
+        let _ = self.enter(0);
         Ok(())
     }
 
@@ -131,14 +131,16 @@ impl Ring {
     }
 
     /// Submits what is queued; with `wait`, also waits for that many completions.
-    /// Errors are left for the next call (the entries stay queued), except EINTR.
-    fn enter(&mut self, wait: usize) {
+    /// Errors are left for the next call (the entries stay queued), except EINTR;
+    /// returns whether the kernel took the call.
+    fn enter(&mut self, wait: usize) -> bool {
         for _ in 0..MAX_RETRIES {
             match self.ring.submit_and_wait(wait) {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                _ => return,
+                r => return r.is_ok(),
             }
         }
+        false
     }
 
     /// Finishes a request: status byte, completion, slot freed.
@@ -173,7 +175,7 @@ impl Ring {
                 _ => self.finish(slot, flight, false),
             }
         }
-        self.enter(0);
+        let _ = self.enter(0);
     }
 
     /// The completions posted so far (the eventfd said so).
@@ -189,8 +191,9 @@ impl Ring {
         // Each round reaps at least one completion or waits for one: requests end.
         while self.in_flight > 0 {
             self.reap();
-            if self.in_flight > 0 {
-                self.enter(1);
+            if self.in_flight > 0 && !self.enter(1) {
+                // Out of kernel resources for a moment (EAGAIN): no busy loop meanwhile.
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
         let _ = self.event.read();
