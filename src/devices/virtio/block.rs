@@ -1,8 +1,10 @@
 //! virtio-blk (device ID 2) on a raw image file or a host block device.
 //!
 //! The event-loop thread parses each request (header, data buffers, status byte),
-//! reads at once what the host's page cache holds, and hands the rest of the I/O to a
-//! small worker pool ([`worker`]); GET_ID and malformed requests are answered at once. A read-write disk holds an exclusive `flock`, a read-only one a
+//! reads at once what the host's page cache holds, submits the other reads and the
+//! writes to an io_uring whose completions it reaps ([`uring`]), and hands flush,
+//! discard and write-zeroes (and, without io_uring, everything) to a small worker
+//! pool ([`worker`]); GET_ID and malformed requests are answered at once. A read-write disk holds an exclusive `flock`, a read-only one a
 //! shared lock, so two skiffs never write the same image.
 
 mod uring;
