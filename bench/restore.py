@@ -173,8 +173,11 @@ def tiny(work, memory, runs):
         cp.append(cp_floor(work, size))
     # Diffs: the guest runs on a little between them (chatter changes almost no memory).
     diff = []
-    dsnap, dmem = os.path.join(work, "diff.snap"), os.path.join(work, "diff.mem")
-    for _ in range(runs):
+    for i in range(runs):
+        # Each diff on top of the one before (a chain, at most 16 long).
+        if i % 15 == 0:
+            api(sock, "PUT", "/snapshot/create", {"snapshot_path": snap, "mem_file_path": mem})
+        dsnap, dmem = os.path.join(work, f"diff{i}.snap"), os.path.join(work, f"diff{i}.mem")
         api(sock, "PATCH", "/vm", {"state": "Resumed"})
         time.sleep(0.05)
         api(sock, "PATCH", "/vm", {"state": "Paused"})

@@ -42,6 +42,11 @@ impl Vmm {
                 "a diff snapshot needs a full one before it, taken or restored since the machine started or was last reset",
             )?),
         };
+        if let Some(p) = &parent
+            && same_file(p, path)
+        {
+            return Err(format!("{}: is the snapshot this diff applies on top of: write the diff elsewhere", path.display()));
+        }
         // Everything deferred reaches its device first, then devices finish their
         // requests in flight (inside `save`), so memory and device state agree.
         self.devices.buses.flush_coalesced();
@@ -73,6 +78,11 @@ impl Vmm {
         self.diff_base = Some(path.to_path_buf());
         Ok(Taken { pages_written: written.pages_written, ms: t.elapsed().as_secs_f64() * 1e3 })
     }
+}
+
+/// Whether two paths name one existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }
 
 /// Refuses paths that cannot both be written: the same file for both, or a

@@ -24,9 +24,9 @@ fn count(g: &mut Guest) -> u64 {
 
 /// Starts the counter and a disk read, pauses, snapshots, resumes.
 pub fn take(g: &mut Guest, sock: &Path) -> Taken {
-    g.run("(n=0; while true; do n=$((n+1)); echo $n > /tmp/count; sleep 0.2; done) >/dev/null 2>&1 &", CMD_TIMEOUT);
+    g.run("(n=0; while true; do n=$((n+1)); echo $n > /tmp/count; sleep 0.2; done) >/dev/null 2>&1 & true", CMD_TIMEOUT);
     // Reads in flight while the snapshot is taken (they end in the restored guest).
-    g.run("(dd if=/dev/vda of=/dev/null bs=4k count=2048 iflag=direct 2>/dev/null && echo done > /tmp/dd) >/dev/null 2>&1 &", CMD_TIMEOUT);
+    g.run("(dd if=/dev/vda of=/dev/null bs=4k count=2048 iflag=direct 2>/dev/null && echo done > /tmp/dd) >/dev/null 2>&1 & true", CMD_TIMEOUT);
     std::thread::sleep(Duration::from_secs(1));
     let count_before = count(g);
     api::pause(sock);
