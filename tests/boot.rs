@@ -338,23 +338,6 @@ fn translator_agreed_with_kvm(stderr: &str) {
     eprintln!("{}", reports.join("\n"));
 }
 
-/// TEMPORARY: the snapshot part of the 2-vCPU boot alone.
-#[test]
-fn snapshot_only() {
-    let data = disk::pattern_image("snaponly.img", 4);
-    let data_arg = data.display().to_string();
-    let sock = disk::scratch("apisnap.sock");
-    let sock_arg = sock.display().to_string();
-    let mut g = Guest::boot(&["--cpus", "2", "--disk", &data_arg, "--api-sock", &sock_arg]);
-    g.wait_for("skiff-guest: ready", BOOT_TIMEOUT);
-    let raw_sum = disk::write_raw(&mut g, "vda");
-    let taken = snapshot::take(&mut g, &sock);
-    g.send("poweroff\n");
-    let (status, stderr, _) = g.wait_exit(CMD_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    snapshot::restore_and_check(&taken, &raw_sum);
-}
-
 #[test]
 fn boots_debian_with_one_vcpu() {
     boot_and_check(1);
