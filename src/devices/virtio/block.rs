@@ -1,10 +1,13 @@
 //! virtio-blk (device ID 2) on a raw image file or a host block device.
 //!
 //! The event-loop thread parses each request (header, data buffers, status byte),
-//! reads at once what the host's page cache holds, and hands the rest of the I/O to a
-//! small worker pool ([`worker`]); GET_ID and malformed requests are answered at once. A read-write disk holds an exclusive `flock`, a read-only one a
+//! reads at once what the host's page cache holds, submits the other reads and the
+//! writes to an io_uring whose completions it reaps ([`uring`]), and hands flush,
+//! discard and write-zeroes (and, without io_uring, everything) to a small worker
+//! pool ([`worker`]); GET_ID and malformed requests are answered at once. A read-write disk holds an exclusive `flock`, a read-only one a
 //! shared lock, so two skiffs never write the same image.
 
+mod uring;
 mod worker;
 
 use std::fs::{File, OpenOptions};
@@ -24,6 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::{Chain, host_slices, read_stream, write_stream};
 use super::{Completion, DeviceState, Handled, Outcome, VirtioDevice, VirtioError};
+use uring::Ring;
 use worker::{DirectIo, Job, Op, Pool};
 
 pub const SECTOR: u64 = 512;
@@ -72,6 +76,9 @@ pub struct Block {
     id: [u8; ID_BYTES],
     features: u64,
     config: [u8; CONFIG_LEN],
+    /// Reads and writes, where the kernel has io_uring (see [`uring`]).
+    ring: Option<Ring>,
+    /// Flush, discard and write-zeroes, and everything where there is no ring.
     pool: Pool,
 }
 
@@ -120,7 +127,12 @@ impl Block {
         } | bit(VIRTIO_BLK_F_FLUSH)
             | bit(VIRTIO_BLK_F_SEG_MAX)
             | bit(VIRTIO_BLK_F_BLK_SIZE);
-        Ok(Block { read_only, capacity, id, features, config: config_space(capacity / SECTOR), pool })
+        // SKIFF_BLOCK_IO=pool sends reads and writes to the worker pool too (to compare).
+        let ring = match std::env::var_os("SKIFF_BLOCK_IO") {
+            Some(v) if v == "pool" => None,
+            _ => Ring::new(u32::from(QUEUE_SIZE)).ok(),
+        };
+        Ok(Block { read_only, capacity, id, features, config: config_space(capacity / SECTOR), ring, pool })
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -317,12 +329,12 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        // Waits for the workers: none writes into guest memory after this.
-        drop(self.pool.quiesce());
+        // Waits for the ring and the workers: nothing writes into guest memory after this.
+        drop(self.quiesce());
     }
 
     fn ready_for_more(&self, _index: u16) -> bool {
-        self.pool.in_flight() < usize::from(QUEUE_SIZE)
+        self.pool.in_flight() + self.ring.as_ref().map_or(0, Ring::in_flight) < usize::from(QUEUE_SIZE)
     }
 
     fn handle_chain(&mut self, _index: u16, chain: Chain, mem: &GuestMemoryMmap) -> Handled {
@@ -334,6 +346,16 @@ impl VirtioDevice for Block {
                 if let Some(outcome) = self.try_now(&mut job) {
                     return Handled::Done(outcome);
                 }
+                let job = match &mut self.ring {
+                    Some(ring) if Ring::takes(&job.op) => {
+                        let fd = self.pool.data_fd(&job.op);
+                        match ring.submit(job, fd) {
+                            Ok(()) => return Handled::Queued,
+                            Err(job) => job,
+                        }
+                    }
+                    _ => job,
+                };
                 self.pool.submit(job);
                 return Handled::Queued;
             }
@@ -356,15 +378,24 @@ impl VirtioDevice for Block {
     }
 
     fn backend_fds(&self) -> Vec<RawFd> {
-        vec![self.pool.event_fd()]
+        let mut fds = vec![self.pool.event_fd()];
+        fds.extend(self.ring.as_ref().map(Ring::event_fd));
+        fds
     }
 
-    fn backend_ready(&mut self, _i: usize) -> Vec<Completion> {
-        self.pool.take_done()
+    fn backend_ready(&mut self, i: usize) -> Vec<Completion> {
+        match (i, &mut self.ring) {
+            (1, Some(ring)) => ring.take_done(),
+            _ => self.pool.take_done(),
+        }
     }
 
     fn quiesce(&mut self) -> Vec<Completion> {
-        self.pool.quiesce()
+        let mut done = self.pool.quiesce();
+        if let Some(ring) = &mut self.ring {
+            done.extend(ring.quiesce());
+        }
+        done
     }
 
     fn state(&self) -> DeviceState {

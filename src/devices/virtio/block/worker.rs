@@ -146,6 +146,14 @@ impl Pool {
         &self.shared.file
     }
 
+    /// The fd a read or write goes through: the O_DIRECT one where the parser chose it.
+    pub fn data_fd(&self, op: &Op) -> RawFd {
+        match (op, &self.shared.direct) {
+            (Op::Read { direct: true, .. } | Op::Write { direct: true, .. }, Some(d)) => d.file.as_raw_fd(),
+            _ => self.shared.file.as_raw_fd(),
+        }
+    }
+
     /// Whether a request with these buffers at `offset` can go through O_DIRECT.
     pub fn fits_direct(&self, iov: &[HostSlice], offset: u64) -> bool {
         self.shared.direct.as_ref().is_some_and(|d| d.fits(iov, offset))
