@@ -159,6 +159,19 @@ struct RestoreArgs {
     /// As `skiff run --no-coalesce`.
     #[arg(long)]
     no_coalesce: bool,
+    /// What a guest reboot does (as `skiff run --on-reboot`); default: what the
+    /// snapshotted machine was started with.
+    #[arg(long, value_enum)]
+    on_reboot: Option<RebootAction>,
+}
+
+impl From<RebootAction> for OnReboot {
+    fn from(a: RebootAction) -> Self {
+        match a {
+            RebootAction::Reset => OnReboot::Reset,
+            RebootAction::Exit => OnReboot::Exit,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -287,10 +300,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         memory,
         stats: args.stats,
         boot_time: args.boot_time,
-        on_reboot: match args.on_reboot {
-            RebootAction::Reset => OnReboot::Reset,
-            RebootAction::Exit => OnReboot::Exit,
-        },
+        on_reboot: args.on_reboot.into(),
         pvh: matches!(args.boot, Some(BootProtocol::Pvh)),
         coalesce: !args.no_coalesce,
         guest_defaults: args.guest_defaults,
@@ -326,6 +336,7 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
         return Err("restore: without --resume the guest stays paused until the API resumes it: give --resume or --api-sock".into());
     }
     let mut api = bind_api(args.api_sock.as_deref())?;
+    let on_reboot = args.on_reboot.map(OnReboot::from);
     // The restoring command's own choices; the machine's shape is the snapshot's.
     let like = VmConfig {
         kernel: PathBuf::new(),
@@ -351,10 +362,10 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
     };
     let vmm = match (args.snapshot, api.as_mut()) {
         (Some(snapshot), _) => interruptible("restoring the snapshot", move || {
-            let opts = skiff::vmm::RestoreOptions { snapshot: &snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume };
+            let opts = skiff::vmm::RestoreOptions { snapshot: &snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume, on_reboot };
             Vmm::restore(&opts, &like, Box::new(output::RawStdout)).map_err(|e| e.to_string())
         })?,
-        (None, Some(server)) => skiff::vmm::wait_for_load(server, &like)?,
+        (None, Some(server)) => skiff::vmm::wait_for_load(server, &like, on_reboot)?,
         (None, None) => return Err("restore: give --snapshot PATH or --api-sock PATH".into()),
     };
     let config = vmm.config().clone();

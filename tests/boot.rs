@@ -49,6 +49,7 @@ fn boot_and_check(cpus: u32) {
     g.wait_for("skiff-guest: ready", BOOT_TIMEOUT);
     guest_time_is_the_hosts(&mut g);
     virtio_devices_are_there(&mut g, cpus);
+    keyboard_is_there(&mut g);
 
     let nproc = g.run("nproc", CMD_TIMEOUT);
     assert_eq!(nproc, vec![cpus_arg.clone()], "nproc in the guest");
@@ -126,6 +127,16 @@ fn boot_and_check(cpus: u32) {
     assert!(ud.is_empty(), "skiff raised #UD for {ud:?}; stderr:\n{stderr}\nconsole:\n{console}");
     // Print what the boot cost, for the log.
     eprintln!("--- {cpus} vCPU(s) ---\n{stderr}");
+}
+
+/// Linux found the i8042 through its ACPI entry and a keyboard behind it (the one
+/// the host's Ctrl+Alt+Del goes to), and found no mouse port, without a timeout.
+fn keyboard_is_there(g: &mut Guest) {
+    let kbd = g.run("dmesg | grep -c 'AT Translated Set 2 keyboard' || true", CMD_TIMEOUT);
+    assert_eq!(kbd, vec!["1".to_string()], "the guest's keyboard");
+    let i8042 = g.run("dmesg | grep -i i8042", CMD_TIMEOUT);
+    assert!(i8042.iter().any(|l| l.contains("PS/2 Controller [PNP0303") && l.contains("at 0x60,0x64 irq 1")), "{i8042:?}");
+    assert!(!i8042.iter().any(|l| l.contains("timeout") || l.contains("Can't")), "{i8042:?}");
 }
 
 /// The guest's clock is the host's (RTC at boot, then kvm-clock or the TSC): within

@@ -364,3 +364,25 @@ fn a_restored_machine_reboots_in_place() {
         assert_eq!(w[1], w[0] + 1, "{after:?}");
     }
 }
+
+/// `SendCtrlAltDel` presses Ctrl, Alt and Delete on the guest's PS/2 keyboard: the
+/// kbd test kernel reads the scan codes (set 1, as the translating controller
+/// delivers them) and powers off.
+#[test]
+fn ctrl_alt_del_from_the_api_reaches_the_guest_keyboard() {
+    let dir = scratch("ctrl-alt-del");
+    let sock = dir.join("api.sock");
+    let kernel = tiny_kernel("kbd");
+    let mut g = Guest::boot(&["--kernel", kernel.to_str().unwrap(), "--boot", "pvh", "--api-sock", sock.to_str().unwrap()]);
+    g.wait_for("kbd: ready", WAIT);
+    for line in ["kbd: self-test 00000055", "kbd: id 000000fa\n000000ab00000083", "kbd: enable 000000fa"] {
+        assert!(g.transcript.contains(line), "{line}: {}", g.transcript);
+    }
+    let (code, body) = api::request(&sock, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+    assert_eq!(code, 204, "{body}");
+    g.wait_for("kbd: done", WAIT);
+    let codes = "0000001d 00000038 000000e0 00000053 000000e0 000000d3 000000b8 0000009d";
+    assert!(g.transcript.contains(codes), "{}", g.transcript);
+    let (status, stderr, _) = g.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}

@@ -1,72 +1,13 @@
-//! Small PC devices: the i8042 (only its CPU-reset line matters), the 0xcf9 reset
-//! control register, the POST-code port 0x80, and skiff's boot-marker port.
+//! Small PC devices: the 0xcf9 reset control register, the POST-code port 0x80,
+//! and skiff's boot-marker port.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use vm_superio::{I8042Device, Trigger};
-
 use super::BusDevice;
 use super::state::{DeviceState, RestoreError};
 use crate::control::{Control, StopReason};
-
-/// Turns a device's reset line into a machine reset request.
-#[derive(Clone)]
-pub struct ResetLine {
-    control: Arc<Control>,
-    source: &'static str,
-}
-
-impl Trigger for ResetLine {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.control.request_stop(StopReason::Reboot(self.source));
-        Ok(())
-    }
-}
-
-/// The i8042 keyboard controller at 0x60..0x64: command 0xfe to port 0x64 pulses the
-/// CPU reset line.
-pub struct I8042 {
-    dev: Mutex<I8042Device<ResetLine>>,
-    line: ResetLine,
-}
-
-impl I8042 {
-    pub fn new(control: Arc<Control>) -> Self {
-        let line = ResetLine { control, source: "i8042 reset line" };
-        Self { dev: Mutex::new(I8042Device::new(line.clone())), line }
-    }
-}
-
-impl BusDevice for I8042 {
-    fn state(&self) -> DeviceState {
-        DeviceState::I8042
-    }
-    fn restore(&self, state: &DeviceState) -> Result<(), RestoreError> {
-        match state {
-            DeviceState::I8042 => Ok(()),
-            other => Err(RestoreError::wrong_kind(other, "i8042")),
-        }
-    }
-    fn reset(&self) {
-        *self.dev.lock().unwrap_or_else(|e| e.into_inner()) = I8042Device::new(self.line.clone());
-    }
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = dev.read(offset as u8);
-        }
-    }
-    fn write(&self, offset: u64, data: &[u8]) {
-        if let Some(&b) = data.first() {
-            let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = dev.write(offset as u8, b);
-        }
-    }
-}
 
 /// The PCI reset control register at 0xcf9: writing bit 2 (RST_CPU) resets the
 /// machine; bit 1 (SYS_RST) picks hard over soft, which is the same thing here.
@@ -189,16 +130,6 @@ impl BootMarker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn i8042_reset_requests_reboot() {
-        let c = Arc::new(Control::new());
-        let dev = I8042::new(c.clone());
-        dev.write(4, &[0x20]);
-        assert!(!c.stopping());
-        dev.write(4, &[0xfe]);
-        assert_eq!(c.reason(), Some(StopReason::Reboot("i8042 reset line")));
-    }
 
     #[test]
     fn cf9_needs_rst_cpu_bit() {

@@ -9,6 +9,7 @@ pub mod coalesced;
 pub mod doorbell;
 pub mod exit;
 pub mod fw_cfg;
+pub mod i8042;
 pub mod legacy;
 pub mod pci;
 pub mod pm;

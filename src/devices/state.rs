@@ -8,7 +8,12 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a state below changes shape or meaning; older versions are read by
 /// explicit upgrade code (none yet: this is the first).
-pub const DEVICE_STATE_VERSION: u32 = 1;
+pub const DEVICE_STATE_VERSION: u32 = 2;
+
+/// Version 1 had no keyboard behind the i8042 (its state was the unit `I8042`).
+/// Version 2 only added [`DeviceState::Keyboard`] at the end of the enum, so a
+/// version 1 payload decodes as it is, and the i8042 takes `I8042` as power-on state.
+pub const DEVICE_STATE_VERSION_NO_KEYBOARD: u32 = 1;
 
 /// The 16550 UART's registers and receive FIFO (vm-superio's model of it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +42,7 @@ pub struct PmRegs {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
     Serial(SerialRegs),
-    /// The i8042's model keeps only its reset-line behaviour: nothing to carry.
+    /// Version 1's i8042 (reset line only): restored as a controller at power-on.
     I8042,
     /// CMOS RAM (128 bytes) and the selected index; the clock follows the host.
     Cmos { index: u8, ram: Vec<u8> },
@@ -59,6 +64,9 @@ pub enum DeviceState {
     ExitDevice,
     /// fw_cfg: the selected item and the next byte's offset (the items are config).
     FwCfg { selector: u16, offset: u32 },
+    /// The i8042 controller and its keyboard (version 2 on). New kinds go at the end:
+    /// the encoding numbers them in order.
+    Keyboard(super::i8042::I8042Regs),
     /// Stand-ins in tests.
     #[cfg(test)]
     None,
@@ -69,7 +77,7 @@ impl DeviceState {
     pub fn kind(&self) -> &'static str {
         match self {
             DeviceState::Serial(_) => "serial",
-            DeviceState::I8042 => "i8042",
+            DeviceState::I8042 | DeviceState::Keyboard(_) => "i8042",
             DeviceState::Cmos { .. } => "cmos",
             DeviceState::PostPort { .. } => "post-port",
             DeviceState::ResetControl { .. } => "reset-control",

@@ -44,7 +44,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Chipset, CpuidEntry, Header, Machine, MemoryFileRef, MemoryRange, PatchedSite, Snapshot, SnapshotError, atomic, memory};
-use crate::devices::state::DEVICE_STATE_VERSION;
+use crate::devices::state::{DEVICE_STATE_VERSION, DEVICE_STATE_VERSION_NO_KEYBOARD};
 use crate::vcpu::state::{VcpuState, VmState};
 use crate::vmm::devices::SavedDevice;
 
@@ -388,6 +388,12 @@ fn once<T>(slot: &mut Option<T>, kind: SectionKind, v: T) -> Result<(), Snapshot
     Ok(())
 }
 
+/// Older payload versions read here. Devices version 1 lacked the keyboard kind,
+/// which version 2 appended: a version 1 payload decodes unchanged.
+fn upgradable(kind: SectionKind, version: u32) -> bool {
+    kind == SectionKind::Devices && version == DEVICE_STATE_VERSION_NO_KEYBOARD
+}
+
 /// Decodes every section and checks the whole: each required kind present, vCPUs
 /// numbered 0..n, the memory layout consistent.
 fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, SnapshotError> {
@@ -400,10 +406,10 @@ fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, S
             }
             continue;
         };
-        // Every kind is at its first version still: an older one would be upgraded
-        // here. One this skiff cannot read is refused, unless the writer said it may
+        // An older version is upgraded here (see `upgradable`). One this skiff cannot
+        // read is refused, unless the writer said it may
         // be skipped (a later skiff's extra copy in a newer shape).
-        if s.version != kind.version() {
+        if s.version != kind.version() && !upgradable(kind, s.version) {
             if !s.required {
                 continue;
             }

@@ -431,6 +431,8 @@ pub enum AcpiHid {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AcpiWindow {
     Io { port: u16, len: u8 },
+    /// Two one-byte ports, in this order (the i8042's data and command ports).
+    IoPair { data: u16, command: u16 },
     Mmio { base: u32, len: u32 },
     /// A PCI host bridge (bus 0, segment 0): configuration ports 0xcf8-0xcff, every
     /// other port passed through, and this 32-bit memory window for BARs.
@@ -481,20 +483,27 @@ impl AcpiDevice {
         let hid = aml::Name::new("_HID".into(), hid_value);
         let uid = self.uid.map(|uid| aml::Name::new("_UID".into(), &uid));
         let io;
+        let second_io;
         let mmio;
-        let window: &dyn Aml = match self.window {
+        let mut resources: Vec<&dyn Aml> = Vec::new();
+        match self.window {
             AcpiWindow::Io { port, len } => {
                 io = io_range(port, len);
-                &io
+                resources.push(&io);
+            }
+            AcpiWindow::IoPair { data, command } => {
+                io = io_range(data, 1);
+                second_io = io_range(command, 1);
+                resources.push(&io);
+                resources.push(&second_io);
             }
             AcpiWindow::Mmio { base, len } | AcpiWindow::PciRoot { mmio_base: base, mmio_len: len } => {
                 mmio = aml::Memory32Fixed::new(true, base, len);
-                &mmio
+                resources.push(&mmio);
             }
-        };
+        }
         let isa;
         let ext;
-        let mut resources: Vec<&dyn Aml> = vec![window];
         match self.irq {
             Some(AcpiIrq::Isa(irq)) if irq < 16 => {
                 isa = IrqNoFlags::new(1 << irq);

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::snapshot::Kind;
 use super::vcpus::VcpuSet;
 use super::{RestoreOptions, Vmm};
-use crate::config::VmConfig;
+use crate::config::{OnReboot, VmConfig};
 use crate::api::{ApiServer, ControlError, Controller, InstanceInfo, InstanceState, MachineConfig, SnapshotCreate, SnapshotLoad, SnapshotType};
 use crate::stats::{ExitKind, ExitStats};
 
@@ -112,15 +112,15 @@ impl Controller for Api<'_> {
     }
 
     fn ctrl_alt_del(&mut self) -> Result<(), ControlError> {
-        Err(ControlError::Refused("SendCtrlAltDel: skiff's i8042 has no keyboard yet".into()))
+        self.vmm.devices.legacy.i8042.ctrl_alt_del().map_err(|e| ControlError::Refused(format!("SendCtrlAltDel: {e}")))
     }
 }
 
 /// `skiff restore --api-sock` without `--snapshot`: no machine yet. The API answers
 /// (GET / says "Not started") until `PUT /snapshot/load` restores one, as a fresh
 /// Firecracker does; a stop signal ends the wait.
-pub fn wait_for_load(server: &mut ApiServer, like: &VmConfig) -> Result<Vmm, String> {
-    let mut loader = Loader { like, vmm: None };
+pub fn wait_for_load(server: &mut ApiServer, like: &VmConfig, on_reboot: Option<OnReboot>) -> Result<Vmm, String> {
+    let mut loader = Loader { like, on_reboot, vmm: None };
     loop {
         let sig = crate::control::STOP_SIGNAL.load(Ordering::SeqCst);
         if sig != 0 {
@@ -142,6 +142,8 @@ pub fn wait_for_load(server: &mut ApiServer, like: &VmConfig) -> Result<Vmm, Str
 /// The API before a machine exists: only a load can be done.
 struct Loader<'a> {
     like: &'a VmConfig,
+    /// `skiff restore --on-reboot`, over the snapshot's choice.
+    on_reboot: Option<OnReboot>,
     vmm: Option<Vmm>,
 }
 
@@ -165,7 +167,8 @@ impl Controller for Loader<'_> {
         }
         // track_dirty_pages needs nothing: a diff is found by comparing with its
         // parent (snapshot/pages.rs), so it is always available.
-        let opts = RestoreOptions { snapshot: &p.snapshot_path, mem_file: Some(&p.mem_file_path), resume: p.resume_vm };
+        let opts =
+            RestoreOptions { snapshot: &p.snapshot_path, mem_file: Some(&p.mem_file_path), resume: p.resume_vm, on_reboot: self.on_reboot };
         let vmm = Vmm::restore(&opts, self.like, Box::new(crate::output::RawStdout)).map_err(|e| ControlError::Refused(e.to_string()))?;
         self.vmm = Some(vmm);
         Ok(())

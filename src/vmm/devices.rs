@@ -12,14 +12,15 @@ use super::VmmError;
 use super::acpi::{AcpiDevice, AcpiHid, AcpiIrq, AcpiWindow};
 use super::layout::*;
 use crate::control::Control;
-use crate::devices::legacy::{BootMarker, I8042, PostPort, ResetControl};
+use crate::devices::i8042::I8042;
+use crate::devices::legacy::{BootMarker, PostPort, ResetControl};
 use crate::devices::pm::{PM_BLOCK_LEN, PmBlock};
 use crate::devices::rtc::Cmos;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::pci::routing::Kvm as PciKvm;
 use crate::devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, HostBridge, PciFunction, PciRoot, PciWindow};
 use crate::devices::virtio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio, VirtioPci, VirtioStats};
-use crate::devices::state::{DEVICE_STATE_VERSION, DeviceState};
+use crate::devices::state::{DEVICE_STATE_VERSION, DEVICE_STATE_VERSION_NO_KEYBOARD, DeviceState};
 use crate::devices::{BusDevice, Buses};
 
 /// Where virtio-mmio devices sit: one 4 KiB window per slot in the MMIO hole.
@@ -80,6 +81,8 @@ pub struct SavedDevice {
 pub struct Legacy {
     pub serial: Arc<SerialDevice>,
     pub marker: Arc<BootMarker>,
+    /// The keyboard controller, for the host's Ctrl+Alt+Del.
+    pub i8042: Arc<I8042>,
 }
 
 /// A virtio device behind either transport.
@@ -150,6 +153,7 @@ impl DeviceManager {
         let serial_irq = irq_line(vm, COM1_IRQ, "COM1")?;
         let serial = Arc::new(SerialDevice::new(serial_irq, serial_out, control.clone()).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?);
         let marker = Arc::new(BootMarker::default());
+        let i8042 = Arc::new(I8042::new(control.clone(), irq_line(vm, I8042_IRQ, "i8042")?));
         let pio = |name, base: u16, len: u64, device: Arc<dyn BusDevice>| Declared {
             name,
             space: Space::Pio,
@@ -165,7 +169,7 @@ impl DeviceManager {
                 acpi: Some(com1_acpi()),
                 ..pio("COM1 16550 UART", COM1_PORT, UART_PORT_LEN as u64, serial.clone())
             },
-            pio("i8042", I8042_PORT, 5, Arc::new(I8042::new(control.clone()))),
+            Declared { acpi: Some(i8042_acpi()), ..pio("i8042", I8042_PORT, 5, i8042.clone()) },
             Declared {
                 acpi: Some(rtc_acpi()),
                 // The index write can wait: the data port's exit delivers it first.
@@ -190,7 +194,7 @@ impl DeviceManager {
                 None
             }
         };
-        Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker }, virtio: Vec::new(), pci })
+        Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker, i8042 }, virtio: Vec::new(), pci })
     }
 
     /// Declares the devices for people who test kernels: fw_cfg, always (QEMU's
@@ -397,7 +401,7 @@ impl DeviceManager {
             let (Some(s), None) = (mine.next(), mine.next()) else {
                 return Err(format!("{} at {:#x}: not exactly one saved state", d.name, d.base));
             };
-            if s.version != DEVICE_STATE_VERSION {
+            if s.version != DEVICE_STATE_VERSION && s.version != DEVICE_STATE_VERSION_NO_KEYBOARD {
                 return Err(format!("{} at {:#x}: state version {} (this skiff reads {DEVICE_STATE_VERSION})", d.name, d.base, s.version));
             }
             d.device.restore(&s.state).map_err(|e| format!("{} at {:#x}: {e}", d.name, d.base))?;
@@ -430,6 +434,17 @@ fn com1_acpi() -> AcpiDevice {
     }
 }
 
+/// `PNP0303`, an AT keyboard controller: how Linux's i8042 driver finds it.
+fn i8042_acpi() -> AcpiDevice {
+    AcpiDevice {
+        name: "KBD_".into(),
+        hid: AcpiHid::Eisa("PNP0303"),
+        uid: None,
+        window: AcpiWindow::IoPair { data: I8042_PORT, command: I8042_COMMAND_PORT },
+        irq: Some(AcpiIrq::Isa(I8042_IRQ)),
+    }
+}
+
 fn rtc_acpi() -> AcpiDevice {
     AcpiDevice {
         name: "RTC_".into(),
@@ -442,7 +457,7 @@ fn rtc_acpi() -> AcpiDevice {
 
 /// The legacy devices' ACPI entries alone (for the ACPI tables' own tests).
 pub fn legacy_acpi_devices() -> Vec<AcpiDevice> {
-    vec![com1_acpi(), rtc_acpi()]
+    vec![com1_acpi(), i8042_acpi(), rtc_acpi()]
 }
 
 /// Registers every coalescable range of both buses with KVM and attaches the ring to

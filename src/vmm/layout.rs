@@ -44,7 +44,9 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 /// Legacy port-I/O devices.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
-pub const I8042_PORT: u16 = 0x60; // data; 0x64 is command/status
+pub const I8042_PORT: u16 = 0x60; // data
+pub const I8042_COMMAND_PORT: u16 = 0x64; // command (write) and status (read)
+pub const I8042_IRQ: u32 = 1;
 pub const RTC_PORT: u16 = 0x70; // index; 0x71 is data
 pub const POST_PORT: u16 = 0x80;
 /// PCI "reset control register": bit 2 with bit 1 resets the machine.

@@ -22,6 +22,8 @@ pub struct RestoreOptions<'a> {
     pub mem_file: Option<&'a Path>,
     /// Run the guest at once; otherwise it waits, paused, for the API to resume it.
     pub resume: bool,
+    /// What a guest reboot does, where not what the snapshotted machine had.
+    pub on_reboot: Option<OnReboot>,
 }
 
 impl Vmm {
@@ -43,7 +45,10 @@ impl Vmm {
             .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let host: Vec<CpuidEntry> = supported.as_slice().iter().map(CpuidEntry::from).collect();
         snapshot::check_host(&snap.header, &snapshot::host_cpu_vendor(), &host).map_err(fail)?;
-        let config = snap.machine.config(like);
+        let mut config = snap.machine.config(like);
+        if let Some(on_reboot) = opts.on_reboot {
+            config.on_reboot = on_reboot;
+        }
         for d in &snap.machine.disks {
             d.check_unchanged().map_err(|e| VmmError::Snapshot(format!("{}: {e}", opts.snapshot.display())))?;
         }

@@ -219,6 +219,9 @@ impl Vmm {
     /// The machine stopped: pause every vCPU, then reset in place (a reboot, with
     /// `--on-reboot=reset`) and resume, or finish.
     fn on_stop(&mut self, set: &mut VcpuSet, life: &mut Lifecycle) -> Result<AfterStop, VmmError> {
+        // The API may have paused the machine as the guest asked for a reboot (in the
+        // same turn of the loop): the reset machine then stays paused, as asked.
+        let paused_by_api = set.paused();
         if let Err(e) = set.pause_all() {
             // A vCPU thread that is gone or stuck: nothing sound to reset.
             self.control.request_fatal(e.to_string());
@@ -260,6 +263,9 @@ impl Vmm {
         }
         if !self.control.rearm_after_reboot() {
             return Ok(AfterStop::Finished);
+        }
+        if paused_by_api {
+            return Ok(AfterStop::Resumed);
         }
         if let Err(e) = set.resume_all() {
             self.control.request_fatal(e.to_string());

@@ -40,9 +40,22 @@ pub fn take(g: &mut Guest, sock: &Path) -> Taken {
     Taken { snap, count_before }
 }
 
-/// Restores the snapshot (the original skiff has ended) and checks the guest goes on.
+/// Restores the snapshot (the original skiff has ended) and checks the guest goes on;
+/// ends it with Ctrl+Alt+Del from the API: the guest kernel restarts the machine, and
+/// `--on-reboot exit` makes that skiff's exit status 3.
 pub fn restore_and_check(t: &Taken, raw_sum: &str) {
-    let mut r = Guest::restore(&["--snapshot", t.snap.to_str().expect("utf-8"), "--resume", "--stats"]);
+    let sock = disk::scratch("restored.sock");
+    let sock_arg = sock.display().to_string();
+    let mut r = Guest::restore(&[
+        "--snapshot",
+        t.snap.to_str().expect("utf-8"),
+        "--resume",
+        "--stats",
+        "--api-sock",
+        &sock_arg,
+        "--on-reboot",
+        "exit",
+    ]);
     let first = count(&mut r);
     assert!(
         first >= t.count_before && first <= t.count_before + 50,
@@ -57,9 +70,11 @@ pub fn restore_and_check(t: &Taken, raw_sum: &str) {
     assert_eq!(disk::read_raw(&mut r, "vda"), raw_sum, "vda's data in the restored guest");
     let echo = r.run("echo restored-and-answering", CMD_TIMEOUT);
     assert_eq!(echo, vec!["restored-and-answering".to_string()]);
-    r.send("poweroff\n");
+    let (code, body) = api::request(&sock, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+    assert_eq!(code, 204, "SendCtrlAltDel: {body}");
     let (status, stderr, console) = r.wait_exit(CMD_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "the restored guest's poweroff; stderr:\n{stderr}\nconsole:\n{console}");
+    assert_eq!(status.code(), Some(3), "Ctrl+Alt+Del reboots the restored guest; stderr:\n{stderr}\nconsole:\n{console}");
+    assert!(console.contains("reboot: Restarting system"), "console:\n{console}");
     assert!(stderr.contains("restore: "), "{stderr}");
     let _ = std::fs::remove_file(&t.snap);
     let _ = std::fs::remove_file(t.snap.with_file_name(t.snap.file_name().map(|n| n.to_string_lossy().replace(".snap", ".mem")).unwrap_or_default()));

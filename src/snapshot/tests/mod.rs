@@ -254,17 +254,29 @@ fn version_0_without_leaf_0_has_no_vendor() {
 
 /// Device states are serde values in a format that is not self-describing: a change of
 /// DeviceState's shape must come with a new DEVICE_STATE_VERSION (and upgrade code).
-/// This pins the encoding of one device of every kind.
+/// This pins the encoding of one device of every kind version 1 had: version 2 only
+/// appended a kind, so these bytes (a version 1 payload) still decode the same.
 #[test]
 fn device_state_encoding_is_pinned() {
-    let bytes = bincode::Options::serialize(bincode::DefaultOptions::new(), &sample_devices()).unwrap();
+    let v1: Vec<SavedDevice> = sample_devices().into_iter().map(|d| SavedDevice { version: 1, ..d }).collect();
+    let bytes = bincode::Options::serialize(bincode::DefaultOptions::new(), &v1).unwrap();
+    assert_eq!((bytes.len(), crc32fast::hash(&bytes)), PINNED_DEVICES, "a version 1 DeviceState changed shape");
+    let keyboard = DeviceState::Keyboard(crate::devices::i8042::I8042Regs {
+        config: 0x47,
+        output: vec![0xfa, 0xab],
+        pending: Some(crate::devices::i8042::Pending::KeyboardParameter(0xed)),
+        last_was_command: true,
+        scanning: false,
+    });
+    let bytes = bincode::Options::serialize(bincode::DefaultOptions::new(), &keyboard).unwrap();
     assert_eq!(
         (bytes.len(), crc32fast::hash(&bytes), DEVICE_STATE_VERSION),
-        (PINNED_DEVICES.0, PINNED_DEVICES.1, 1),
+        (PINNED_KEYBOARD.0, PINNED_KEYBOARD.1, 2),
         "DeviceState changed shape: bump DEVICE_STATE_VERSION, read the old one in snapshot/format.rs, then update this value"
     );
 }
 
+const PINNED_KEYBOARD: (usize, u32) = (10, 565_461_280);
 const PINNED_DEVICES: (usize, u32) = (329, 2_427_677_232);
 
 #[test]

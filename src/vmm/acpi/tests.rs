@@ -277,12 +277,11 @@ fn dsdt_contains_s5_and_devices() {
     assert!(aml.windows(s5.len()).any(|w| w == s5), "no \\_S5_ package");
     let contains = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
     assert!(contains(b"_SB_"));
-    for dev in [b"COM1", b"RTC_"] {
+    for dev in [b"COM1", b"KBD_", b"RTC_"] {
         assert!(contains(dev));
     }
-    assert!(!contains(b"KBD_"), "no keyboard controller for the OS");
-    // EISA IDs, compressed: PNP0501, PNP0B00.
-    for id in [0x0105_d041u32, 0x000b_d041] {
+    // EISA IDs, compressed: PNP0501, PNP0303, PNP0B00.
+    for id in [0x0105_d041u32, 0x0303_d041, 0x000b_d041] {
         assert!(contains(&id.to_le_bytes()), "missing EISA id {id:#x}");
     }
     // COM1 I/O descriptor and IRQ 4.
@@ -557,16 +556,20 @@ fn iasl_reads_the_dsdt_skiff_means() {
         .collect::<Vec<_>>()
         .join(" ");
     // Written out, not built from this module's constants: the PC/AT resources of a
-    // 16550 at COM1 (0x3F8-0x3FF, IRQ 4) and of the RTC (0x70-0x71, IRQ 8).
+    // 16550 at COM1 (0x3F8-0x3FF, IRQ 4), of the keyboard controller (0x60, 0x64,
+    // IRQ 1) and of the RTC (0x70-0x71, IRQ 8).
     let s5 = format!("Name (\\_S5, Package (0x04) {{ 0x{SLP_TYP_S5:02X}, 0x{SLP_TYP_S5:02X}, Zero, Zero }})");
     let com1 = "Device (COM1) { Name (_HID, EisaId (\"PNP0501\") /* 16550A-compatible COM Serial Port */) \
                 Name (_UID, Zero) Name (_CRS, ResourceTemplate () { IO (Decode16, 0x03F8, 0x03F8, 0x01, \
                 0x08, ) IRQNoFlags () {4} }) }";
+    let kbd = "Device (KBD) { Name (_HID, EisaId (\"PNP0303\") /* IBM Enhanced Keyboard (101/102-key, PS/2 Mouse) */) \
+               Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0060, 0x0060, 0x01, 0x01, ) \
+               IO (Decode16, 0x0064, 0x0064, 0x01, 0x01, ) IRQNoFlags () {1} }) }";
     let rtc = "Device (RTC) { Name (_HID, EisaId (\"PNP0B00\") /* AT Real-Time Clock */) \
                Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0070, 0x0070, 0x01, 0x02, ) \
                IRQNoFlags () {8} }) }";
     let expected = format!(
-        "DefinitionBlock (\"\", \"DSDT\", 2, \"SKIFF \", \"SKIFFVM \", 0x00000001) {{ {s5} Scope (\\_SB) {{ {com1} {rtc} }} }}"
+        "DefinitionBlock (\"\", \"DSDT\", 2, \"SKIFF \", \"SKIFFVM \", 0x00000001) {{ {s5} Scope (\\_SB) {{ {com1} {kbd} {rtc} }} }}"
     );
     assert_eq!(asl, expected);
 }
