@@ -170,6 +170,14 @@ impl GdbServer {
     /// Ends the stub: a client still attached is told the machine exited.
     pub fn stop(mut self) {
         self.shutdown.store(true, Ordering::SeqCst);
+        // A client that is waiting for a stop gets the exit packet within one poll
+        // slice; only one that is idle (the guest halted) needs its socket shut.
+        for _ in 0..50 {
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         if let Ok(c) = self.client.lock()
             && let Some(fd) = *c
         {

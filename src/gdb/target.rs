@@ -217,7 +217,8 @@ impl SkiffTarget {
         match stop {
             DebugStop::SwBreak => MultiThreadStopReason::SwBreak(tid),
             DebugStop::HwBreak => MultiThreadStopReason::HwBreak(tid),
-            DebugStop::Step => MultiThreadStopReason::DoneStep,
+            // With the thread, so gdb need not guess which one stepped.
+            DebugStop::Step => MultiThreadStopReason::SignalWithThread { tid, signal: Signal::SIGTRAP },
             DebugStop::Watch(b) => MultiThreadStopReason::Watch {
                 tid,
                 kind: if b.kind == HwKind::Write { WatchKind::Write } else { WatchKind::ReadWrite },
