@@ -304,12 +304,8 @@ impl MultiThreadResume for SkiffTarget {
     fn resume(&mut self) -> Result<(), String> {
         let default = if self.locked { None } else { Some(Action::Continue) };
         for i in 0..self.ports.len() {
-            let action = self.actions.get(i).copied().flatten().or(default);
-            match action {
-                Some(a) => {
-                    self.request(i, DebugOp::Resume { step: a == Action::Step })?;
-                }
-                None => {}
+            if let Some(a) = self.actions.get(i).copied().flatten().or(default) {
+                self.request(i, DebugOp::Resume { step: a == Action::Step })?;
             }
         }
         Ok(())
@@ -402,7 +398,7 @@ impl HwBreakpoint for SkiffTarget {
 
 /// x86 watches 1, 2, 4 or 8 aligned bytes, for writes or for any access.
 fn watch(addr: u64, len: u64, kind: WatchKind) -> Option<HwBreak> {
-    let len = u8::try_from(len).ok().filter(|l| matches!(l, 1 | 2 | 4 | 8) && addr % u64::from(*l) == 0)?;
+    let len = u8::try_from(len).ok().filter(|l| matches!(l, 1 | 2 | 4 | 8) && addr.is_multiple_of(u64::from(*l)))?;
     let kind = match kind {
         WatchKind::Write => HwKind::Write,
         // No read-only watch on x86: reads and writes.
