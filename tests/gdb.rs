@@ -28,9 +28,21 @@ fn require_gdb() {
     );
 }
 
+/// A skiff that a failing test does not leave running.
+struct Skiff(Option<Child>);
+
+impl Drop for Skiff {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `skiff run` on the test kernel with 2 vCPUs, the exit device and `--gdb ADDR
 /// --gdb-wait`; returns once the socket is there.
-fn start(addr: &str, socket: Option<&Path>) -> Child {
+fn start(addr: &str, socket: Option<&Path>) -> Skiff {
     common::require_kvm();
     let k = kernel();
     let child = Command::new(common::SKIFF)
@@ -46,11 +58,12 @@ fn start(addr: &str, socket: Option<&Path>) -> Child {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    child
+    Skiff(Some(child))
 }
 
 /// Waits (at most 120 s) for skiff to end: status and stderr.
-fn finish(mut child: Child) -> (ExitStatus, String) {
+fn finish(mut guard: Skiff) -> (ExitStatus, String) {
+    let Some(mut child) = guard.0.take() else { panic!("no skiff") };
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
