@@ -15,7 +15,7 @@ use super::common::{Guest, guest_dir};
 /// snapshot::take writes it; the skiff that took it must have ended) with `--gdb`
 /// and drives it with gdb in batch mode, then powers the guest off.
 /// Call it where snapshot::restore_and_check is called, before that removes the
-/// snapshot: `gdb::check_restored(&taken.snap)` (make `Taken::snap` pub).
+/// snapshot: `gdb::check_restored(&taken.snap)`.
 #[allow(dead_code)] // Called by the Debian boot test's owner when it runs it.
 pub fn check_restored(snap: &Path) {
     let sock = std::env::temp_dir().join(format!("skiff-boot-gdb-{}.sock", std::process::id()));
