@@ -130,6 +130,13 @@ struct RunArgs {
     /// `GET /stats`. The socket is removed at exit.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Serve gdb (the GDB remote protocol) on a Unix socket or a loopback TCP port:
+    /// every vCPU a thread; breakpoints, watchpoints, single step, Ctrl-C.
+    #[arg(long, value_name = "unix:PATH|tcp:127.0.0.1:PORT")]
+    gdb: Option<String>,
+    /// With --gdb: stop before the guest's first instruction and wait for gdb.
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +170,13 @@ struct RestoreArgs {
     /// snapshotted machine was started with.
     #[arg(long, value_enum)]
     on_reboot: Option<RebootAction>,
+    /// Serve gdb (the GDB remote protocol) on a Unix socket or a loopback TCP port:
+    /// every vCPU a thread; breakpoints, watchpoints, single step, Ctrl-C.
+    #[arg(long, value_name = "unix:PATH|tcp:127.0.0.1:PORT")]
+    gdb: Option<String>,
+    /// With --gdb: hold the restored guest until gdb lets it run.
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
 }
 
 impl From<RebootAction> for OnReboot {
@@ -318,13 +332,18 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
 
 fn run(args: RunArgs, started: Instant) -> Result<ExitCode, String> {
     let api = bind_api(args.api_sock.as_deref())?;
+    let gdb = bind_gdb(args.gdb.as_deref())?;
+    let gdb_wait = args.gdb_wait;
     let config = build_config(args)?;
-    let vmm = {
+    let mut vmm = {
         let config = config.clone();
         interruptible("building the machine", move || {
             Vmm::build(&config, Box::new(output::RawStdout)).map_err(|e| e.to_string())
         })?
     };
+    if let Some(l) = gdb {
+        vmm.set_gdb(l, gdb_wait);
+    }
     run_machine(vmm, &config, api, started)
 }
 
@@ -337,6 +356,7 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
     }
     let mut api = bind_api(args.api_sock.as_deref())?;
     let on_reboot = args.on_reboot.map(OnReboot::from);
+    let gdb = bind_gdb(args.gdb.as_deref())?;
     // The restoring command's own choices; the machine's shape is the snapshot's.
     let like = VmConfig {
         kernel: PathBuf::new(),
@@ -368,6 +388,10 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
         (None, Some(server)) => skiff::vmm::wait_for_load(server, &like, on_reboot)?,
         (None, None) => return Err("restore: give --snapshot PATH or --api-sock PATH".into()),
     };
+    let mut vmm = vmm;
+    if let Some(l) = gdb {
+        vmm.set_gdb(l, args.gdb_wait);
+    }
     let config = vmm.config().clone();
     run_machine(vmm, &config, api, started)
 }
@@ -376,6 +400,12 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
 /// before any work.
 fn bind_api(path: Option<&std::path::Path>) -> Result<Option<skiff::api::ApiServer>, String> {
     path.map(|p| skiff::api::ApiServer::bind(p).map_err(|e| e.to_string())).transpose()
+}
+
+/// The gdb stub's socket, bound before the machine is built (one line for a bad
+/// address or an unusable path, before any work).
+fn bind_gdb(addr: Option<&str>) -> Result<Option<skiff::gdb::GdbListener>, String> {
+    addr.map(|a| a.parse::<skiff::gdb::GdbAddr>().and_then(|a| skiff::gdb::GdbListener::bind(&a))).transpose()
 }
 
 /// Runs a built or restored machine to its end and turns the end into an exit status.

@@ -5,6 +5,8 @@
 mod common;
 #[path = "boot/disk.rs"]
 mod disk;
+#[path = "boot/gdb.rs"]
+mod gdb;
 #[path = "boot/snapshot.rs"]
 mod snapshot;
 
@@ -120,6 +122,7 @@ fn boot_and_check(cpus: u32) {
     }
     // The snapshot taken before the poweroff, restored in a new skiff.
     if let Some(taken) = snapshot {
+        gdb::check_restored(&taken.snap);
         snapshot::restore_and_check(&taken, &raw_sum);
     }
     // No guest instruction was answered with #UD: in kernel text that is an oops.

@@ -9,6 +9,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuExit;
 
 use super::Vcpu;
+use super::debug::DebugStop;
 use super::emulate::{self, Emulated};
 use super::kick::RunPage;
 use super::syscall_fixup::{MSR_LSTAR, SyscallFixup};
@@ -23,8 +24,8 @@ enum Next {
     /// KVM's emulator gave up; the bytes it fetched, when it reports them
     /// (KVM_CAP_EXIT_ON_EMULATION_FAILURE).
     EmulationFailure(Option<KvmInsnBytes>),
-    /// A breakpoint or single step of the SYSCALL fix-up.
-    Debug,
+    /// A breakpoint, watchpoint or single step: gdb's or the SYSCALL fix-up's.
+    Debug(kvm_bindings::kvm_debug_exit_arch),
     /// The guest wrote a filtered MSR (LSTAR): the value.
     LstarWrite(u64),
     Stop(StopReason),
@@ -74,7 +75,7 @@ impl Vcpu {
         // SAFETY: the kvm_run page belongs to `self.fd`, which outlives the guard (the
         // guard is dropped at the end of this function, before `self` can be).
         let _kick_target = unsafe { RunPage::enter(run_page) };
-        while !self.control.stopping() && !pending.load(std::sync::atomic::Ordering::SeqCst) {
+        while !self.control.stopping() && !pending.load(std::sync::atomic::Ordering::SeqCst) && self.debug.stop.is_none() {
             let next = self.run_once(run_page);
             self.on_exit(next);
         }
@@ -97,6 +98,11 @@ impl Vcpu {
                     samples.push((start.elapsed().as_millis() as u32, regs.rip));
                 }
             }
+            // Where KVM cannot run int3 in guest kernel mode (PVM), gdb's software
+            // breakpoints arrive as emulation failures.
+            Next::EmulationFailure(_) if self.debug.gdb_attached && self.at_int3() => {
+                self.debug.stop = Some(DebugStop::SwBreak);
+            }
             Next::EmulationFailure(kvm_saw) => match emulate::handle_failure(self, kvm_saw.as_ref()) {
                 Ok(Emulated::Done) => {}
                 Ok(Emulated::Unhandled(diag)) => {
@@ -104,8 +110,10 @@ impl Vcpu {
                 }
                 Err(e) => self.control.request_stop(StopReason::Error(e)),
             },
-            Next::Debug => {
-                if let Err(e) = SyscallFixup::on_debug(self) {
+            Next::Debug(arch) => {
+                if let Some(stop) = self.debug.classify(arch.exception, arch.dr6, arch.pc) {
+                    self.debug.stop = Some(stop);
+                } else if let Err(e) = SyscallFixup::on_debug(self) {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
@@ -126,6 +134,13 @@ impl Vcpu {
                 self.control.request_stop(StopReason::Error(diag));
             }
         }
+    }
+
+    /// Whether the instruction at CS:RIP is int3 (fetched through the guest's tables).
+    fn at_int3(&self) -> bool {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return false };
+        crate::x86::insn::fetch(&self.mem, &sregs, regs.rip, regs.rflags)
+            .is_ok_and(|f| f.insn.mnemonic() == iced_x86::Mnemonic::Int3)
     }
 
     /// The state to snapshot, on this (paused) vCPU's thread. An exit skiff answered
@@ -237,9 +252,9 @@ impl Vcpu {
                         "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
                     ))
                 }
-                VcpuExit::Debug(_) => {
+                VcpuExit::Debug(arch) => {
                     stats.count(ExitKind::Debug);
-                    Next::Debug
+                    Next::Debug(arch)
                 }
                 VcpuExit::X86Wrmsr(exit) => {
                     stats.count(ExitKind::MsrWrite);

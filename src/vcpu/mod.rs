@@ -2,6 +2,7 @@
 //! every exit and hands it to the right place (see exit.rs for the dispatch).
 
 pub mod cpuid;
+pub mod debug;
 pub mod emulate;
 pub mod exit;
 pub mod kick;
@@ -133,6 +134,10 @@ pub struct Vcpu {
     /// The guest's MAXPHYADDR for the page walker, read from the vCPU's CPUID at the
     /// first emulation (0 until then).
     pub maxphyaddr: u8,
+    /// Guest debugging: the debug registers' owners, gdb's breakpoints and steps.
+    pub debug: debug::VcpuDebug,
+    /// Where a stop for gdb is reported, while a gdb client is attached.
+    pub gdb_reports: Option<std::sync::mpsc::Sender<(u8, debug::DebugStop)>>,
 }
 
 impl Vcpu {
@@ -163,6 +168,8 @@ impl Vcpu {
             diagnose_shutdown: false,
             translate_checks_done: 0,
             maxphyaddr: 0,
+            debug: debug::VcpuDebug::default(),
+            gdb_reports: None,
         }
     }
 
@@ -199,16 +206,24 @@ impl Vcpu {
         };
         reset::apply(kind, self.spec.vendor, &mut s, self.index, self.spec.signature);
         self.put_state(&s)?;
-        // Nothing of the last boot's guest debugging survives (the SYSCALL fix-up
-        // arms its breakpoint again when the new kernel writes LSTAR).
-        let off = kvm_bindings::kvm_guest_debug::default();
-        self.fd.set_guest_debug(&off).map_err(self.kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        // The SYSCALL fix-up arms its breakpoint again when the new kernel writes
+        // LSTAR; gdb's breakpoints stay while it is attached.
+        if let Some(i) = self.debug.slot_of(debug::Owner::SyscallFixup) {
+            self.debug.set(i, debug::Owner::SyscallFixup, None);
+        }
+        self.debug.fixup_stepping = false;
+        self.fd.set_guest_debug(&self.debug.guest_debug()).map_err(self.kvm_err("KVM_SET_GUEST_DEBUG"))?;
         if let Some(f) = self.syscall_fixup.as_mut() {
             *f = Default::default();
         }
         self.last_failure = None;
         self.failure_repeats = 0;
         Ok(())
+    }
+
+    /// Hands KVM the guest-debug setting composed from every owner's part.
+    pub fn apply_guest_debug(&self) -> Result<(), String> {
+        self.fd.set_guest_debug(&self.debug.guest_debug()).map_err(|e| format!("vCPU {}: KVM_SET_GUEST_DEBUG: {e}", self.index))
     }
 
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {

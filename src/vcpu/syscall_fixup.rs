@@ -29,13 +29,11 @@
 //!
 //! Cost: one exit per guest page fault and per syscall, small beside the emulated
 //! kernel work of either. While armed, the guest's own hardware breakpoints are
-//! not available to it (guest debugging owns DR0-DR7).
+//! not available to it (guest debugging owns DR0-DR7); a gdb client gets the other
+//! three (vcpu/debug.rs).
 
 use iced_x86::Mnemonic;
-use kvm_bindings::{
-    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, Msrs, kvm_guest_debug, kvm_msr_entry,
-    kvm_regs, kvm_segment, kvm_sregs,
-};
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::GuestMemoryMmap;
 
 use super::Vcpu;
@@ -48,8 +46,6 @@ pub const MSR_SFMASK: u32 = 0xc000_0084;
 const PF_VECTOR: u64 = 14;
 const RFLAGS_RF: u64 = 1 << 16;
 const RFLAGS_DF: u64 = 1 << 10;
-/// DR7: L0 (local enable of DR0), condition 00 (execute), length 00; bit 10 reads as one.
-const DR7_EXEC_BP0: u64 = 0x401;
 
 /// Per-vCPU state of the fix-up.
 #[derive(Debug, Default)]
@@ -138,12 +134,13 @@ fn read_star_sfmask(vcpu: &Vcpu) -> Result<(u64, u64), String> {
     }
 }
 
-/// The hardware-breakpoint guest-debug setting on `addr`.
+/// Points the fix-up's debug register at `addr` (vcpu/debug.rs owns the setting).
 fn arm(vcpu: &mut Vcpu, addr: u64) -> Result<(), String> {
-    let mut dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, ..Default::default() };
-    dbg.arch.debugreg[0] = addr;
-    dbg.arch.debugreg[7] = DR7_EXEC_BP0;
-    vcpu.fd.set_guest_debug(&dbg).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
+    use super::debug::{HwBreak, HwKind, Owner};
+    let slot = vcpu.debug.slot_of(Owner::SyscallFixup).ok_or("SYSCALL fix-up: no debug register reserved for it")?;
+    vcpu.debug.fixup_stepping = false;
+    vcpu.debug.set(slot, Owner::SyscallFixup, Some(HwBreak { addr, kind: HwKind::Execute, len: 1 }));
+    vcpu.apply_guest_debug()
 }
 
 /// The #PF gate's target in the guest's IDT (64-bit gates, 16 bytes each).
@@ -297,8 +294,8 @@ fn step_over(vcpu: &mut Vcpu, regs: &mut kvm_regs, sregs: &kvm_sregs) -> Result<
     if let Some(f) = vcpu.syscall_fixup.as_mut() {
         f.stepping = true;
     }
-    let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, ..Default::default() };
-    vcpu.fd.set_guest_debug(&dbg).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
+    vcpu.debug.fixup_stepping = true;
+    vcpu.apply_guest_debug()
 }
 
 #[cfg(test)]

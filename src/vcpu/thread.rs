@@ -22,6 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+
+use super::debug::{DebugStop, HwBreak};
 use super::state::VcpuState;
 use super::{BootEntry, ThreadExit, Vcpu, VcpuError, kick};
 use crate::control::Control;
@@ -42,8 +45,59 @@ pub enum VcpuEvent {
     SaveState,
     /// Answer at once (measures the round trip itself).
     Ping,
+    /// A debugger's request, answered on its own channel (the gdb stub's thread
+    /// talks to vCPUs alongside the VMM).
+    Debug(DebugOp, Sender<DebugReply>),
     /// End the thread.
     Exit,
+}
+
+/// What a debugger asks of a vCPU. A vCPU halted for the debugger stays out of
+/// KVM_RUN whatever the VMM's Pause and Resume say, until `Resume` or `Detach`.
+pub enum DebugOp {
+    /// Leave KVM_RUN and stay halted.
+    Halt,
+    /// A debugger is attached: #BP comes to skiff, stops go to this channel.
+    Attach(Sender<(u8, DebugStop)>),
+    /// All of the debugger's state off; run again.
+    Detach,
+    /// Run again, for one instruction when `step`.
+    Resume { step: bool },
+    GetRegs,
+    /// General registers, and the special registers' writable parts.
+    SetRegs(Box<(kvm_regs, kvm_sregs)>),
+    /// The debugger's hardware breakpoints and watchpoints, all of them.
+    SetHw(Vec<HwBreak>),
+}
+
+pub enum DebugReply {
+    Done,
+    Regs(Box<(kvm_regs, kvm_sregs, kvm_fpu)>),
+    Failed(String),
+}
+
+/// A debugger's end of one vCPU thread: requests go on the VMM's event channel,
+/// answers come back on a channel made for each.
+pub struct DebugPort {
+    pub index: u8,
+    events: Sender<VcpuEvent>,
+    pending: Arc<AtomicBool>,
+    pthread: Option<libc::pthread_t>,
+}
+
+impl DebugPort {
+    /// Sends `op` and waits for its answer (bounded by `wait`).
+    pub fn request(&self, op: DebugOp, wait: Duration) -> Result<DebugReply, String> {
+        let (tx, rx) = channel();
+        self.events.send(VcpuEvent::Debug(op, tx)).map_err(|_| format!("vCPU {}'s thread is gone", self.index))?;
+        self.pending.store(true, Ordering::SeqCst);
+        if let Some(t) = self.pthread {
+            // SAFETY: the gdb stub that holds this port is stopped before the vCPU
+            // threads are joined (vmm/run.rs), so the id names an unjoined thread.
+            unsafe { libc::pthread_kill(t, kick::kick_signal()) };
+        }
+        rx.recv_timeout(wait).map_err(|_| format!("vCPU {} did not answer the debugger within {wait:?}", self.index))
+    }
 }
 
 /// A vCPU thread's answer to one event.
@@ -100,6 +154,11 @@ impl VcpuHandle {
         Ok(Self { index, events, responses, pending, thread: Some(thread) })
     }
 
+    /// A debugger's port to this thread (valid while the thread is not joined).
+    pub fn debug_port(&self) -> DebugPort {
+        DebugPort { index: self.index, events: self.events.clone(), pending: self.pending.clone(), pthread: self.pthread() }
+    }
+
     /// The pthread to kick, while the thread is not joined.
     pub fn pthread(&self) -> Option<libc::pthread_t> {
         self.thread.as_ref().map(|t| t.as_pthread_t())
@@ -151,8 +210,10 @@ fn thread_main(
     responses: &Sender<VcpuResponse>,
 ) {
     let mut running = false;
+    // Halted for a debugger: out of KVM_RUN until the debugger lets it go.
+    let mut halted = false;
     loop {
-        let event = if running {
+        let event = if running && !halted {
             match events.try_recv() {
                 Ok(e) => Some(e),
                 Err(TryRecvError::Empty) => None,
@@ -169,10 +230,16 @@ fn thread_main(
             // sets it again and ends the next run at once.
             pending.store(false, Ordering::SeqCst);
             if let Ok(e) = events.try_recv() {
-                running = handle(vcpu, control, e, running, responses);
+                running = handle(vcpu, control, e, running, &mut halted, responses);
                 continue;
             }
             vcpu.run(pending);
+            if let Some(stop) = vcpu.debug.stop.take() {
+                halted = true;
+                if let Some(tx) = &vcpu.gdb_reports {
+                    let _ = tx.send((vcpu.index, stop));
+                }
+            }
             // A machine stop (poweroff, reboot, error) parks every vCPU; the VMM then
             // pauses them all to know they are out.
             if control.stopping() {
@@ -184,13 +251,24 @@ fn thread_main(
             let _ = responses.send(VcpuResponse::Exited);
             return;
         }
-        running = handle(vcpu, control, event, running, responses);
+        running = handle(vcpu, control, event, running, &mut halted, responses);
     }
 }
 
 /// Handles one event (never `Exit`); returns whether the vCPU runs after it.
-fn handle(vcpu: &mut Vcpu, control: &Control, event: VcpuEvent, running: bool, responses: &Sender<VcpuResponse>) -> bool {
+fn handle(
+    vcpu: &mut Vcpu,
+    control: &Control,
+    event: VcpuEvent,
+    running: bool,
+    halted: &mut bool,
+    responses: &Sender<VcpuResponse>,
+) -> bool {
     let (answer, run) = match event {
+        VcpuEvent::Debug(op, reply) => {
+            let _ = reply.send(debug_op(vcpu, op, halted));
+            return running;
+        }
         VcpuEvent::Pause => (VcpuResponse::Paused, false),
         VcpuEvent::Resume => (VcpuResponse::Resumed, !control.stopping()),
         VcpuEvent::PowerOn(entry, diagnose) => {
@@ -210,4 +288,53 @@ fn handle(vcpu: &mut Vcpu, control: &Control, event: VcpuEvent, running: bool, r
     };
     let _ = responses.send(answer);
     run
+}
+
+/// Does a debugger's request on the vCPU's own thread.
+fn debug_op(vcpu: &mut Vcpu, op: DebugOp, halted: &mut bool) -> DebugReply {
+    let applied = |vcpu: &Vcpu| match vcpu.apply_guest_debug() {
+        Ok(()) => DebugReply::Done,
+        Err(e) => DebugReply::Failed(e),
+    };
+    match op {
+        DebugOp::Halt => {
+            *halted = true;
+            DebugReply::Done
+        }
+        DebugOp::Attach(reports) => {
+            vcpu.gdb_reports = Some(reports);
+            vcpu.debug.gdb_attached = true;
+            applied(vcpu)
+        }
+        DebugOp::Detach => {
+            vcpu.gdb_reports = None;
+            vcpu.debug.clear_gdb();
+            *halted = false;
+            applied(vcpu)
+        }
+        DebugOp::Resume { step } => {
+            vcpu.debug.gdb_step = step;
+            *halted = false;
+            applied(vcpu)
+        }
+        DebugOp::GetRegs => match (vcpu.fd.get_regs(), vcpu.fd.get_sregs(), vcpu.fd.get_fpu()) {
+            (Ok(r), Ok(s), Ok(f)) => DebugReply::Regs(Box::new((r, s, f))),
+            (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => DebugReply::Failed(format!("reading vCPU {}'s registers: {e}", vcpu.index)),
+        },
+        DebugOp::SetRegs(regs) => {
+            let (r, s) = *regs;
+            match vcpu.fd.set_regs(&r).and_then(|()| vcpu.fd.set_sregs(&s)) {
+                Ok(()) => DebugReply::Done,
+                Err(e) => DebugReply::Failed(format!("writing vCPU {}'s registers: {e}", vcpu.index)),
+            }
+        }
+        DebugOp::SetHw(breaks) => match vcpu.debug.set_gdb(&breaks) {
+            Ok(()) => applied(vcpu),
+            Err(free) => DebugReply::Failed(format!(
+                "vCPU {}: {} hardware breakpoints and watchpoints asked for, {free} debug registers free (the SYSCALL fix-up holds the others)",
+                vcpu.index,
+                breaks.len()
+            )),
+        },
+    }
 }

@@ -222,6 +222,9 @@ pub struct Vmm {
     first_resume: Option<Instant>,
     /// How long each phase of a restore took (for --stats).
     restore_phases: Vec<(&'static str, f64)>,
+    /// The gdb stub's socket, and whether the guest waits for gdb before its first
+    /// instruction (`--gdb`, `--gdb-wait`).
+    gdb: Option<(crate::gdb::GdbListener, bool)>,
 }
 
 impl Vmm {
@@ -290,6 +293,7 @@ impl Vmm {
             diff_base: None,
             first_resume: None,
             restore_phases: Vec::new(),
+            gdb: None,
         };
         for vcpu in &mut vmm.vcpus {
             vcpu.power_on(entry)?;
@@ -298,6 +302,12 @@ impl Vmm {
     }
 
     /// The machine's configuration (for a restore: the snapshot's machine).
+    /// Serves gdb on `listener` while the machine runs; with `wait`, the guest runs
+    /// no instruction until gdb lets it.
+    pub fn set_gdb(&mut self, listener: crate::gdb::GdbListener, wait: bool) {
+        self.gdb = Some((listener, wait));
+    }
+
     pub fn config(&self) -> &VmConfig {
         &self.config
     }
@@ -470,6 +480,9 @@ fn create_vcpus(
         let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone(), spec);
         if syscall_fixup {
             vcpu.syscall_fixup = Some(Default::default());
+            // Its breakpoint's debug register, held for the machine's life, so a
+            // debugger can never leave the guest's system calls broken.
+            vcpu.debug.reserve(crate::vcpu::debug::Owner::SyscallFixup);
         }
         // A triple fault that ends the run is explained; one that reboots is not.
         vcpu.diagnose_shutdown = config.on_reboot == OnReboot::Exit;

@@ -107,6 +107,7 @@ impl Vmm {
             start_paused: !opts.resume,
             diff_base: Some(opts.snapshot.to_path_buf()),
             first_resume: None,
+            gdb: None,
             restore_phases: phases.list,
         })
     }

@@ -85,10 +85,25 @@ impl Vmm {
                 }
             }
         }));
+        // The gdb stub talks to the vCPU threads through their event channels.
+        let gdb = match self.gdb.take() {
+            Some((listener, wait)) => match crate::gdb::GdbServer::start(listener, set.debug_ports(), self.mem.clone(), wait) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    self.control.request_fatal(e);
+                    None
+                }
+            },
+            None => None,
+        };
         let mut life = Lifecycle { idle_threads: thread_and_fd_counts(None).0, ..Default::default() };
         let result = self.drive(&mut lp, &mut set, &mut life, &mut stdin, api.as_mut());
         // Whatever happened, no vCPU thread outlives the run.
         self.control.request_stop(StopReason::Error("the event loop ended".into()));
+        // Before the vCPU threads are joined: the stub holds their thread ids.
+        if let Some(g) = gdb {
+            g.stop();
+        }
         let _ = set.pause_all();
         self.control.retire_kicker();
         let (mut stats, mut samples) = set.take_stats().unwrap_or_default();

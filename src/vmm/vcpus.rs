@@ -59,6 +59,11 @@ impl VcpuSet {
         self.handles.is_empty()
     }
 
+    /// A debugger's port to every vCPU (valid until `exit_all`).
+    pub fn debug_ports(&self) -> Vec<crate::vcpu::thread::DebugPort> {
+        self.handles.iter().map(VcpuHandle::debug_port).collect()
+    }
+
     /// The threads to kick when a stop is requested (valid until `exit_all`).
     pub fn pthreads(&self) -> Vec<libc::pthread_t> {
         self.handles.iter().filter_map(VcpuHandle::pthread).collect()

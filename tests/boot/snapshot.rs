@@ -12,7 +12,8 @@ use super::common::{Guest, api};
 use super::disk;
 
 pub struct Taken {
-    snap: PathBuf,
+    /// The snapshot file (its memory file beside it); gdb.rs restores it too.
+    pub snap: PathBuf,
     /// The count the guest had written just before the pause.
     count_before: u64,
 }

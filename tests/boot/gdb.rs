@@ -1,0 +1,86 @@
+//! Debian's gdb against the Debian guest's kernel: a snapshot of the booted guest is
+//! restored under `--gdb`, gdb breaks in the write system call (the shell and the
+//! counter of snapshot.rs write all the time), reads `jiffies`, steps one
+//! instruction, sets a hardware watchpoint on `jiffies` and detaches; the guest keeps
+//! running and answers a command. Debian ships its kernel's symbols only in a
+//! debug package of about a gigabyte (its System.map is a placeholder), so the
+//! addresses come from the guest's own /proc/kallsyms (no KASLR: skiff enters the
+//! uncompressed vmlinux, past the decompressor that would randomise it).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::CMD_TIMEOUT;
+use super::common::Guest;
+
+/// A kernel symbol's address, from the guest's /proc/kallsyms.
+fn kallsyms(g: &mut Guest, name: &str) -> u64 {
+    let out = g.run(&format!("grep ' {name}$' /proc/kallsyms"), CMD_TIMEOUT);
+    out.iter()
+        .find_map(|l| l.split_whitespace().next().and_then(|a| u64::from_str_radix(a, 16).ok()).filter(|&a| a != 0))
+        .unwrap_or_else(|| panic!("{name} in /proc/kallsyms: {out:?}"))
+}
+
+/// Restores `snap` (a snapshot of the booted 2-vCPU Debian guest, as
+/// snapshot::take writes it; the skiff that took it must have ended) with `--gdb`
+/// and drives it with gdb in batch mode, then powers the guest off.
+/// Call it where snapshot::restore_and_check is called, before that removes the
+/// snapshot: `gdb::check_restored(&taken.snap)`.
+pub fn check_restored(snap: &Path) {
+    let sock = std::env::temp_dir().join(format!("skiff-boot-gdb-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let gdb_arg = format!("unix:{}", sock.display());
+    let mut r = Guest::restore(&["--snapshot", snap.to_str().expect("utf-8"), "--resume", "--gdb", &gdb_arg]);
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let write = kallsyms(&mut r, "__x64_sys_write");
+    let jiffies = kallsyms(&mut r, "jiffies");
+    // Where guest kernel mode is emulated (PVM), KVM's emulator checks no data
+    // breakpoints: the watchpoint is set and removed there, not waited for.
+    let emulated = Path::new("/sys/module/kvm_pvm").exists();
+    let mut cmds = vec![
+        "set architecture i386:x86-64".to_string(),
+        format!("target remote {}", sock.display()),
+        "info threads".into(),
+        format!("break *{write:#x}"),
+        "continue".into(),
+        format!("x/gx {jiffies:#x}"),
+        "stepi".into(),
+        "info registers rip cr3".into(),
+        "delete".into(),
+        format!("watch *(unsigned long *){jiffies:#x}"),
+    ];
+    if !emulated {
+        cmds.push("continue".into());
+    }
+    cmds.extend(["delete".into(), "detach".into()]);
+    let mut gdb = Command::new("timeout");
+    gdb.args(["600", "gdb", "-batch", "-nx"]);
+    for c in &cmds {
+        gdb.args(["-ex", c]);
+    }
+    let out = gdb.stdin(Stdio::null()).output().expect("run gdb");
+    let out = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.contains("Thread 1.1") && out.contains("Thread 1.2"), "{out}");
+    assert!(out.contains("hit Breakpoint 1") && out.contains(&format!("{write:#x}")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with(&format!("{jiffies:#x}:\t0x"))), "{out}");
+    // One instruction on from the breakpoint (an x86 instruction is at most 15 bytes).
+    let rip = out.lines().find(|l| l.starts_with("rip")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+    assert!(rip.is_some_and(|rip| rip > write && rip <= write + 15), "rip {rip:x?} after a step from {write:#x}: {out}");
+    assert!(out.contains("Hardware watchpoint 2"), "{out}");
+    if !emulated {
+        assert!(out.contains("Old value") && out.contains("New value"), "{out}");
+    }
+    assert!(out.contains("detached"), "{out}");
+    // The guest runs on after the detach.
+    let echo = r.run("echo answering-after-gdb", CMD_TIMEOUT);
+    assert_eq!(echo, vec!["answering-after-gdb".to_string()], "{out}");
+    r.send("poweroff\n");
+    let (status, stderr, _) = r.wait_exit(CMD_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("skiff: gdb: detached"), "{stderr}");
+    eprintln!("--- gdb against the restored Debian guest ---\n{out}");
+}
