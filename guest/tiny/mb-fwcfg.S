@@ -8,24 +8,10 @@
  * then ends through the exit device (port 0xf4) with 0x11, or 0x22 if the signature
  * is not "QEMU".
  */
-        .set    MB_MAGIC, 0x1badb002
-        .set    MB_FLAGS, 0x00000003
         .set    MAX_FILES, 16
         .set    MAX_DATA, 240
 
-        .code32
-        .section .text
-        .p2align 2
-mb_header:
-        .long   MB_MAGIC
-        .long   MB_FLAGS
-        .long   -(MB_MAGIC + MB_FLAGS)
-
-        .globl _start
-_start:
-        cli
-        cld
-        mov     $stack_top, %esp
+        .include "multiboot.inc"
         mov     $msg_sig, %esi
         call    puts
         mov     $0x0000, %ax

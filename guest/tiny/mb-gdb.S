@@ -9,24 +9,10 @@
  * value 0x20 + `gdb_flag` (0 unless gdb wrote it: exit status (V << 1) | 1), or
  * 0x30 if `counter` is not ROUNDS. tests/gdb.rs drives it with gdb.
  */
-        .set    MB_MAGIC, 0x1badb002
-        .set    MB_FLAGS, 0x00000003
         .set    EXIT_PORT, 0xf4
         .set    ROUNDS, 1000
 
-        .code32
-        .section .text
-        .p2align 2
-mb_header:
-        .long   MB_MAGIC
-        .long   MB_FLAGS
-        .long   -(MB_MAGIC + MB_FLAGS)
-
-        .globl _start
-_start:
-        cli
-        cld
-        mov     $stack_top, %esp
+        .include "multiboot.inc"
         /* PML4[0] -> PDPT, PDPT[0] -> PD, PD[0..3] = 2 MiB pages: 0-8 MiB */
         mov     $pdpt, %eax
         or      $7, %eax

@@ -9,25 +9,11 @@
  *   value 0x30 (exit status 97): a check failed (the line says which).
  * Without an exit device it then powers off through ACPI PM1a_CNT.
  */
-        .set    MB_MAGIC, 0x1badb002
-        .set    MB_FLAGS, 0x00000003    /* page-aligned modules, memory info */
         .set    EXIT_PORT, 0xf4
         .set    EXIT_OK, 0x21
         .set    EXIT_FAIL, 0x30
 
-        .code32
-        .section .text
-        .p2align 2
-mb_header:
-        .long   MB_MAGIC
-        .long   MB_FLAGS
-        .long   -(MB_MAGIC + MB_FLAGS)
-
-        .globl _start
-_start:
-        cli
-        cld
-        mov     $stack_top, %esp
+        .include "multiboot.inc"
         cmp     $0x2badb002, %eax
         je      1f
         mov     $msg_magic, %esi

@@ -6,23 +6,9 @@
  * So an in-place reboot loads a multiboot kernel again and enters it as the first
  * boot did.
  */
-        .set    MB_MAGIC, 0x1badb002
-        .set    MB_FLAGS, 0x00000003
         .set    COUNTER, 0x38
 
-        .code32
-        .section .text
-        .p2align 2
-mb_header:
-        .long   MB_MAGIC
-        .long   MB_FLAGS
-        .long   -(MB_MAGIC + MB_FLAGS)
-
-        .globl _start
-_start:
-        cli
-        cld
-        mov     $stack_top, %esp
+        .include "multiboot.inc"
         cmp     $0x2badb002, %eax
         jne     bad_magic
         mov     $COUNTER, %al

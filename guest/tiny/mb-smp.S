@@ -8,26 +8,12 @@
  *   "mb-smp: N of M application processors started"
  * then ends the machine through the exit device (port 0xf4) with the value N.
  */
-        .set    MB_MAGIC, 0x1badb002
-        .set    MB_FLAGS, 0x00000003
         .set    TRAMPOLINE, 0x8000
         .set    COUNTER, 0x7000
         .set    APIC, 0xfee00000
         .set    WAIT_LOOPS, 3000000
 
-        .code32
-        .section .text
-        .p2align 2
-mb_header:
-        .long   MB_MAGIC
-        .long   MB_FLAGS
-        .long   -(MB_MAGIC + MB_FLAGS)
-
-        .globl _start
-_start:
-        cli
-        cld
-        mov     $stack_top, %esp
+        .include "multiboot.inc"
         cmp     $0x2badb002, %eax
         jne     bad_magic
 
