@@ -9,6 +9,7 @@
 //! - [`vcpu`]: one vCPU: run loop, exit dispatch, CPUID, emulation-failure handling.
 //! - [`x86`]: architecture facts that need no KVM: boot protocol, paging, decode.
 //! - [`devices`]: the I/O bus and the devices on it.
+//! - [`hypercall`]: skiff's hypercall ABI: the page, the calls, trap-and-patch, the ring.
 //! - [`snapshot`]: the snapshot file format and the guest-memory file.
 //! - [`output`]: skiff's own messages, which a closed or unread stdout/stderr cannot
 //!   turn into a panic or a hang.
@@ -21,6 +22,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod hypercall;
 pub mod output;
 pub mod snapshot;
 pub mod stats;

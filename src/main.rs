@@ -432,6 +432,7 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         );
         let _ = writeln!(out, "doorbell writes (ioeventfd, no exit): {} ({})", r.doorbells_rung, r.doorbells);
         let _ = writeln!(out, "KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
+        out.push_str(&r.hypercalls);
         for v in &r.virtio {
             let _ = writeln!(out, "virtio {v}");
         }

@@ -59,6 +59,9 @@ pub enum DeviceState {
     ExitDevice,
     /// fw_cfg: the selected item and the next byte's offset (the items are config).
     FwCfg { selector: u16, offset: u32 },
+    /// skiff's hypercall ports: the registered ring (0: none), its consumed count,
+    /// and where the guest mapped the hypercall page (0: not said).
+    Hypercall { ring_gpa: u64, ring_tail: u32, page_va: u64 },
     /// Stand-ins in tests.
     #[cfg(test)]
     None,
@@ -82,6 +85,7 @@ impl DeviceState {
             DeviceState::VirtioPci(_) => "virtio-pci",
             DeviceState::ExitDevice => "exit-device",
             DeviceState::FwCfg { .. } => "fw-cfg",
+            DeviceState::Hypercall { .. } => "hypercall",
             #[cfg(test)]
             DeviceState::None => "none",
         }

@@ -27,6 +27,8 @@ enum Next {
     Debug,
     /// The guest wrote a filtered MSR (LSTAR): the value.
     LstarWrite(u64),
+    /// An `out` to a hypercall port: the call is in the registers.
+    Hypercall(crate::hypercall::Path),
     Stop(StopReason),
     TripleFault,
     Unexpected(String),
@@ -114,6 +116,11 @@ impl Vcpu {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
+            Next::Hypercall(path) => {
+                if let Err(e) = self.hypercall(path) {
+                    self.control.request_stop(StopReason::Error(e));
+                }
+            }
             Next::Stop(reason) => self.control.request_stop(reason),
             Next::TripleFault => {
                 if self.diagnose_shutdown {
@@ -153,6 +160,16 @@ impl Vcpu {
         Err(super::VcpuError::Restore(self.index, format!("the last exit did not complete within {MAX_COMPLETIONS} exits")))
     }
 
+    /// A call through a hypercall port: RAX = number, RBX/RCX/RDX/RSI = arguments;
+    /// the result goes to RAX (KVM completes the `out` itself when it runs the vCPU
+    /// again, and RIP moves past it then).
+    fn hypercall(&mut self, path: crate::hypercall::Path) -> Result<(), String> {
+        let Some(h) = self.hypercalls.clone() else { return Ok(()) };
+        let mut regs = self.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", self.index))?;
+        regs.rax = h.call(path, regs.rax, [regs.rbx, regs.rcx, regs.rdx, regs.rsi]);
+        self.fd.set_regs(&regs).map_err(|e| format!("vCPU {}: KVM_SET_REGS: {e}", self.index))
+    }
+
     fn run_once(&mut self, run_page: *mut kvm_run) -> Next {
         let Vcpu { fd, buses, stats, .. } = self;
         let result = fd.run();
@@ -164,6 +181,11 @@ impl Vcpu {
                 VcpuExit::IoOut(port, data) => {
                     stats.count(ExitKind::IoOut);
                     stats.count_port(port);
+                    match port {
+                        crate::hypercall::PORT_DIRECT => return Next::Hypercall(crate::hypercall::Path::Direct),
+                        crate::hypercall::PORT_PATCHED => return Next::Hypercall(crate::hypercall::Path::Patched),
+                        _ => {}
+                    }
                     // SAFETY: KVM just filled the io member of the union for this exit.
                     let size = unsafe { (*run_page).__bindgen_anon_1.io.size } as usize;
                     if data.len() > size && size > 0 {

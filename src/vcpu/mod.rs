@@ -133,6 +133,8 @@ pub struct Vcpu {
     /// The guest's MAXPHYADDR for the page walker, read from the vCPU's CPUID at the
     /// first emulation (0 until then).
     pub maxphyaddr: u8,
+    /// skiff's hypercall handler (hypercall/), for the call ports and raw sites.
+    pub hypercalls: Option<Arc<crate::hypercall::Hypercalls>>,
 }
 
 impl Vcpu {
@@ -163,6 +165,7 @@ impl Vcpu {
             diagnose_shutdown: false,
             translate_checks_done: 0,
             maxphyaddr: 0,
+            hypercalls: None,
         }
     }
 

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::cpuid::{GATED, GatedFeature, has};
 
 mod cache;
+mod hypercall;
 mod key;
 
 pub use cache::{CACHE_FILE, CacheError, ProbeOrigin, ProbePolicy, cache_dir, probe_host_cached};
@@ -125,6 +126,9 @@ pub struct HostQuirks {
     /// A KVM hypercall at CPL 0 never comes back from KVM_RUN: the paravirtual
     /// features that make hypercalls are hidden (see [`HYPERCALL_FEATURES`]).
     pub hypercall_hangs: bool,
+    /// `int3` at CPL 0 exits to skiff as an emulation failure: skiff's raw hypercall
+    /// sites trap to it (hypercall/trap.rs).
+    pub int3_traps: bool,
     /// XCR0 as guest user mode sees it while the guest kernel has not enabled XSAVE
     /// (None: `xgetbv` faults there, as on hardware). See [`Self::user_state_needs_xsave`].
     pub user_xcr0: Option<u64>,
@@ -782,6 +786,7 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     if let Some(ns) = cpl0_ns_per_insn(&mut vm) {
         quirks.cpl0_ns_per_insn = ns;
     }
+    quirks.int3_traps = hypercall::int3_traps(&mut vm);
     quirks.cpuid_honoured = cpuid_honoured(&mut vm, cpuid)?;
     // Check which hidden features the guest really stops seeing.
     let mut hidden_cpuid = cpuid.clone();

@@ -147,6 +147,8 @@ pub struct RunReport {
     pub diagnostic: Option<String>,
     /// Each virtio device: its name and what it did.
     pub virtio: Vec<String>,
+    /// The hypercall paths' counts (`--stats` lines).
+    pub hypercalls: String,
     /// A restore's phases and their milliseconds.
     pub restore_phases: Vec<(&'static str, f64)>,
     /// Guest console output never written: the console failed (closed pipe) or took
@@ -267,6 +269,8 @@ impl Vmm {
         let failure_bytes = report_failed_instruction_bytes(&vm);
         let vcpus = create_vcpus(&kvm, &vm, config, &mem, &devices.buses, &control, &supported, &base_cpuid, quirks.user_syscall_broken, None)?;
         let (coalescing, doorbells) = setup_fast_paths(&kvm, &vm, config, &vcpus, &mut devices);
+        let mut vcpus = vcpus;
+        attach_hypercalls(&mut vcpus, &devices, &quirks);
         let mut vmm = Vmm {
             _kvm: kvm,
             vm,
@@ -323,7 +327,9 @@ fn build_devices(
         crate::config::Transport::Pci => Some(Arc::new(crate::devices::pci::routing::Kvm::new(Some(Arc::new(share_vm(kvm, vm)?))))),
         crate::config::Transport::Mmio => None,
     };
+    let hypercall_out = console.handle();
     let mut devices = DeviceManager::new(vm, control, console, pci)?;
+    devices.add_hypercalls(mem, control, hypercall_out);
     devices.add_kernel_test_devices(control, config)?;
     if config.rng {
         devices.add_virtio(vm, mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
@@ -437,7 +443,21 @@ fn guest_cpuid(supported: &CpuId, quirks: &HostQuirks) -> CpuId {
             cpuid::clear(&mut cpuid, cpuid::FeatureBit { leaf: 0x4000_0001, subleaf: 0, reg: cpuid::Reg::Eax, bit });
         }
     }
+    // skiff's own leaves (the hypercall page); KVM takes leaves it does not know.
+    if let Err(e) = crate::hypercall::add_cpuid_leaves(&mut cpuid, quirks.int3_traps) {
+        crate::output::stderr(&format!("skiff: {e}\n"));
+    }
     cpuid
+}
+
+/// Gives every vCPU the hypercall handler, which learns whether raw sites trap here.
+fn attach_hypercalls(vcpus: &mut [Vcpu], devices: &DeviceManager, quirks: &HostQuirks) {
+    if let Some(h) = &devices.hypercalls {
+        h.trap.store(quirks.int3_traps, std::sync::atomic::Ordering::Relaxed);
+        for v in vcpus {
+            v.hypercalls = Some(h.clone());
+        }
+    }
 }
 
 /// Creates every vCPU with its CPUID, finds the state layout on the first, and records
@@ -489,6 +509,7 @@ fn write_guest_tables(
     acpi_devices: &[acpi::AcpiDevice],
 ) -> Result<BootEntry, VmmError> {
     let rsdp = acpi::create_acpi_tables(mem, config.cpus, acpi_devices)?;
+    crate::hypercall::write_page(mem).map_err(VmmError::Device)?;
     Ok(loader::write_boot_info(mem, kernel, config, cmdline, rsdp.0)?)
 }
 

@@ -154,7 +154,10 @@ impl Vmm {
             hooks.after_wait(self, set);
             for source in ready {
                 match source {
-                    Source::Wake => self.on_wake(),
+                    Source::Wake => {
+                        self.on_wake();
+                        self.apply_patches(set);
+                    }
                     Source::ProfileTick => self.control.kick(),
                     Source::Doorbell(i) => {
                         if let Some(bells) = self.devices.buses.doorbell_set() {
@@ -202,6 +205,26 @@ impl Vmm {
             && fd.read().is_ok()
         {
             v.device.notify(queue);
+        }
+    }
+
+    /// Hypercall sites a vCPU asked to have rewritten (hypercall/trap.rs): written with
+    /// every vCPU paused, then resumed (unless the machine was paused already, by the
+    /// API, or is stopping: then it stays as it was).
+    fn apply_patches(&self, set: &mut VcpuSet) {
+        let Some(h) = &self.devices.hypercalls else { return };
+        if h.patches.is_empty() || self.control.stopping() {
+            return;
+        }
+        let was_paused = set.paused();
+        if !was_paused && set.pause_all().is_err() {
+            return;
+        }
+        let (done, refused) = crate::hypercall::trap::apply(&self.mem, &h.patches.take());
+        h.counters.sites_patched.fetch_add(done, Ordering::Relaxed);
+        h.counters.patches_refused.fetch_add(refused, Ordering::Relaxed);
+        if !was_paused && !self.control.stopping() && let Err(e) = set.resume_all() {
+            self.control.request_fatal(e.to_string());
         }
     }
 
@@ -323,6 +346,7 @@ impl Vmm {
             diagnostic: self.control.take_diagnostic(),
             restore_phases: std::mem::take(&mut self.restore_phases),
             virtio: self.devices.virtio.iter().map(|v| format!("{}: {}", v.name, v.device.stats())).collect(),
+            hypercalls: self.devices.hypercalls.as_ref().map(|h| h.report()).unwrap_or_default(),
             console_unwritten,
         }
     }

@@ -10,7 +10,7 @@ use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the cache file's layout or the meaning of a stored field changes.
-pub const PROBE_FORMAT: u32 = 1;
+pub const PROBE_FORMAT: u32 = 2;
 
 /// A hash of the source that decides the probe's results (the probe itself, the
 /// gated-feature table, the boot structures its VMs use), fixed at build time: a
@@ -18,6 +18,7 @@ pub const PROBE_FORMAT: u32 = 1;
 const PROBE_SOURCE_HASH: u64 = {
     let mut h = FNV_OFFSET;
     h = fnv1a(h, include_bytes!("../probe.rs"));
+    h = fnv1a(h, include_bytes!("hypercall.rs"));
     h = fnv1a(h, include_bytes!("../cpuid.rs"));
     h = fnv1a(h, include_bytes!("../../x86/boot.rs"));
     h
