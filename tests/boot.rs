@@ -5,6 +5,9 @@
 mod common;
 #[path = "boot/disk.rs"]
 mod disk;
+#[path = "boot/pv.rs"]
+#[allow(dead_code)]
+mod pv;
 #[path = "boot/snapshot.rs"]
 mod snapshot;
 

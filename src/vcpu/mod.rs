@@ -135,6 +135,8 @@ pub struct Vcpu {
     pub maxphyaddr: u8,
     /// skiff's hypercall handler (hypercall/), for the call ports and raw sites.
     pub hypercalls: Option<Arc<crate::hypercall::Hypercalls>>,
+    /// KVM enforces this vCPU's PV features (KVM_CAP_ENFORCE_PV_FEATURE_CPUID).
+    pub pv_enforced: bool,
 }
 
 impl Vcpu {
@@ -166,6 +168,7 @@ impl Vcpu {
             translate_checks_done: 0,
             maxphyaddr: 0,
             hypercalls: None,
+            pv_enforced: false,
         }
     }
 

@@ -149,6 +149,8 @@ pub struct RunReport {
     pub virtio: Vec<String>,
     /// The hypercall paths' counts (`--stats` lines).
     pub hypercalls: String,
+    /// Each paravirtual feature: exposed, or hidden and why (`--stats` lines).
+    pub pv_features: String,
     /// A restore's phases and their milliseconds.
     pub restore_phases: Vec<(&'static str, f64)>,
     /// Guest console output never written: the console failed (closed pipe) or took
@@ -183,7 +185,9 @@ impl RssReport {
 /// - `slow-build`: the build sleeps 60 s after loading the kernel (as a slow load
 ///   would), so a test can signal skiff while the machine is built;
 /// - `vcpu-return`: vCPU 0's thread returns at once instead of running (a vCPU thread
-///   that ends early must stop the machine, not leave it waiting).
+///   that ends early must stop the machine, not leave it waiting);
+/// - `hide-pv-NAME` (tests/pvfeatures.rs): the guest's CPUID hides paravirtual
+///   feature NAME even where the probe saw it work.
 pub fn test_hook(name: &str) -> bool {
     std::env::var("SKIFF_TEST_HOOK").is_ok_and(|v| v.split(',').any(|h| h == name))
 }
@@ -432,15 +436,33 @@ fn add_chipset(vm: &VmFd) -> Result<VmState, VmmError> {
     VmState::get(vm).map_err(|e| VmmError::Device(format!("reading the power-up chipset state: {e}")))
 }
 
+impl Vmm {
+    /// The `--stats` lines on KVM's paravirtual features: what the guest's CPUID (a
+    /// restore's: the snapshot's) gives it, and whether its vCPUs enforce that.
+    fn pv_report(&self, enforced: bool) -> String {
+        let guest = crate::vcpu::probe::pv::features_in(&self.guest_cpuid);
+        self.quirks.pv.report(Some(guest), Some(enforced))
+    }
+}
+
 /// KVM's supported CPUID less what the probe found the guest must not use.
 fn guest_cpuid(supported: &CpuId, quirks: &HostQuirks) -> CpuId {
     let mut cpuid = supported.clone();
     for (feature, _) in &quirks.hidden {
         cpuid::hide(&mut cpuid, feature);
     }
-    if quirks.hypercall_hangs {
-        for bit in crate::vcpu::probe::HYPERCALL_FEATURES {
-            cpuid::clear(&mut cpuid, cpuid::FeatureBit { leaf: 0x4000_0001, subleaf: 0, reg: cpuid::Reg::Eax, bit });
+    // KVM's paravirtual features: only those the probe saw work (probe/pv.rs).
+    let mut exposed = quirks.pv.exposed();
+    // tests/pvfeatures.rs hides a working feature (`hide-pv-NAME`) to see a guest
+    // that uses it get #GP.
+    for f in crate::vcpu::probe::pv::PV_FEATURES {
+        if test_hook(&format!("hide-pv-{}", f.name)) {
+            exposed &= !(1 << f.bit);
+        }
+    }
+    for e in cpuid.as_mut_slice() {
+        if e.function == crate::vcpu::probe::pv::PV_LEAF {
+            e.eax &= exposed;
         }
     }
     // skiff's own leaves (the hypercall page); KVM takes leaves it does not know.
@@ -482,12 +504,20 @@ fn create_vcpus(
         let fd = vm.create_vcpu(index as u64).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
         let cpuid: CpuId = cpuid::normalize(base_cpuid, index, config.cpus);
         fd.set_cpuid2(&cpuid).map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
+        // The guest may use only the PV features its CPUID lists: a hidden one's MSR
+        // raises #GP. Before anything reads the vCPU's MSRs, so the saved set and the
+        // pristine state are those of an enforcing vCPU. It lasts for the vCPU's life
+        // (resets included); a restore's CPUID is the snapshot's, and so is what is
+        // enforced. A KVM without the capability leaves the guest unenforced (said
+        // in --stats).
+        let enforced = crate::vcpu::probe::pv::enforce(&fd).is_ok();
         // The state layout is found once, on the first vCPU (with its CPUID set).
         let spec = match &spec {
             Some(s) => s.clone(),
             None => spec.insert(Arc::new(discover_state_spec(kvm, vm, &fd, &cpuid, known_msrs)?)).clone(),
         };
         let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone(), spec);
+        vcpu.pv_enforced = enforced;
         if syscall_fixup {
             vcpu.syscall_fixup = Some(Default::default());
         }
@@ -519,7 +549,7 @@ fn write_guest_tables(
 fn discover_state_spec(kvm: &Kvm, vm: &VmFd, fd: &kvm_ioctls::VcpuFd, cpuid: &CpuId, known_msrs: Option<&[u32]>) -> Result<StateSpec, VmmError> {
     let msrs = match known_msrs {
         Some(list) => MsrSet { saved: list.to_vec(), ..Default::default() },
-        None => MsrSet::discover(kvm, fd).map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?,
+        None => MsrSet::discover(kvm, fd, &crate::vcpu::probe::pv::hidden_msrs(cpuid)).map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?,
     };
     let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
     let sregs2 = vm.check_extension_raw(kvm_bindings::KVM_CAP_SREGS2 as libc::c_ulong) > 0;

@@ -69,6 +69,7 @@ impl Vmm {
         };
         let mut stdin = StdinFeed::new(self.devices.legacy.serial.clone());
         let mut vcpus = std::mem::take(&mut self.vcpus);
+        let pv_enforced = !vcpus.is_empty() && vcpus.iter().all(|v| v.pv_enforced);
         if profile.is_some() {
             for v in &mut vcpus {
                 v.rip_samples = Some((started, Vec::new()));
@@ -102,7 +103,7 @@ impl Vmm {
                 crate::output::stderr(&format!("skiff: writing the profile to {}: {e}\n", path.display()));
             }
         }
-        Ok(self.report(stats, life.reboots, started))
+        Ok(self.report(stats, life.reboots, started, pv_enforced))
     }
 
     /// The event loop with every device fd the machine has.
@@ -314,7 +315,7 @@ impl Vmm {
     }
 
     /// What a finished run reports.
-    fn report(mut self, stats: ExitStats, reboots: RebootSummary, started: Instant) -> RunReport {
+    fn report(mut self, stats: ExitStats, reboots: RebootSummary, started: Instant, pv_enforced: bool) -> RunReport {
         // What the guest wrote reaches the console before skiff reports and exits, as
         // long as the console takes it (a console nobody reads does not hold the stop).
         let console_unwritten = self.console.drain(crate::output::STALL);
@@ -327,6 +328,7 @@ impl Vmm {
             exit_ms: started.elapsed().as_secs_f64() * 1e3,
         };
         let buses = &self.devices.buses;
+        let pv_features = self.pv_report(pv_enforced);
         RunReport {
             reason: self.control.reason().unwrap_or(StopReason::Error("stopped without a reason".into())),
             stats,
@@ -347,6 +349,7 @@ impl Vmm {
             restore_phases: std::mem::take(&mut self.restore_phases),
             virtio: self.devices.virtio.iter().map(|v| format!("{}: {}", v.name, v.device.stats())).collect(),
             hypercalls: self.devices.hypercalls.as_ref().map(|h| h.report()).unwrap_or_default(),
+            pv_features,
             console_unwritten,
         }
     }
