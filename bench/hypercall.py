@@ -8,6 +8,12 @@ empty function (guest kernel mode is emulated here at hundreds of ns an instruct
   (b) direct   `call` of the hypercall page's stub (`out %al, $0x9a; ret`)
   (c) patched  a raw site (0x53) rewritten by skiff into `call` of the patched stub
   ring N       N HC_NOP entries queued, the doorbell (ioeventfd), wait for the last status
+Then the guest goes to CPL 3 (iretq to a 64-bit user segment with IOPL 3; it stays there)
+and times the same ring batches (u_ringN) and the direct call (u_direct) again. Guest
+kernel mode is emulated by KVM here, instruction by instruction, so a ring filled at CPL 0
+pays ~0.5 us for every store: that is what a kernel here pays. User mode runs natively,
+so the ring filled at CPL 3 shows the mechanism's own cost: the doorbell (an ioeventfd
+`out`, no exit), skiff's event loop running the batch, the status written back.
 The TSC is converted with skiff's own clock: the guest reads HC_TIME around a ~30 ms spin.
 
 Runs are interleaved (a fresh skiff each); min/median/max over runs of ns per call.
@@ -27,7 +33,7 @@ GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 SKIFF = os.path.join(TARGET, "release", "skiff")
 KERNEL = os.path.join(GUEST, "hcbench.elf")
-OPS = ["trap", "direct", "patched", "ring1", "ring8", "ring64"]
+OPS = ["trap", "direct", "patched", "ring1", "ring8", "ring64", "u_direct", "u_ring1", "u_ring8", "u_ring64"]
 CAL = re.compile(r"hcbench: cal ticks=([0-9a-f]+) ns=([0-9a-f]+)")
 OP = re.compile(r"hcbench: op=(\w+) iters=([0-9a-f]+) calls=([0-9a-f]+) ticks=([0-9a-f]+) base=([0-9a-f]+)")
 SEED_RATIO = 3546 / 2817  # lguest: emulated / direct (cycles, means of 5 runs)
@@ -78,10 +84,24 @@ def main():
     if "patched" in med and "direct" in med:
         print(f"(c)/(b) patched / direct {med['patched'] / med['direct']:.2f}")
     if "direct" in med:
-        for op in ("ring1", "ring8", "ring64"):
-            if op in med:
-                goal = "  (goal <= 0.05)" if op == "ring64" else ""
-                print(f"{op} per call / direct  {med[op] / med['direct']:.3f}{goal}")
+        d = med["direct"]
+        print(f"\nring per call, as a ratio to a direct call at CPL 0 ({d:.0f} ns; the issue's goal: a batch of 64 <= 0.05x)")
+        for label, prefix, note in (
+            ("filled at CPL 0 (what a kernel here pays)", "ring", "every fill store emulated by KVM"),
+            ("filled at CPL 3 (the mechanism)", "u_ring", "fill native; doorbell, event loop, status"),
+        ):
+            print(f"  {label}: {note}")
+            for n in (1, 8, 64):
+                op = f"{prefix}{n}"
+                if op not in med:
+                    continue
+                ratio = med[op] / d
+                verdict = ""
+                if n == 64:
+                    verdict = "  meets the goal" if ratio <= 0.05 else "  does NOT meet the goal"
+                print(f"    batch {n:>2}: {med[op]:>9.0f} ns per call  {ratio:.3f}x direct{verdict}")
+        if "u_direct" in med:
+            print(f"  (a direct call from CPL 3 costs {med['u_direct']:.0f} ns here: an `out` exit from user mode is slower than from CPL 0)")
 
 
 if __name__ == "__main__":

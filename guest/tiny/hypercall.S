@@ -30,6 +30,8 @@
         .set    R_STATUS, RING + 64
         .set    R_ENTRY, RING + 128
         .set    BOOTS, 0x39             /* CMOS RAM byte: boots so far */
+        .set    USER_DS, 0x28 | 3
+        .set    USER_CS, 0x30 | 3
 .ifndef BENCH
         .set    BENCH, 0
 .endif
@@ -563,11 +565,50 @@ bench:
         mov     $10, %r15d
         mov     $64, %r8d
         call    time_op
-        lea     s_bdone(%rip), %rsi
+        /* The same ring batches filled at CPL 3, where this host runs guest code
+         * natively: iretq to a 64-bit user segment with IOPL 3, so the doorbell
+         * `out` (an ioeventfd: no exit) and the console work from there, and the
+         * rest of the benchmark, its poweroff call included (the page's stub is an
+         * `out` too), stays at CPL 3: no way back to CPL 0 is needed. */
+        lea     ustack_top(%rip), %rax
+        pushq   $USER_DS
+        push    %rax
+        pushq   $0x3002                 /* IOPL 3, interrupts off */
+        pushq   $USER_CS
+        lea     user_bench(%rip), %rax
+        push    %rax
+        iretq
+user_bench:
+        mov     %cs, %eax
+        and     $3, %eax
+        lea     n_b_cpl3(%rip), %rbp
+        cmp     $3, %eax
+        je      1f
+        lea     s_nocpl3(%rip), %rsi
+        call    puts
+        jmp     2f
+1:      lea     op_direct(%rip), %rbx
+        lea     n_b_u_direct(%rip), %rbp
+        mov     $200, %r15d
+        mov     $1, %r8d
+        call    time_op
+        lea     op_ring1(%rip), %rbx
+        lea     n_b_u_ring1(%rip), %rbp
+        call    time_op
+        lea     op_ring8(%rip), %rbx
+        lea     n_b_u_ring8(%rip), %rbp
+        mov     $50, %r15d
+        mov     $8, %r8d
+        call    time_op
+        lea     op_ring64(%rip), %rbx
+        lea     n_b_u_ring64(%rip), %rbp
+        mov     $10, %r15d
+        mov     $64, %r8d
+        call    time_op
+2:      lea     s_bdone(%rip), %rsi
         call    puts
         HC      HC_POWEROFF
-1:      hlt
-        jmp     1b
+1:      jmp     1b                      /* hlt would #GP at CPL 3 */
 
 /* RBX = op, RBP = name, R15 = iterations, R8 = calls per op. */
 time_op:
@@ -695,6 +736,8 @@ gdt:    .quad   0
         .quad   0x00cf92000000ffff      /* 0x10: data */
         .quad   0x00af9a000000ffff      /* 0x18: code64 */
         .quad   0x00cf92000000ffff      /* 0x20: data */
+        .quad   0x00cff2000000ffff      /* 0x28: user data (DPL 3) */
+        .quad   0x00affa000000ffff      /* 0x30: user code64 (DPL 3) */
 gdt_end:
 gdt_desc:
         .word   gdt_end - gdt - 1
@@ -777,6 +820,12 @@ n_b_patched:        .asciz "patched"
 n_b_ring1:          .asciz "ring1"
 n_b_ring8:          .asciz "ring8"
 n_b_ring64:         .asciz "ring64"
+n_b_cpl3:           .asciz "cpl3"
+n_b_u_direct:       .asciz "u_direct"
+n_b_u_ring1:        .asciz "u_ring1"
+n_b_u_ring8:        .asciz "u_ring8"
+n_b_u_ring64:       .asciz "u_ring64"
+s_nocpl3:  .asciz "hcbench: not at CPL 3 after iretq\n"
 
         .section .bss
         .align  4096
@@ -785,5 +834,7 @@ pdpt:   .skip   4096
 pd:     .skip   4096
         .skip   16384
 stack_top:
+        .skip   16384
+ustack_top:
 
         .include "pvh_note.inc"
