@@ -211,6 +211,8 @@ impl PvFindings {
                 let proof = PV_FEATURES.iter().find(|f| f.bit == bit).map_or("", |f| f.proof);
                 let stable = if bit == CLOCKSOURCE2 && !self.clock_stable { " (its record does not say stable here)" } else { "" };
                 format!("  {name:<18} exposed: {proof}{stable}\n")
+            } else if self.offered & (1 << bit) == 0 {
+                format!("  {name:<18} hidden: {}\n", PvVerdict::NotOffered.why())
             } else if v == PvVerdict::Works {
                 format!("  {name:<18} hidden: works, but this machine's CPUID hides it\n")
             } else {
@@ -385,4 +387,62 @@ pub(super) fn probe(kvm: &Kvm, cpuid: &CpuId, hypercalls_return: bool) -> Result
         enforce(&vm.vcpu).is_ok() && vm.run(&wrmsr(msr::KVM_SYSTEM_TIME_NEW, 0), 0) == ProbeResult::Faults
     };
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn findings() -> PvFindings {
+        PvFindings {
+            // clocksource2, steal time, PV_UNHALT, PV_TLB_FLUSH, and a bit nobody knows (30).
+            offered: (1 << CLOCKSOURCE2) | (1 << STEAL_TIME) | (1 << PV_UNHALT) | (1 << PV_TLB_FLUSH) | (1 << 30),
+            verdicts: vec![
+                (CLOCKSOURCE2, PvVerdict::Works),
+                (STEAL_TIME, PvVerdict::NoEffect),
+                (PV_UNHALT, PvVerdict::HypercallsHang),
+                (PV_TLB_FLUSH, PvVerdict::Needs(STEAL_TIME)),
+                (30, PvVerdict::Unknown),
+                // Works, but not offered: never exposed.
+                (POLL_CONTROL, PvVerdict::Works),
+            ],
+            enforced: true,
+            clock_stable: true,
+        }
+    }
+
+    #[test]
+    fn only_what_works_and_is_offered_is_exposed() {
+        assert_eq!(findings().exposed(), 1 << CLOCKSOURCE2);
+        // A hostile cache's bit numbers cannot overflow the mask.
+        let odd = PvFindings { offered: u32::MAX, verdicts: vec![(200, PvVerdict::Works), (3, PvVerdict::Works)], ..Default::default() };
+        assert_eq!(odd.exposed(), 1 << 3);
+    }
+
+    #[test]
+    fn the_report_says_why_each_is_hidden() {
+        let r = findings().report(None, None);
+        assert!(r.starts_with("paravirtual features (CPUID 0x40000001 EAX): KVM offers 0x400002a8, the guest gets 0x8; enforced"), "{r}");
+        assert!(r.contains("  clocksource2       exposed: KVM filled"), "{r}");
+        assert!(r.contains("  steal_time         hidden: its MSR is taken but KVM did not do"), "{r}");
+        assert!(r.contains("  pv_tlb_flush       hidden: needs steal_time, which is hidden"), "{r}");
+        assert!(r.contains("  pv_unhalt          hidden: it makes hypercalls"), "{r}");
+        assert!(r.contains("  bit 30             hidden: unknown to skiff"), "{r}");
+        assert!(r.contains("  poll_control       hidden: not offered by this KVM"), "{r}");
+        let restored = findings().report(Some(0), Some(false));
+        assert!(restored.contains("  clocksource2       hidden: works, but this machine's CPUID hides it"), "{restored}");
+        assert!(restored.contains("the guest gets 0x0 (this machine's CPUID"), "{restored}");
+        assert!(restored.contains("NOT enforced"), "{restored}");
+    }
+
+    #[test]
+    fn hidden_features_take_their_msrs_with_them() {
+        let cpuid = CpuId::from_entries(&[kvm_bindings::kvm_cpuid_entry2 { function: PV_LEAF, eax: 1 << CLOCKSOURCE2, ..Default::default() }]).unwrap();
+        let hidden: Vec<u32> = hidden_msrs(&cpuid).into_iter().map(|(i, _)| i).collect();
+        assert!(!hidden.contains(&msr::KVM_SYSTEM_TIME_NEW) && !hidden.contains(&msr::KVM_WALL_CLOCK_NEW));
+        for i in [msr::KVM_STEAL_TIME, msr::KVM_ASYNC_PF_EN, msr::KVM_PV_EOI_EN, msr::KVM_POLL_CONTROL, msr::KVM_SYSTEM_TIME] {
+            assert!(hidden.contains(&i), "{i:#x}");
+        }
+        assert_eq!(wrmsr(0x4b56_4d01, 0x1_0000_2001), [0xb9, 0x01, 0x4d, 0x56, 0x4b, 0xb8, 0x01, 0x20, 0, 0, 0xba, 1, 0, 0, 0, 0x0f, 0x30]);
+    }
 }
