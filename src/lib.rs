@@ -10,6 +10,7 @@
 //! - [`x86`]: architecture facts that need no KVM: boot protocol, paging, decode.
 //! - [`devices`]: the I/O bus and the devices on it.
 //! - [`gdb`]: the gdb stub (GDB remote protocol), on a thread that talks to vCPUs by events.
+//! - [`hypercall`]: skiff's hypercall ABI: the page, the calls, trap-and-patch, the ring.
 //! - [`snapshot`]: the snapshot file format and the guest-memory file.
 //! - [`output`]: skiff's own messages, which a closed or unread stdout/stderr cannot
 //!   turn into a panic or a hang.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod gdb;
+pub mod hypercall;
 pub mod output;
 pub mod snapshot;
 pub mod stats;

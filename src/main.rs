@@ -270,7 +270,7 @@ fn interruptible<T: Send + 'static>(
 
 fn probe() -> Result<ExitCode, String> {
     let (quirks, origin) = interruptible("probing the host", || skiff::vmm::probe_host().map_err(|e| e.to_string()))?;
-    match output::stdout(&format!("{}{}", quirks.report(), origin.report_line())) {
+    match output::stdout(&format!("{}{}{}", quirks.report(), quirks.pv.report(None, None), origin.report_line())) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // The reader closed the pipe (`skiff probe | head -3`): it has what it wanted.
         Err(e) if e.raw_os_error() == Some(libc::EPIPE) => Ok(ExitCode::SUCCESS),
@@ -473,11 +473,13 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         );
         let _ = writeln!(out, "doorbell writes (ioeventfd, no exit): {} ({})", r.doorbells_rung, r.doorbells);
         let _ = writeln!(out, "KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
+        out.push_str(&r.hypercalls);
         for v in &r.virtio {
             let _ = writeln!(out, "virtio {v}");
         }
         out.push_str(&r.probe_origin.report_line());
         out.push_str(&r.quirks.report());
+        out.push_str(&r.pv_features);
         if let Some(rss) = r.rss {
             let _ = writeln!(
             out,

@@ -7,6 +7,8 @@ mod common;
 mod disk;
 #[path = "boot/gdb.rs"]
 mod gdb;
+#[path = "boot/pv.rs"]
+mod pv;
 #[path = "boot/snapshot.rs"]
 mod snapshot;
 
@@ -52,6 +54,7 @@ fn boot_and_check(cpus: u32) {
     guest_time_is_the_hosts(&mut g);
     virtio_devices_are_there(&mut g, cpus);
     keyboard_is_there(&mut g);
+    let pv_log = pv::kvm_clock_and_steal_time(&mut g);
 
     let nproc = g.run("nproc", CMD_TIMEOUT);
     assert_eq!(nproc, vec![cpus_arg.clone()], "nproc in the guest");
@@ -116,6 +119,7 @@ fn boot_and_check(cpus: u32) {
     assert!(stderr.contains("host quirks"), "{stderr}");
     assert!(stderr.contains("reboots: 1 in place"), "one reboot expected; stderr:\n{stderr}\nconsole:\n{console}");
     pause_storm_left_nothing_behind(&stderr);
+    pv::stats_agree(&stderr, &pv_log);
     assert_eq!(disk::raw_sum_on_host(&data), raw_sum, "vda's data on the host after poweroff");
     if let Some(ro) = &ro {
         assert_eq!(disk::sha256_file(ro), ro_sum, "the read-only disk's image changed");

@@ -66,7 +66,9 @@ fn machine_with(kvm: &Kvm, cpuid: CpuId) -> Machine {
     unsafe { vm.set_user_memory_region(region) }.expect("memory region");
     let fd = vm.create_vcpu(0).expect("vCPU");
     fd.set_cpuid2(&cpuid).expect("set CPUID");
-    let msrs = MsrSet::discover(kvm, &fd).expect("MSR set");
+    // As skiff's vCPUs: KVM enforces the PV features CPUID lists.
+    skiff::vcpu::probe::pv::enforce(&fd).expect("KVM_CAP_ENFORCE_PV_FEATURE_CPUID");
+    let msrs = MsrSet::discover(kvm, &fd, &skiff::vcpu::probe::pv::hidden_msrs(&cpuid)).expect("MSR set");
     let amd = cpuid::find_entry(&cpuid, 0, 0).is_some_and(|e| e.ebx == u32::from_le_bytes(*b"Auth"));
     let spec = Arc::new(StateSpec {
         msrs,
@@ -145,17 +147,18 @@ fn cpuid_variants(kvm: &Kvm) -> Vec<(&'static str, CpuId)> {
     for feature in cpuid::GATED {
         cpuid::hide(&mut all_hidden, feature);
     }
-    for bit in skiff::vcpu::probe::HYPERCALL_FEATURES {
-        let f = cpuid::FeatureBit { leaf: 0x4000_0001, subleaf: 0, reg: cpuid::Reg::Eax, bit };
-        cpuid::clear(&mut all_hidden, f);
-        if quirks.hypercall_hangs {
-            cpuid::clear(&mut probed, f);
+    // KVM's PV features: those the probe saw work; none at all.
+    for (c, keep) in [(&mut probed, quirks.pv.exposed()), (&mut all_hidden, 0)] {
+        for e in c.as_mut_slice() {
+            if e.function == skiff::vcpu::probe::pv::PV_LEAF {
+                e.eax &= keep;
+            }
         }
     }
     vec![
         ("KVM's supported CPUID", supported),
         ("the CPUID skiff gives the guest here", cpuid::normalize(&probed, 0, 1)),
-        ("every gated and hypercall feature hidden", cpuid::normalize(&all_hidden, 0, 1)),
+        ("every gated and PV feature hidden", cpuid::normalize(&all_hidden, 0, 1)),
     ]
 }
 

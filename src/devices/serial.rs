@@ -218,7 +218,7 @@ impl ConsoleOut {
     }
 
     /// Another handle on the same output (the UART model is rebuilt at a reset).
-    fn handle(&self) -> Self {
+    pub fn handle(&self) -> Self {
         Self { console: self.console.clone(), first_byte: self.first_byte.clone(), bytes: self.bytes.clone() }
     }
 }

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 /// explicit upgrade code (none yet: this is the first).
 pub const DEVICE_STATE_VERSION: u32 = 2;
 
-/// Version 1 had no keyboard behind the i8042 (its state was the unit `I8042`).
-/// Version 2 only added [`DeviceState::Keyboard`] at the end of the enum, so a
-/// version 1 payload decodes as it is, and the i8042 takes `I8042` as power-on state.
+/// Version 1 had no keyboard behind the i8042 (its state was the unit `I8042`) and no
+/// hypercall ports. Version 2 only added [`DeviceState::Keyboard`] and
+/// [`DeviceState::Hypercall`] at the end of the enum, so a version 1 payload decodes
+/// as it is: the i8042 takes `I8042` as power-on state, and absent hypercall ports
+/// start unused.
 pub const DEVICE_STATE_VERSION_NO_KEYBOARD: u32 = 1;
 
 /// The 16550 UART's registers and receive FIFO (vm-superio's model of it).
@@ -64,9 +66,12 @@ pub enum DeviceState {
     ExitDevice,
     /// fw_cfg: the selected item and the next byte's offset (the items are config).
     FwCfg { selector: u16, offset: u32 },
-    /// The i8042 controller and its keyboard (version 2 on). New kinds go at the end:
-    /// the encoding numbers them in order.
+    /// The i8042 controller and its keyboard (version 2 on). New kinds go at the end
+    /// (with a new version): the encoding numbers them in order.
     Keyboard(super::i8042::I8042Regs),
+    /// skiff's hypercall ports (version 2 on): the registered ring (0: none), its consumed count,
+    /// and where the guest mapped the hypercall page (0: not said).
+    Hypercall { ring_gpa: u64, ring_tail: u32, page_va: u64 },
     /// Stand-ins in tests.
     #[cfg(test)]
     None,
@@ -90,6 +95,7 @@ impl DeviceState {
             DeviceState::VirtioPci(_) => "virtio-pci",
             DeviceState::ExitDevice => "exit-device",
             DeviceState::FwCfg { .. } => "fw-cfg",
+            DeviceState::Hypercall { .. } => "hypercall",
             #[cfg(test)]
             DeviceState::None => "none",
         }

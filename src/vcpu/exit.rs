@@ -28,6 +28,8 @@ enum Next {
     Debug(kvm_bindings::kvm_debug_exit_arch),
     /// The guest wrote a filtered MSR (LSTAR): the value.
     LstarWrite(u64),
+    /// An `out` to a hypercall port: the call is in the registers.
+    Hypercall(crate::hypercall::Path),
     Stop(StopReason),
     TripleFault,
     Unexpected(String),
@@ -122,6 +124,11 @@ impl Vcpu {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
+            Next::Hypercall(path) => {
+                if let Err(e) = self.hypercall(path) {
+                    self.control.request_stop(StopReason::Error(e));
+                }
+            }
             Next::Stop(reason) => self.control.request_stop(reason),
             Next::TripleFault => {
                 if self.diagnose_shutdown {
@@ -136,11 +143,15 @@ impl Vcpu {
         }
     }
 
-    /// Whether the instruction at CS:RIP is int3 (fetched through the guest's tables).
+    /// Whether the instruction at CS:RIP is an int3 (fetched through the guest's
+    /// tables) that is not skiff's raw hypercall site (hypercall/trap.rs: that one is
+    /// the hypercall path's, with or without gdb).
     fn at_int3(&self) -> bool {
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return false };
-        crate::x86::insn::fetch(&self.mem, &sregs, regs.rip, regs.rflags)
-            .is_ok_and(|f| f.insn.mnemonic() == iced_x86::Mnemonic::Int3)
+        crate::x86::insn::fetch(&self.mem, &sregs, regs.rip, regs.rflags).is_ok_and(|f| {
+            f.insn.mnemonic() == iced_x86::Mnemonic::Int3
+                && (self.hypercalls.is_none() || crate::hypercall::trap::raw_site(f.bytes.get(..f.len).unwrap_or(&[])).is_none())
+        })
     }
 
     /// The state to snapshot, on this (paused) vCPU's thread. An exit skiff answered
@@ -168,6 +179,16 @@ impl Vcpu {
         Err(super::VcpuError::Restore(self.index, format!("the last exit did not complete within {MAX_COMPLETIONS} exits")))
     }
 
+    /// A call through a hypercall port: RAX = number, RBX/RCX/RDX/RSI = arguments;
+    /// the result goes to RAX (KVM completes the `out` itself when it runs the vCPU
+    /// again, and RIP moves past it then).
+    fn hypercall(&mut self, path: crate::hypercall::Path) -> Result<(), String> {
+        let Some(h) = self.hypercalls.clone() else { return Ok(()) };
+        let mut regs = self.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", self.index))?;
+        regs.rax = h.call(path, regs.rax, [regs.rbx, regs.rcx, regs.rdx, regs.rsi]);
+        self.fd.set_regs(&regs).map_err(|e| format!("vCPU {}: KVM_SET_REGS: {e}", self.index))
+    }
+
     fn run_once(&mut self, run_page: *mut kvm_run) -> Next {
         let Vcpu { fd, buses, stats, .. } = self;
         let result = fd.run();
@@ -179,6 +200,11 @@ impl Vcpu {
                 VcpuExit::IoOut(port, data) => {
                     stats.count(ExitKind::IoOut);
                     stats.count_port(port);
+                    match port {
+                        crate::hypercall::PORT_DIRECT => return Next::Hypercall(crate::hypercall::Path::Direct),
+                        crate::hypercall::PORT_PATCHED => return Next::Hypercall(crate::hypercall::Path::Patched),
+                        _ => {}
+                    }
                     // SAFETY: KVM just filled the io member of the union for this exit.
                     let size = unsafe { (*run_page).__bindgen_anon_1.io.size } as usize;
                     if data.len() > size && size > 0 {

@@ -138,6 +138,10 @@ pub struct Vcpu {
     pub debug: debug::VcpuDebug,
     /// Where a stop for gdb is reported, while a gdb client is attached.
     pub gdb_reports: Option<std::sync::mpsc::Sender<(u8, debug::DebugStop)>>,
+    /// skiff's hypercall handler (hypercall/), for the call ports and raw sites.
+    pub hypercalls: Option<Arc<crate::hypercall::Hypercalls>>,
+    /// KVM enforces this vCPU's PV features (KVM_CAP_ENFORCE_PV_FEATURE_CPUID).
+    pub pv_enforced: bool,
 }
 
 impl Vcpu {
@@ -170,6 +174,8 @@ impl Vcpu {
             maxphyaddr: 0,
             debug: debug::VcpuDebug::default(),
             gdb_reports: None,
+            hypercalls: None,
+            pv_enforced: false,
         }
     }
 

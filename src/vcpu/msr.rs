@@ -48,6 +48,8 @@ pub const KVM_STEAL_TIME: u32 = 0x4b56_4d03;
 pub const KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
 pub const KVM_POLL_CONTROL: u32 = 0x4b56_4d05;
 pub const KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
+pub const KVM_ASYNC_PF_ACK: u32 = 0x4b56_4d07;
+pub const KVM_MIGRATION_CONTROL: u32 = 0x4b56_4d08;
 
 /// Variable-range MTRR pair `n`: (PHYSBASEn, PHYSMASKn).
 pub const fn mtrr_var(n: u32) -> (u32, u32) {
@@ -188,10 +190,14 @@ impl MsrSet {
     /// gates which MSRs KVM lets the guest, and so us, use). Every candidate is read
     /// once and its value written back: a refusal either way drops it, and the
     /// reason comes from [`MAY_BE_REFUSED`] (or is missing: see [`Self::unexplained`]).
-    pub fn discover(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Self, kvm_ioctls::Error> {
+    ///
+    /// `hidden` adds MSRs KVM refuses because this vCPU's CPUID hides their feature
+    /// and KVM enforces it (the paravirtual MSRs, probe/pv.rs), with that reason.
+    pub fn discover(kvm: &Kvm, vcpu: &VcpuFd, hidden: &[(u32, &'static str)]) -> Result<Self, kvm_ioctls::Error> {
         let kvm_list: Vec<u32> = kvm.get_msr_index_list()?.as_slice().to_vec();
         let vcnt = read_one(vcpu, IA32_MTRRCAP).map_or(0, |v| (v & MTRRCAP_VCNT_MASK) as u32);
-        Ok(Self::sort_out(kvm_list, vcnt, |i| read_one(vcpu, i), |i, v| write_one(vcpu, i, v), MAY_BE_REFUSED))
+        let reasons: Vec<(u32, &'static str)> = MAY_BE_REFUSED.iter().chain(hidden).copied().collect();
+        Ok(Self::sort_out(kvm_list, vcnt, |i| read_one(vcpu, i), |i, v| write_one(vcpu, i, v), &reasons))
     }
 
     /// Discovery without KVM: `read` and `write` stand for KVM_GET_MSRS and

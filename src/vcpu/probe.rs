@@ -18,7 +18,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::cpuid::{GATED, GatedFeature, has};
 
 mod cache;
+mod hypercall;
 mod key;
+pub mod pv;
 
 pub use cache::{CACHE_FILE, CacheError, ProbeOrigin, ProbePolicy, cache_dir, probe_host_cached};
 pub use key::{PROBE_FORMAT, ProbeKey};
@@ -125,6 +127,9 @@ pub struct HostQuirks {
     /// A KVM hypercall at CPL 0 never comes back from KVM_RUN: the paravirtual
     /// features that make hypercalls are hidden (see [`HYPERCALL_FEATURES`]).
     pub hypercall_hangs: bool,
+    /// `int3` at CPL 0 exits to skiff as an emulation failure: skiff's raw hypercall
+    /// sites trap to it (hypercall/trap.rs).
+    pub int3_traps: bool,
     /// XCR0 as guest user mode sees it while the guest kernel has not enabled XSAVE
     /// (None: `xgetbv` faults there, as on hardware). See [`Self::user_state_needs_xsave`].
     pub user_xcr0: Option<u64>,
@@ -132,6 +137,8 @@ pub struct HostQuirks {
     pub xsave_kept: Option<ProbeResult>,
     /// The XCR0 bits KVM lets the guest enable (CPUID leaf 0xD).
     pub guest_xcr0: u64,
+    /// KVM's paravirtual features: which work here (probe/pv.rs).
+    pub pv: pv::PvFindings,
     pub probe_ms: f64,
 }
 
@@ -249,10 +256,7 @@ impl HostQuirks {
             }
         }
         if self.hypercall_hangs {
-            out.push_str(
-                "  hypercall   at CPL 0 never returns from KVM_RUN: PV_UNHALT, PV_SEND_IPI and \
-                 PV_SCHED_YIELD hidden from CPUID leaf 0x40000001\n",
-            );
+            out.push_str("  hypercall   at CPL 0 never returns from KVM_RUN: the paravirtual features that make them are hidden\n");
         }
         if self.user_syscall_broken {
             out.push_str(
@@ -319,6 +323,9 @@ struct ProbeVm {
     vcpus: u64,
     mem: GuestMemoryMmap,
     xcr0: u64,
+    /// The VM has an in-kernel irqchip: vCPUs other than 0 then wait for INIT and
+    /// SIPI, so each fresh one is made runnable.
+    irqchip: bool,
 }
 
 // CR and EFER bits for the probe's long mode.
@@ -341,7 +348,15 @@ const EFER_LMA: u64 = 1 << 10;
 
 impl ProbeVm {
     fn new(kvm: &Kvm, cpuid: &CpuId) -> Result<Self, String> {
+        Self::new_with(kvm, cpuid, false)
+    }
+
+    /// A probe VM, with an in-kernel irqchip (PIC, I/O APIC, LAPICs) when `irqchip`.
+    fn new_with(kvm: &Kvm, cpuid: &CpuId, irqchip: bool) -> Result<Self, String> {
         let vm = kvm.create_vm().map_err(|e| format!("probe: KVM_CREATE_VM: {e}"))?;
+        if irqchip {
+            vm.create_irq_chip().map_err(|e| format!("probe: KVM_CREATE_IRQCHIP: {e}"))?;
+        }
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .map_err(|e| format!("probe: guest memory: {e}"))?;
         let host = mem.get_host_address(GuestAddress(0)).map_err(|e| format!("probe: {e}"))?;
@@ -364,13 +379,17 @@ impl ProbeVm {
         mem.write_obj(PDPT_HIGH | 3, GuestAddress(PML4 + 511 * 8)).map_err(|e| format!("probe: {e}"))?;
         mem.write_obj(PD | 3, GuestAddress(PDPT_HIGH + 510 * 8)).map_err(|e| format!("probe: {e}"))?;
         let vcpu = Self::make_vcpu(&vm, 0, cpuid)?;
-        Ok(Self { vm, vcpu, vcpus: 1, mem, xcr0: supported_xcr0(cpuid) })
+        Ok(Self { vm, vcpu, vcpus: 1, mem, xcr0: supported_xcr0(cpuid), irqchip })
     }
 
     /// Replaces the vCPU in use with a fresh one that sees `cpuid`.
     fn fresh_vcpu(&mut self, cpuid: &CpuId) -> Result<(), String> {
         self.vcpu = Self::make_vcpu(&self.vm, self.vcpus, cpuid)?;
         self.vcpus += 1;
+        if self.irqchip {
+            let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+            self.vcpu.set_mp_state(runnable).map_err(|e| format!("probe: KVM_SET_MP_STATE: {e}"))?;
+        }
         self.xcr0 = supported_xcr0(cpuid);
         Ok(())
     }
@@ -782,6 +801,7 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     if let Some(ns) = cpl0_ns_per_insn(&mut vm) {
         quirks.cpl0_ns_per_insn = ns;
     }
+    quirks.int3_traps = hypercall::int3_traps(&mut vm);
     quirks.cpuid_honoured = cpuid_honoured(&mut vm, cpuid)?;
     // Check which hidden features the guest really stops seeing.
     let mut hidden_cpuid = cpuid.clone();
@@ -807,6 +827,7 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     user.fresh_vcpu(cpuid)?;
     quirks.user_syscall_broken = !user_syscall_enters_kernel(&mut user)?;
     quirks.hypercall_hangs = !hypercall.returns()?;
+    quirks.pv = pv::probe(kvm, cpuid, !quirks.hypercall_hangs)?;
     quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
     Ok(quirks)
 }

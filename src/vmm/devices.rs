@@ -29,6 +29,9 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_GSI_BASE: u32 = 16;
 pub const VIRTIO_SLOTS: usize = 8;
 
+/// The hypercall ports' name in the device list (a snapshot may predate them).
+const HYPERCALL_PORTS: &str = "hypercall ports";
+
 /// ISA IRQ of the PC-standard RTC.
 pub const RTC_IRQ: u32 = 8;
 /// The RTC/CMOS decodes an index and a data port.
@@ -144,6 +147,8 @@ pub struct DeviceManager {
     pub legacy: Legacy,
     pub virtio: Vec<VirtioSlot>,
     pub pci: Option<PciParts>,
+    /// skiff's hypercall handler (its ports are declared with the others).
+    pub hypercalls: Option<Arc<crate::hypercall::Hypercalls>>,
 }
 
 impl DeviceManager {
@@ -194,7 +199,7 @@ impl DeviceManager {
                 None
             }
         };
-        Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker, i8042 }, virtio: Vec::new(), pci })
+        Ok(DeviceManager { buses: Arc::new(Buses::default()), declared, legacy: Legacy { serial, marker, i8042 }, virtio: Vec::new(), pci, hypercalls: None })
     }
 
     /// Declares the devices for people who test kernels: fw_cfg, always (QEMU's
@@ -233,6 +238,24 @@ impl DeviceManager {
             });
         }
         Ok(())
+    }
+
+    /// Declares skiff's hypercall ports (hypercall/mod.rs): the direct and patched
+    /// stubs' ports, whose exits the vCPU handles with the registers, and the ring's
+    /// doorbell (an ioeventfd: the event loop flushes the ring).
+    pub fn add_hypercalls(&mut self, mem: &vm_memory::GuestMemoryMmap, control: &Arc<Control>, console: ConsoleOut) {
+        use crate::hypercall::{Hypercalls, PORT_DIRECT, PORT_RING, PORTS_LEN};
+        let h = Arc::new(Hypercalls::new(mem.clone(), control.clone(), console, self.legacy.marker.clone()));
+        self.declared.push(Declared {
+            name: HYPERCALL_PORTS,
+            space: Space::Pio,
+            base: u64::from(PORT_DIRECT),
+            len: PORTS_LEN,
+            device: h.clone(),
+            acpi: None,
+            fast: Some((u64::from(PORT_RING), 1, FastWrite::Doorbell)),
+        });
+        self.hypercalls = Some(h);
     }
 
     /// Declares a virtio-mmio device in the next slot: its registers at
@@ -398,6 +421,11 @@ impl DeviceManager {
         }
         for d in &self.declared {
             let mut mine = saved.iter().filter(|s| s.space == d.space && s.base == d.base);
+            if d.name == HYPERCALL_PORTS && !saved.iter().any(|s| s.space == d.space && s.base == d.base) {
+                // A snapshot from before the hypercall ports: they start unused.
+                d.device.reset();
+                continue;
+            }
             let (Some(s), None) = (mine.next(), mine.next()) else {
                 return Err(format!("{} at {:#x}: not exactly one saved state", d.name, d.base));
             };

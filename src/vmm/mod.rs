@@ -147,6 +147,10 @@ pub struct RunReport {
     pub diagnostic: Option<String>,
     /// Each virtio device: its name and what it did.
     pub virtio: Vec<String>,
+    /// The hypercall paths' counts (`--stats` lines).
+    pub hypercalls: String,
+    /// Each paravirtual feature: exposed, or hidden and why (`--stats` lines).
+    pub pv_features: String,
     /// A restore's phases and their milliseconds.
     pub restore_phases: Vec<(&'static str, f64)>,
     /// Guest console output never written: the console failed (closed pipe) or took
@@ -181,7 +185,9 @@ impl RssReport {
 /// - `slow-build`: the build sleeps 60 s after loading the kernel (as a slow load
 ///   would), so a test can signal skiff while the machine is built;
 /// - `vcpu-return`: vCPU 0's thread returns at once instead of running (a vCPU thread
-///   that ends early must stop the machine, not leave it waiting).
+///   that ends early must stop the machine, not leave it waiting);
+/// - `hide-pv-NAME` (tests/pvfeatures.rs): the guest's CPUID hides paravirtual
+///   feature NAME even where the probe saw it work.
 pub fn test_hook(name: &str) -> bool {
     std::env::var("SKIFF_TEST_HOOK").is_ok_and(|v| v.split(',').any(|h| h == name))
 }
@@ -270,6 +276,8 @@ impl Vmm {
         let failure_bytes = report_failed_instruction_bytes(&vm);
         let vcpus = create_vcpus(&kvm, &vm, config, &mem, &devices.buses, &control, &supported, &base_cpuid, quirks.user_syscall_broken, None)?;
         let (coalescing, doorbells) = setup_fast_paths(&kvm, &vm, config, &vcpus, &mut devices);
+        let mut vcpus = vcpus;
+        attach_hypercalls(&mut vcpus, &devices, &quirks);
         let mut vmm = Vmm {
             _kvm: kvm,
             vm,
@@ -333,7 +341,9 @@ fn build_devices(
         crate::config::Transport::Pci => Some(Arc::new(crate::devices::pci::routing::Kvm::new(Some(Arc::new(share_vm(kvm, vm)?))))),
         crate::config::Transport::Mmio => None,
     };
+    let hypercall_out = console.handle();
     let mut devices = DeviceManager::new(vm, control, console, pci)?;
+    devices.add_hypercalls(mem, control, hypercall_out);
     devices.add_kernel_test_devices(control, config)?;
     if config.rng {
         devices.add_virtio(vm, mem, "virtio-rng".into(), Box::new(crate::devices::virtio::rng::Rng::new()))?;
@@ -436,18 +446,50 @@ fn add_chipset(vm: &VmFd) -> Result<VmState, VmmError> {
     VmState::get(vm).map_err(|e| VmmError::Device(format!("reading the power-up chipset state: {e}")))
 }
 
+impl Vmm {
+    /// The `--stats` lines on KVM's paravirtual features: what the guest's CPUID (a
+    /// restore's: the snapshot's) gives it, and whether its vCPUs enforce that.
+    fn pv_report(&self, enforced: bool) -> String {
+        let guest = crate::vcpu::probe::pv::features_in(&self.guest_cpuid);
+        self.quirks.pv.report(Some(guest), Some(enforced))
+    }
+}
+
 /// KVM's supported CPUID less what the probe found the guest must not use.
 fn guest_cpuid(supported: &CpuId, quirks: &HostQuirks) -> CpuId {
     let mut cpuid = supported.clone();
     for (feature, _) in &quirks.hidden {
         cpuid::hide(&mut cpuid, feature);
     }
-    if quirks.hypercall_hangs {
-        for bit in crate::vcpu::probe::HYPERCALL_FEATURES {
-            cpuid::clear(&mut cpuid, cpuid::FeatureBit { leaf: 0x4000_0001, subleaf: 0, reg: cpuid::Reg::Eax, bit });
+    // KVM's paravirtual features: only those the probe saw work (probe/pv.rs).
+    let mut exposed = quirks.pv.exposed();
+    // tests/pvfeatures.rs hides a working feature (`hide-pv-NAME`) to see a guest
+    // that uses it get #GP.
+    for f in crate::vcpu::probe::pv::PV_FEATURES {
+        if test_hook(&format!("hide-pv-{}", f.name)) {
+            exposed &= !(1 << f.bit);
         }
     }
+    for e in cpuid.as_mut_slice() {
+        if e.function == crate::vcpu::probe::pv::PV_LEAF {
+            e.eax &= exposed;
+        }
+    }
+    // skiff's own leaves (the hypercall page); KVM takes leaves it does not know.
+    if let Err(e) = crate::hypercall::add_cpuid_leaves(&mut cpuid, quirks.int3_traps) {
+        crate::output::stderr(&format!("skiff: {e}\n"));
+    }
     cpuid
+}
+
+/// Gives every vCPU the hypercall handler, which learns whether raw sites trap here.
+fn attach_hypercalls(vcpus: &mut [Vcpu], devices: &DeviceManager, quirks: &HostQuirks) {
+    if let Some(h) = &devices.hypercalls {
+        h.trap.store(quirks.int3_traps, std::sync::atomic::Ordering::Relaxed);
+        for v in vcpus {
+            v.hypercalls = Some(h.clone());
+        }
+    }
 }
 
 /// Creates every vCPU with its CPUID, finds the state layout on the first, and records
@@ -472,12 +514,20 @@ fn create_vcpus(
         let fd = vm.create_vcpu(index as u64).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
         let cpuid: CpuId = cpuid::normalize(base_cpuid, index, config.cpus);
         fd.set_cpuid2(&cpuid).map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
+        // The guest may use only the PV features its CPUID lists: a hidden one's MSR
+        // raises #GP. Before anything reads the vCPU's MSRs, so the saved set and the
+        // pristine state are those of an enforcing vCPU. It lasts for the vCPU's life
+        // (resets included); a restore's CPUID is the snapshot's, and so is what is
+        // enforced. A KVM without the capability leaves the guest unenforced (said
+        // in --stats).
+        let enforced = crate::vcpu::probe::pv::enforce(&fd).is_ok();
         // The state layout is found once, on the first vCPU (with its CPUID set).
         let spec = match &spec {
             Some(s) => s.clone(),
             None => spec.insert(Arc::new(discover_state_spec(kvm, vm, &fd, &cpuid, known_msrs)?)).clone(),
         };
         let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone(), spec);
+        vcpu.pv_enforced = enforced;
         if syscall_fixup {
             vcpu.syscall_fixup = Some(Default::default());
             // Its breakpoint's debug register, held for the machine's life, so a
@@ -502,6 +552,7 @@ fn write_guest_tables(
     acpi_devices: &[acpi::AcpiDevice],
 ) -> Result<BootEntry, VmmError> {
     let rsdp = acpi::create_acpi_tables(mem, config.cpus, acpi_devices)?;
+    crate::hypercall::write_page(mem).map_err(VmmError::Device)?;
     Ok(loader::write_boot_info(mem, kernel, config, cmdline, rsdp.0)?)
 }
 
@@ -511,7 +562,7 @@ fn write_guest_tables(
 fn discover_state_spec(kvm: &Kvm, vm: &VmFd, fd: &kvm_ioctls::VcpuFd, cpuid: &CpuId, known_msrs: Option<&[u32]>) -> Result<StateSpec, VmmError> {
     let msrs = match known_msrs {
         Some(list) => MsrSet { saved: list.to_vec(), ..Default::default() },
-        None => MsrSet::discover(kvm, fd).map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?,
+        None => MsrSet::discover(kvm, fd, &crate::vcpu::probe::pv::hidden_msrs(cpuid)).map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?,
     };
     let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
     let sregs2 = vm.check_extension_raw(kvm_bindings::KVM_CAP_SREGS2 as libc::c_ulong) > 0;

@@ -73,6 +73,7 @@ impl Vmm {
         let mut devices = build_devices(&kvm, &vm, &mem, &config, &control, out, disks)?;
         let failure_bytes = report_failed_instruction_bytes(&vm);
         let mut vcpus = create_vcpus(&kvm, &vm, &config, &mem, &devices.buses, &control, &supported, &guest_cpuid, quirks.user_syscall_broken, Some(&msr_list))?;
+        attach_hypercalls(&mut vcpus, &devices, &quirks);
         phases.done("devices and vCPUs created");
         put_state(&vm, &mut vcpus, &devices, &snap)?;
         phases.done("state put");

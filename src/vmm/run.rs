@@ -69,6 +69,7 @@ impl Vmm {
         };
         let mut stdin = StdinFeed::new(self.devices.legacy.serial.clone());
         let mut vcpus = std::mem::take(&mut self.vcpus);
+        let pv_enforced = !vcpus.is_empty() && vcpus.iter().all(|v| v.pv_enforced);
         if profile.is_some() {
             for v in &mut vcpus {
                 v.rip_samples = Some((started, Vec::new()));
@@ -117,7 +118,7 @@ impl Vmm {
                 crate::output::stderr(&format!("skiff: writing the profile to {}: {e}\n", path.display()));
             }
         }
-        Ok(self.report(stats, life.reboots, started))
+        Ok(self.report(stats, life.reboots, started, pv_enforced))
     }
 
     /// The event loop with every device fd the machine has.
@@ -169,7 +170,10 @@ impl Vmm {
             hooks.after_wait(self, set);
             for source in ready {
                 match source {
-                    Source::Wake => self.on_wake(),
+                    Source::Wake => {
+                        self.on_wake();
+                        self.apply_patches(set);
+                    }
                     Source::ProfileTick => self.control.kick(),
                     Source::Doorbell(i) => {
                         if let Some(bells) = self.devices.buses.doorbell_set() {
@@ -217,6 +221,26 @@ impl Vmm {
             && fd.read().is_ok()
         {
             v.device.notify(queue);
+        }
+    }
+
+    /// Hypercall sites a vCPU asked to have rewritten (hypercall/trap.rs): written with
+    /// every vCPU paused, then resumed (unless the machine was paused already, by the
+    /// API, or is stopping: then it stays as it was).
+    fn apply_patches(&self, set: &mut VcpuSet) {
+        let Some(h) = &self.devices.hypercalls else { return };
+        if h.patches.is_empty() || self.control.stopping() {
+            return;
+        }
+        let was_paused = set.paused();
+        if !was_paused && set.pause_all().is_err() {
+            return;
+        }
+        let (done, refused) = crate::hypercall::trap::apply(&self.mem, &h.patches.take());
+        h.counters.sites_patched.fetch_add(done, Ordering::Relaxed);
+        h.counters.patches_refused.fetch_add(refused, Ordering::Relaxed);
+        if !was_paused && !self.control.stopping() && let Err(e) = set.resume_all() {
+            self.control.request_fatal(e.to_string());
         }
     }
 
@@ -312,7 +336,7 @@ impl Vmm {
     }
 
     /// What a finished run reports.
-    fn report(mut self, stats: ExitStats, reboots: RebootSummary, started: Instant) -> RunReport {
+    fn report(mut self, stats: ExitStats, reboots: RebootSummary, started: Instant, pv_enforced: bool) -> RunReport {
         // What the guest wrote reaches the console before skiff reports and exits, as
         // long as the console takes it (a console nobody reads does not hold the stop).
         let console_unwritten = self.console.drain(crate::output::STALL);
@@ -325,6 +349,7 @@ impl Vmm {
             exit_ms: started.elapsed().as_secs_f64() * 1e3,
         };
         let buses = &self.devices.buses;
+        let pv_features = self.pv_report(pv_enforced);
         RunReport {
             reason: self.control.reason().unwrap_or(StopReason::Error("stopped without a reason".into())),
             stats,
@@ -344,6 +369,8 @@ impl Vmm {
             diagnostic: self.control.take_diagnostic(),
             restore_phases: std::mem::take(&mut self.restore_phases),
             virtio: self.devices.virtio.iter().map(|v| format!("{}: {}", v.name, v.device.stats())).collect(),
+            hypercalls: self.devices.hypercalls.as_ref().map(|h| h.report()).unwrap_or_default(),
+            pv_features,
             console_unwritten,
         }
     }

@@ -14,12 +14,20 @@ use std::time::{Duration, Instant};
 use super::CMD_TIMEOUT;
 use super::common::Guest;
 
-/// A kernel symbol's address, from the guest's /proc/kallsyms.
-fn kallsyms(g: &mut Guest, name: &str) -> u64 {
-    let out = g.run(&format!("grep ' {name}$' /proc/kallsyms"), CMD_TIMEOUT);
-    out.iter()
-        .find_map(|l| l.split_whitespace().next().and_then(|a| u64::from_str_radix(a, 16).ok()).filter(|&a| a != 0))
-        .unwrap_or_else(|| panic!("{name} in /proc/kallsyms: {out:?}"))
+/// The addresses of `__x64_sys_write` and `jiffies`, from the guest's
+/// /proc/kallsyms, read once and only up to the second (each line of it costs guest
+/// kernel work, emulated here).
+fn kallsyms(g: &mut Guest) -> (u64, u64) {
+    let out = g.run(
+        "awk '$3 == \"__x64_sys_write\" { w = $1 } $3 == \"jiffies\" { j = $1 } w && j { print w, j; exit }' /proc/kallsyms",
+        CMD_TIMEOUT,
+    );
+    let hex = |s: Option<&str>| s.and_then(|a| u64::from_str_radix(a, 16).ok()).filter(|&a| a != 0);
+    let line = out.first().map(|l| l.split_whitespace().collect::<Vec<_>>()).unwrap_or_default();
+    match (hex(line.first().copied()), hex(line.get(1).copied())) {
+        (Some(w), Some(j)) => (w, j),
+        _ => panic!("__x64_sys_write and jiffies in /proc/kallsyms: {out:?}"),
+    }
 }
 
 /// Restores `snap` (a snapshot of the booted 2-vCPU Debian guest, as
@@ -36,8 +44,7 @@ pub fn check_restored(snap: &Path) {
     while !sock.exists() && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let write = kallsyms(&mut r, "__x64_sys_write");
-    let jiffies = kallsyms(&mut r, "jiffies");
+    let (write, jiffies) = kallsyms(&mut r);
     // Where guest kernel mode is emulated (PVM), KVM's emulator checks no data
     // breakpoints: the watchpoint is set and removed there, not waited for.
     let emulated = Path::new("/sys/module/kvm_pvm").exists();

@@ -29,7 +29,7 @@ fn real_state_through_the_file_and_back() {
     let fd = vm.create_vcpu(0).unwrap();
     let cpuid = cpuid::normalize(&base, 0, 1);
     fd.set_cpuid2(&cpuid).unwrap();
-    let msrs = MsrSet::discover(&kvm, &fd).unwrap();
+    let msrs = MsrSet::discover(&kvm, &fd, &[]).unwrap();
     let ctx = VcpuCtx {
         fd: &fd,
         msrs: &msrs.saved,

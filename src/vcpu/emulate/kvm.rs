@@ -152,6 +152,17 @@ pub fn handle_failure(vcpu: &mut Vcpu, kvm_saw: Option<&KvmInsnBytes>) -> Result
         vcpu.stats.count_emulated("re-executed (code changed under KVM's emulator)");
         return Ok(Emulated::Done);
     }
+    // skiff's raw hypercall site, from guest kernel mode (hypercall/trap.rs).
+    if let Some(h) = vcpu.hypercalls.clone()
+        && sregs.cs.selector & 3 == 0
+        && let Some(patch) = crate::hypercall::trap::raw_site(fetched.bytes.get(..fetched.len).unwrap_or(&[]))
+    {
+        let out = crate::hypercall::trap::on_trap(&h, &vcpu.mem, &regs, &ctx, fetched.rip, patch);
+        vcpu.fd.set_regs(&out).map_err(|e| format!("vCPU {}: KVM_SET_REGS: {e}", vcpu.index))?;
+        vcpu.last_failure = None;
+        vcpu.failure_repeats = 0;
+        return Ok(Emulated::Done);
+    }
     let retry_first = vcpu.failure_repeats == 0 && kvm_saw.is_none();
     match super::emulate(vcpu, regs, sregs, &fetched, retry_first)? {
         Emulated::Unhandled(what) => Ok(Emulated::Unhandled(diagnostic_text(&what, &regs, &sregs, Ok(&fetched)))),

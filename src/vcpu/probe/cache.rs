@@ -20,6 +20,7 @@ use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
 use super::key::ProbeKey;
+use super::pv::{PvFindings, PvVerdict};
 use super::{HostQuirks, ProbeResult};
 use crate::vcpu::cpuid::{GATED, GatedFeature};
 
@@ -256,10 +257,22 @@ struct StoredQuirks {
     cpuid_honoured: bool,
     user_syscall_broken: bool,
     hypercall_hangs: bool,
+    int3_traps: bool,
     user_xcr0: Option<u64>,
     xsave_kept: Option<StoredResult>,
     guest_xcr0: u64,
+    pv: StoredPv,
     probe_ms: f64,
+}
+
+/// [`super::pv::PvFindings`] as stored: verdicts by bit.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredPv {
+    offered: u32,
+    verdicts: Vec<(u8, PvVerdict)>,
+    enforced: bool,
+    clock_stable: bool,
 }
 
 impl StoredQuirks {
@@ -272,9 +285,16 @@ impl StoredQuirks {
             cpuid_honoured: q.cpuid_honoured,
             user_syscall_broken: q.user_syscall_broken,
             hypercall_hangs: q.hypercall_hangs,
+            int3_traps: q.int3_traps,
             user_xcr0: q.user_xcr0,
             xsave_kept: q.xsave_kept.map(StoredResult::from_result).transpose()?,
             guest_xcr0: q.guest_xcr0,
+            pv: StoredPv {
+                offered: q.pv.offered,
+                verdicts: q.pv.verdicts.clone(),
+                enforced: q.pv.enforced,
+                clock_stable: q.pv.clock_stable,
+            },
             probe_ms: q.probe_ms,
         })
     }
@@ -290,6 +310,13 @@ impl StoredQuirks {
             hidden.push((feature(name)?, r.result()));
         }
         let unhideable = self.unhideable.into_iter().map(feature).collect::<Result<_, _>>()?;
+        // 32 bits at most: a longer list is not from a skiff.
+        if let Some((bit, _)) = self.pv.verdicts.iter().find(|(b, _)| *b >= 32) {
+            return Err(CacheError::UnknownFeature(format!("paravirtual bit {bit}")));
+        }
+        if self.pv.verdicts.len() > 32 {
+            return Err(CacheError::UnknownFeature("more than 32 paravirtual bits".into()));
+        }
         Ok(HostQuirks {
             hidden,
             cpl0_ns_per_insn: self.cpl0_ns_per_insn,
@@ -297,9 +324,11 @@ impl StoredQuirks {
             cpuid_honoured: self.cpuid_honoured,
             user_syscall_broken: self.user_syscall_broken,
             hypercall_hangs: self.hypercall_hangs,
+            int3_traps: self.int3_traps,
             user_xcr0: self.user_xcr0,
             xsave_kept: self.xsave_kept.map(StoredResult::result),
             guest_xcr0: self.guest_xcr0,
+            pv: PvFindings { offered: self.pv.offered, verdicts: self.pv.verdicts, enforced: self.pv.enforced, clock_stable: self.pv.clock_stable },
             probe_ms: self.probe_ms,
         })
     }
@@ -347,9 +376,16 @@ mod tests {
             cpuid_honoured: true,
             user_syscall_broken: true,
             hypercall_hangs: true,
+            int3_traps: true,
             user_xcr0: Some(0xe7),
             xsave_kept: Some(ProbeResult::Faults),
             guest_xcr0: 0x2e7,
+            pv: PvFindings {
+                offered: 0x0100_7efb,
+                verdicts: vec![(3, PvVerdict::Works), (7, PvVerdict::HypercallsHang), (9, PvVerdict::Needs(5)), (31, PvVerdict::Unknown)],
+                enforced: true,
+                clock_stable: false,
+            },
             probe_ms: 0.1 + 0.2,
         }
     }

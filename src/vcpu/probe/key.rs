@@ -10,7 +10,7 @@ use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the cache file's layout or the meaning of a stored field changes.
-pub const PROBE_FORMAT: u32 = 1;
+pub const PROBE_FORMAT: u32 = 3;
 
 /// A hash of the source that decides the probe's results (the probe itself, the
 /// gated-feature table, the boot structures its VMs use), fixed at build time: a
@@ -18,6 +18,8 @@ pub const PROBE_FORMAT: u32 = 1;
 const PROBE_SOURCE_HASH: u64 = {
     let mut h = FNV_OFFSET;
     h = fnv1a(h, include_bytes!("../probe.rs"));
+    h = fnv1a(h, include_bytes!("hypercall.rs"));
+    h = fnv1a(h, include_bytes!("pv.rs"));
     h = fnv1a(h, include_bytes!("../cpuid.rs"));
     h = fnv1a(h, include_bytes!("../../x86/boot.rs"));
     h
@@ -48,8 +50,9 @@ const CAPS: &[(&str, Cap)] = &[
     ("x86_user_space_msr", Cap::X86UserSpaceMsr),
     ("tsc_control", Cap::TscControl),
 ];
-/// KVM_CAP_X86_DISABLE_EXITS and KVM_CAP_VM_TYPES (not in kvm-ioctls' Cap).
-const RAW_CAPS: &[(&str, u64)] = &[("x86_disable_exits", 143), ("vm_types", 235)];
+/// KVM_CAP_X86_DISABLE_EXITS, KVM_CAP_VM_TYPES and KVM_CAP_ENFORCE_PV_FEATURE_CPUID
+/// (not in kvm-ioctls' Cap).
+const RAW_CAPS: &[(&str, u64)] = &[("x86_disable_exits", 143), ("vm_types", 235), ("enforce_pv_feature_cpuid", 190)];
 
 /// Caps on what is read from /proc and /sys: the key is small, and a strange host
 /// (thousands of parameters, a huge file) must not make it large.
