@@ -20,7 +20,9 @@ pub fn kvm_clock_and_steal_time(g: &mut Guest) -> String {
     let clock = g.run("cat /sys/devices/system/clocksource/clocksource0/current_clocksource /sys/devices/system/clocksource/clocksource0/available_clocksource", CMD_TIMEOUT);
     assert!(clock.first().is_some_and(|c| c.trim() == "kvm-clock" || c.trim() == "tsc"), "current clocksource: {clock:?}");
     assert!(clock.get(1).is_some_and(|a| a.split_whitespace().any(|c| c == "kvm-clock")), "available clocksources: {clock:?}");
-    let log = g.run("dmesg | grep -E 'kvm-clock|kvm-guest|stealtime' | head -40", CMD_TIMEOUT);
+    // Without dmesg's time stamps: lines that look like the kernel's own log are not
+    // taken as a command's output.
+    let log = g.run("dmesg | grep -E 'kvm-clock|kvm-guest|stealtime' | head -40 | sed 's/^\\[[^]]*\\] //'", CMD_TIMEOUT);
     let log = log.join("\n");
     assert!(log.contains("kvm-clock: Using msrs 4b564d01 and 4b564d00"), "kvmclock's MSRs:\n{log}");
     // Steal time: the guest registered its record (MSR_KVM_STEAL_TIME, enable bit 0),
@@ -34,7 +36,7 @@ pub fn kvm_clock_and_steal_time(g: &mut Guest) -> String {
     assert!(fields.first() == Some(&"cpu") && fields.len() >= 9, "/proc/stat: {stat:?}");
     assert!(fields.get(8).is_some_and(|s| s.parse::<u64>().is_ok()), "steal column: {stat:?}");
     // PV spinlocks' line, for stats_agree (6.1 checks PV_UNHALT before the CPU count).
-    let spin = g.run("dmesg | grep 'PV spinlocks'", CMD_TIMEOUT).join("\n");
+    let spin = g.run("dmesg | grep 'PV spinlocks' | sed 's/^\\[[^]]*\\] //'", CMD_TIMEOUT).join("\n");
     eprintln!("pv: clocksource {:?}, MSR_KVM_STEAL_TIME {steal:#x}; guest log:\n{log}\n{spin}", clock.first());
     format!("{log}\n{spin}")
 }
