@@ -47,6 +47,11 @@ fn boot_and_check(cpus: u32) {
     if cpus == 2 {
         args.extend(["--api-sock", &sock_arg]);
     }
+    // A fw_cfg file, read by the guest's qemu_fw_cfg driver.
+    let fw_cfg_arg = format!("name=opt/skiff/boot-test,string={FW_CFG_TEXT}");
+    if cpus == 2 {
+        args.extend(["--fw-cfg", &fw_cfg_arg]);
+    }
     // The 2-vCPU boot is paused and resumed 100 times as its /init starts.
     let hooks: &[(&str, &str)] = if cpus == 2 { &[("SKIFF_TEST_HOOK", "pause-storm")] } else { &[] };
     let mut g = Guest::boot_env(&args, hooks);
@@ -80,6 +85,7 @@ fn boot_and_check(cpus: u32) {
     }
     let mut raw_sum = String::new();
     if cpus == 2 {
+        fw_cfg_file_is_there(&mut g);
         raw_sum = disk::write_raw(&mut g, "vda");
         disk::read_only_disk_refuses_writes(&mut g, "vdb");
         processes_keep_their_vector_registers(&mut g);
@@ -134,6 +140,15 @@ fn boot_and_check(cpus: u32) {
     assert!(ud.is_empty(), "skiff raised #UD for {ud:?}; stderr:\n{stderr}\nconsole:\n{console}");
     // Print what the boot cost, for the log.
     eprintln!("--- {cpus} vCPU(s) ---\n{stderr}");
+}
+
+const FW_CFG_TEXT: &str = "fw-cfg-reaches-debian";
+
+/// Linux's qemu_fw_cfg driver found skiff's fw_cfg (its ACPI `QEMU0002` entry) and
+/// shows the `--fw-cfg` file under /sys/firmware.
+fn fw_cfg_file_is_there(g: &mut Guest) {
+    let out = g.run("modprobe qemu_fw_cfg && cat /sys/firmware/qemu_fw_cfg/by_name/opt/skiff/boot-test/raw; echo", CMD_TIMEOUT);
+    assert_eq!(out.first().map(String::as_str), Some(FW_CFG_TEXT), "{out:?}");
 }
 
 /// Linux found the i8042 through its ACPI entry and a keyboard behind it (the one
