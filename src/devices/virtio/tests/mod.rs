@@ -3,6 +3,8 @@
 
 mod block;
 mod hostile;
+mod net;
+mod ring;
 mod rng;
 mod transport;
 
