@@ -331,8 +331,9 @@ pub(crate) fn build_devices(
     control: &Arc<Control>,
     console: ConsoleOut,
     disks: Vec<crate::devices::virtio::block::Block>,
-    nets: Vec<crate::devices::virtio::net::Net>,
+    nets: Nets,
 ) -> Result<DeviceManager, VmmError> {
+    let (nets, vsock) = nets;
     let pci = match config.transport {
         crate::config::Transport::Pci => Some(Arc::new(crate::devices::pci::routing::Kvm::new(Some(Arc::new(share_vm(kvm, vm)?))))),
         crate::config::Transport::Mmio => None,
@@ -348,6 +349,9 @@ pub(crate) fn build_devices(
     for net in nets {
         let name = format!("net tap={}", net.tap_name());
         devices.add_virtio(vm, mem, name, Box::new(net))?;
+    }
+    if let Some(v) = vsock {
+        devices.add_virtio(vm, mem, "vsock".into(), Box::new(v))?;
     }
     devices.build_buses()?;
     Ok(devices)
@@ -387,17 +391,26 @@ fn open_disks(config: &VmConfig) -> Result<Vec<crate::devices::virtio::block::Bl
         .collect()
 }
 
-/// Opens every `--net` TAP (one line for a missing, busy or forbidden one).
-pub(crate) fn open_nets(config: &VmConfig) -> Result<Vec<crate::devices::virtio::net::Net>, VmmError> {
+/// The network devices and the vsock device, opened before the machine is built.
+pub(crate) type Nets = (Vec<crate::devices::virtio::net::Net>, Option<crate::devices::virtio::vsock::Vsock>);
+
+/// Opens every `--net` TAP (one line for a missing, busy or forbidden one) and the
+/// `--vsock` socket (one line for one in use).
+pub(crate) fn open_nets(config: &VmConfig) -> Result<Nets, VmmError> {
     use crate::devices::virtio::net::{Net, Tap};
-    config
+    let nets = config
         .nets
         .iter()
         .map(|n| {
             let tap = Tap::open(&n.tap).map_err(|e| VmmError::Disk(e.to_string()))?;
             Net::new(tap, n.mac).map_err(|e| VmmError::Disk(format!("--net tap={}: {e}", n.tap)))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let vsock = match &config.vsock {
+        Some(v) => Some(crate::devices::virtio::vsock::Vsock::new(v.cid, &v.uds).map_err(|e| VmmError::Disk(e.to_string()))?),
+        None => None,
+    };
+    Ok((nets, vsock))
 }
 
 /// The host probe on a thread of its own: it runs throw-away VMs (or reads its

@@ -4,6 +4,7 @@
 mod block;
 mod hostile;
 mod net;
+mod vsock;
 mod ring;
 mod rng;
 mod transport;
