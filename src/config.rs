@@ -82,6 +82,10 @@ pub enum ConfigError {
     NoDefaultGuest(PathBuf),
     #[error("--disk {0}: {1}")]
     Disk(String, String),
+    #[error("--net {0}: {1}")]
+    Net(String, String),
+    #[error("--vsock {0}: {1}")]
+    Vsock(String, String),
     #[error("--module {0}: {1}")]
     Module(String, String),
     #[error("--exit-device {0}: {1}")]
@@ -133,6 +137,91 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// Most network devices one machine takes.
+pub const MAX_NETS: usize = 4;
+
+/// One `--net tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// An existing TAP device (skiff attaches to it; it never creates one).
+    pub tap: String,
+    /// The guest's MAC; default: one derived from the TAP's name (stable across runs).
+    pub mac: [u8; 6],
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(arg: &str) -> Result<Self, ConfigError> {
+        let err = |why: &str| ConfigError::Net(arg.to_string(), why.to_string());
+        let (mut tap, mut mac) = (None, None);
+        for opt in arg.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", name)) if tap.is_none() => {
+                    if !crate::devices::virtio::net::tap::valid_name(name) {
+                        return Err(err("tap= must be 1 to 15 letters, digits, '-', '_' or '.'"));
+                    }
+                    tap = Some(name.to_string());
+                }
+                Some(("mac", m)) if mac.is_none() => {
+                    mac = Some(crate::devices::virtio::net::parse_mac(m).ok_or_else(|| {
+                        err(&format!("mac={m}: not a unicast MAC address (six hex pairs like 06:00:ac:10:00:02, first octet even, not all zero)"))
+                    })?);
+                }
+                Some(("tap" | "mac", _)) => return Err(err(&format!("`{opt}`: given twice"))),
+                _ => return Err(err(&format!("unknown option `{opt}` (known: tap=NAME, mac=MAC)"))),
+            }
+        }
+        let tap = tap.ok_or_else(|| err("tap=NAME is required"))?;
+        let mac = mac.unwrap_or_else(|| crate::devices::virtio::net::default_mac(&tap));
+        Ok(NetConfig { tap, mac })
+    }
+}
+
+/// `--vsock cid=N,uds=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 and up: 0-2 are reserved, 2 is the host).
+    pub cid: u32,
+    /// The Unix socket the host connects to (skiff creates it); a guest connection to
+    /// host port P goes to `PATH_P`.
+    pub uds: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    fn from_str(arg: &str) -> Result<Self, ConfigError> {
+        let err = |why: &str| ConfigError::Vsock(arg.to_string(), why.to_string());
+        let (mut cid, mut uds) = (None, None);
+        // uds= takes the rest of the argument: a path may hold commas.
+        let mut rest = arg;
+        while !rest.is_empty() {
+            if let Some(path) = rest.strip_prefix("uds=") {
+                if path.is_empty() || uds.is_some() {
+                    return Err(err("uds=PATH: empty or given twice"));
+                }
+                uds = Some(PathBuf::from(path));
+                break;
+            }
+            let (opt, next) = rest.split_once(',').unwrap_or((rest, ""));
+            rest = next;
+            match opt.split_once('=') {
+                Some(("cid", n)) if cid.is_none() => {
+                    let v: u32 = n.parse().map_err(|_| err(&format!("cid={n}: not a number")))?;
+                    if v < 3 || v == u32::MAX {
+                        return Err(err(&format!("cid={v}: must be 3 to 4294967294 (0-2 are reserved, 2 is the host)")));
+                    }
+                    cid = Some(v);
+                }
+                Some(("cid", _)) => return Err(err("cid= given twice")),
+                _ => return Err(err(&format!("unknown option `{opt}` (known: cid=N, uds=PATH)"))),
+            }
+        }
+        Ok(VsockConfig { cid: cid.ok_or_else(|| err("cid=N is required"))?, uds: uds.ok_or_else(|| err("uds=PATH is required"))? })
+    }
+}
+
 /// What to do when the guest asks for a reboot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OnReboot {
@@ -169,6 +258,10 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio entropy device fed from the host's getrandom (on unless --no-rng).
     pub rng: bool,
+    /// Network devices (virtio-net on TAPs), in the order the guest sees them.
+    pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
     /// Probe the host afresh instead of reusing the cached probe (vcpu/probe/cache.rs).
     pub reprobe: bool,
     /// virtio over MMIO or PCI.

@@ -100,6 +100,16 @@ struct RunArgs {
     /// the next /dev/vdb, ...
     #[arg(long, value_name = "PATH[,ro][,id=NAME][,direct]")]
     disk: Vec<String>,
+    /// A network device (virtio-net) on the existing TAP device NAME (skiff opens it
+    /// with IFF_VNET_HDR and never creates one), with the guest's MAC (default: one
+    /// derived from NAME). Repeatable: eth0, eth1, ... in the guest.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<String>,
+    /// A virtio-vsock device with guest CID N; the host side is the Unix socket PATH
+    /// (Firecracker's convention: connect and write `CONNECT <port>\n`; a guest
+    /// connection to host port P goes to PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<String>,
     /// No virtio entropy device (by default the guest gets one, fed from the host's
     /// getrandom).
     #[arg(long)]
@@ -299,6 +309,11 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
     if disks.len() > config::MAX_DISKS {
         return Err(format!("--disk: {} disks given, at most {} are supported", disks.len(), config::MAX_DISKS));
     }
+    let nets = args.net.iter().map(|n| n.parse::<config::NetConfig>().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    if nets.len() > config::MAX_NETS {
+        return Err(format!("--net: {} given, at most {} are supported", nets.len(), config::MAX_NETS));
+    }
+    let vsock = args.vsock.as_deref().map(|v| v.parse::<config::VsockConfig>().map_err(|e| e.to_string())).transpose()?;
     let (modules, exit_device, fw_cfg) = config::parse_kernel_test_args(&args.module, args.exit_device.as_deref(), &args.fw_cfg)?;
     let boot = args.boot.map(|b| match b {
         BootProtocol::Linux64 => config::BootProtocol::Linux,
@@ -319,6 +334,8 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         coalesce: !args.no_coalesce,
         guest_defaults: args.guest_defaults,
         disks,
+        nets,
+        vsock,
         rng: !args.no_rng,
         reprobe: args.reprobe,
         transport,
@@ -371,6 +388,8 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
         coalesce: !args.no_coalesce,
         guest_defaults: false,
         disks: Vec::new(),
+        nets: Vec::new(),
+        vsock: None,
         rng: false,
         reprobe: false,
         transport: config::Transport::Mmio,

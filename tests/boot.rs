@@ -5,6 +5,8 @@
 mod common;
 #[path = "boot/disk.rs"]
 mod disk;
+#[path = "boot/net.rs"]
+mod net;
 #[path = "boot/gdb.rs"]
 mod gdb;
 #[path = "boot/pv.rs"]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a state below changes shape or meaning; older versions are read by
 /// explicit upgrade code (none yet: this is the first).
-pub const DEVICE_STATE_VERSION: u32 = 2;
+pub const DEVICE_STATE_VERSION: u32 = 3;
 
 /// Version 1 had no keyboard behind the i8042 (its state was the unit `I8042`) and no
 /// hypercall ports. Version 2 only added [`DeviceState::Keyboard`] and
@@ -16,6 +16,17 @@ pub const DEVICE_STATE_VERSION: u32 = 2;
 /// as it is: the i8042 takes `I8042` as power-on state, and absent hypercall ports
 /// start unused.
 pub const DEVICE_STATE_VERSION_NO_KEYBOARD: u32 = 1;
+
+/// Version 2 had no network or vsock device. Version 3 only appended
+/// `virtio::DeviceState::Net` and `Vsock` at the end of that enum, so a version 2
+/// payload decodes as it is.
+pub const DEVICE_STATE_VERSION_NO_NET: u32 = 2;
+
+/// Whether a device state payload of `version` is read by this skiff (the current one,
+/// or an older one that decodes unchanged, see above).
+pub fn device_state_readable(version: u32) -> bool {
+    matches!(version, DEVICE_STATE_VERSION | DEVICE_STATE_VERSION_NO_NET | DEVICE_STATE_VERSION_NO_KEYBOARD)
+}
 
 /// The 16550 UART's registers and receive FIFO (vm-superio's model of it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

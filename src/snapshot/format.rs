@@ -44,7 +44,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Chipset, CpuidEntry, Header, Machine, MemoryFileRef, MemoryRange, PatchedSite, Snapshot, SnapshotError, atomic, memory};
-use crate::devices::state::{DEVICE_STATE_VERSION, DEVICE_STATE_VERSION_NO_KEYBOARD};
+use crate::devices::state::{DEVICE_STATE_VERSION, device_state_readable};
 use crate::vcpu::state::{VcpuState, VmState};
 use crate::vmm::devices::SavedDevice;
 
@@ -73,12 +73,16 @@ pub enum SectionKind {
     MemoryFile = 5,
     PatchedSites = 6,
     Machine = 7,
+    /// `--net` and `--vsock` (machine.rs `NetworkRecord`); present only when the
+    /// machine has such devices, so older snapshots (and older readers of snapshots
+    /// without them) are unaffected.
+    Network = 8,
 }
 
 impl SectionKind {
     pub fn from_id(id: u32) -> Option<Self> {
         use SectionKind::*;
-        [Vcpu, Chipset, Devices, MemoryMap, MemoryFile, PatchedSites, Machine].into_iter().find(|k| *k as u32 == id)
+        [Vcpu, Chipset, Devices, MemoryMap, MemoryFile, PatchedSites, Machine, Network].into_iter().find(|k| *k as u32 == id)
     }
 
     pub fn name(self) -> &'static str {
@@ -90,6 +94,7 @@ impl SectionKind {
             SectionKind::MemoryFile => "memory-file",
             SectionKind::PatchedSites => "patched-sites",
             SectionKind::Machine => "machine",
+            SectionKind::Network => "network",
         }
     }
 
@@ -179,6 +184,9 @@ pub(super) fn section_payloads(s: &Snapshot) -> Result<Vec<(SectionKind, Vec<u8>
     out.push((SectionKind::MemoryFile, ser("memory-file", &s.memory_file)?));
     out.push((SectionKind::PatchedSites, ser("patched-sites", &s.patched_sites)?));
     out.push((SectionKind::Machine, ser("machine", &s.machine)?));
+    if !s.machine.network.is_empty() {
+        out.push((SectionKind::Network, ser("network", &s.machine.network)?));
+    }
     Ok(out)
 }
 
@@ -389,9 +397,10 @@ fn once<T>(slot: &mut Option<T>, kind: SectionKind, v: T) -> Result<(), Snapshot
 }
 
 /// Older payload versions read here. Devices version 1 lacked the keyboard kind,
-/// which version 2 appended: a version 1 payload decodes unchanged.
+/// which version 2 appended; version 2 lacked the network and vsock kinds, which
+/// version 3 appended: older payloads decode unchanged.
 fn upgradable(kind: SectionKind, version: u32) -> bool {
-    kind == SectionKind::Devices && version == DEVICE_STATE_VERSION_NO_KEYBOARD
+    kind == SectionKind::Devices && device_state_readable(version)
 }
 
 /// Decodes every section and checks the whole: each required kind present, vCPUs
@@ -399,6 +408,7 @@ fn upgradable(kind: SectionKind, version: u32) -> bool {
 fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, SnapshotError> {
     let mut vcpus: Vec<(u32, VcpuState)> = Vec::new();
     let (mut chipset, mut devices, mut map, mut file, mut patched, mut machine) = (None, None, None, None, None, None);
+    let mut network: Option<super::machine::NetworkRecord> = None;
     for (index, s) in sections.iter().enumerate() {
         let Some(kind) = SectionKind::from_id(s.kind) else {
             if s.required {
@@ -438,6 +448,7 @@ fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, S
             SectionKind::MemoryFile => once(&mut file, kind, de::<MemoryFileRef>(name, p)?)?,
             SectionKind::PatchedSites => once(&mut patched, kind, de::<Vec<PatchedSite>>(name, p)?)?,
             SectionKind::Machine => once(&mut machine, kind, de::<Machine>(name, p)?)?,
+            SectionKind::Network => once(&mut network, kind, de(name, p)?)?,
         }
     }
     vcpus.sort_by_key(|v| v.0);
@@ -456,7 +467,7 @@ fn assemble(header: Header, sections: Vec<RawSection<'_>>) -> Result<Snapshot, S
         memory_map: map.ok_or_else(|| missing(SectionKind::MemoryMap))?,
         memory_file: file.ok_or_else(|| missing(SectionKind::MemoryFile))?,
         patched_sites: patched.ok_or_else(|| missing(SectionKind::PatchedSites))?,
-        machine: machine.ok_or_else(|| missing(SectionKind::Machine))?,
+        machine: Machine { network: network.unwrap_or_default(), ..machine.ok_or_else(|| missing(SectionKind::Machine))? },
     };
     check_memory(&snapshot)?;
     check_machine(&snapshot)?;

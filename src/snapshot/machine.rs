@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BootProtocol, DiskConfig, ExitDeviceConfig, FwCfgItem, ModuleConfig, OnReboot, Transport, VmConfig};
+use crate::config::{BootProtocol, DiskConfig, ExitDeviceConfig, FwCfgItem, ModuleConfig, NetConfig, OnReboot, Transport, VmConfig, VsockConfig};
 
 /// Most disks a snapshot may name (a hostile file cannot make restore open many).
 const MAX_DISKS: usize = crate::config::MAX_DISKS;
@@ -37,6 +37,25 @@ pub struct Machine {
     pub modules: Vec<(String, String)>,
     pub exit_device: Option<(u16, u8)>,
     pub fw_cfg: Vec<(String, Vec<u8>)>,
+    /// Network and vsock devices: a section of their own (format.rs `Network`), written
+    /// only when there are any, so this record's encoding is what it was before them.
+    #[serde(skip)]
+    pub network: NetworkRecord,
+}
+
+/// `--net` and `--vsock` as the machine was built with them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// (TAP name, MAC) per network device, in slot order.
+    pub nets: Vec<(String, [u8; 6])>,
+    /// (guest CID, the host's Unix socket path).
+    pub vsock: Option<(u32, String)>,
+}
+
+impl NetworkRecord {
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty() && self.vsock.is_none()
+    }
 }
 
 /// The boot protocol asked for (config::BootProtocol, in the file's own stable shape).
@@ -140,6 +159,10 @@ impl Machine {
             modules: config.modules.iter().map(|m| Ok((utf8(&m.path)?, m.string.clone()))).collect::<Result<_, String>>()?,
             exit_device: config.exit_device.as_ref().map(|e| (e.port, e.size)),
             fw_cfg: config.fw_cfg.iter().map(|f| (f.name.clone(), f.data.to_vec())).collect(),
+            network: NetworkRecord {
+                nets: config.nets.iter().map(|n| (n.tap.clone(), n.mac)).collect(),
+                vsock: config.vsock.as_ref().map(|v| Ok::<_, String>((v.cid, v.uds.to_str().ok_or("--vsock uds=: not a UTF-8 path")?.to_string()))).transpose()?,
+            },
         })
     }
 
@@ -167,6 +190,8 @@ impl Machine {
             modules: self.modules.iter().map(|(p, s)| ModuleConfig { path: p.into(), string: s.clone() }).collect(),
             exit_device: self.exit_device.map(|(port, size)| ExitDeviceConfig { port, size }),
             fw_cfg: self.fw_cfg.iter().map(|(n, d)| FwCfgItem { name: n.clone(), data: d.clone().into() }).collect(),
+            nets: self.network.nets.iter().map(|(tap, mac)| NetConfig { tap: tap.clone(), mac: *mac }).collect(),
+            vsock: self.network.vsock.as_ref().map(|(cid, uds)| VsockConfig { cid: *cid, uds: uds.into() }),
             ..like.clone()
         }
     }
@@ -178,6 +203,9 @@ impl Machine {
         }
         if self.memory != ram {
             return Err(format!("{} bytes of RAM, and {ram} in the memory map", self.memory));
+        }
+        if self.network.nets.len() > crate::config::MAX_NETS {
+            return Err(format!("{} network devices (at most {})", self.network.nets.len(), crate::config::MAX_NETS));
         }
         if self.disks.len() > MAX_DISKS {
             return Err(format!("{} disks (at most {MAX_DISKS})", self.disks.len()));

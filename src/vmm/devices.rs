@@ -20,7 +20,7 @@ use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::pci::routing::Kvm as PciKvm;
 use crate::devices::pci::{CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, HostBridge, PciFunction, PciRoot, PciWindow};
 use crate::devices::virtio::{MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio, VirtioPci, VirtioStats};
-use crate::devices::state::{DEVICE_STATE_VERSION, DEVICE_STATE_VERSION_NO_KEYBOARD, DeviceState};
+use crate::devices::state::{DEVICE_STATE_VERSION, DeviceState, device_state_readable};
 use crate::devices::{BusDevice, Buses};
 
 /// Where virtio-mmio devices sit: one 4 KiB window per slot in the MMIO hole.
@@ -429,7 +429,7 @@ impl DeviceManager {
             let (Some(s), None) = (mine.next(), mine.next()) else {
                 return Err(format!("{} at {:#x}: not exactly one saved state", d.name, d.base));
             };
-            if s.version != DEVICE_STATE_VERSION && s.version != DEVICE_STATE_VERSION_NO_KEYBOARD {
+            if !device_state_readable(s.version) {
                 return Err(format!("{} at {:#x}: state version {} (this skiff reads {DEVICE_STATE_VERSION})", d.name, d.base, s.version));
             }
             d.device.restore(&s.state).map_err(|e| format!("{} at {:#x}: {e}", d.name, d.base))?;

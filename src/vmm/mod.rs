@@ -244,6 +244,7 @@ impl Vmm {
         let probe = spawn_probe(&supported, config.reprobe)?;
         // Disks first: a wrong path or a locked image is reported before any work.
         let disks = open_disks(config)?;
+        let nets = open_nets(config)?;
         let mem = memory::create_guest_memory(config.memory)?;
         // The VM is created on a thread of its own while this one loads the kernel
         // (the command line is written later) and the probe runs or is read from its
@@ -270,7 +271,7 @@ impl Vmm {
         let out = ConsoleOut::new(console.clone());
         let console_bytes = out.bytes.clone();
         let console_first_byte = out.first_byte.clone();
-        let mut devices = build_devices(&kvm, &vm, &mem, config, &control, out, disks)?;
+        let mut devices = build_devices(&kvm, &vm, &mem, config, &control, out, disks, nets)?;
         let entry = write_guest_tables(&mem, &kernel, config, &cmdline, &devices.acpi_devices())?;
 
         let failure_bytes = report_failed_instruction_bytes(&vm);
@@ -326,9 +327,11 @@ impl Vmm {
     }
 }
 
-/// The machine's devices: the legacy PC set, then virtio-rng (unless --no-rng) and a
-/// virtio-blk per disk, in the slots the guest will see them in.
-fn build_devices(
+/// The machine's devices: the legacy PC set, then virtio-rng (unless --no-rng), a
+/// virtio-blk per disk, a virtio-net per TAP and virtio-vsock, in the slots the guest
+/// will see them in.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_devices(
     kvm: &Kvm,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
@@ -336,7 +339,9 @@ fn build_devices(
     control: &Arc<Control>,
     console: ConsoleOut,
     disks: Vec<crate::devices::virtio::block::Block>,
+    nets: Nets,
 ) -> Result<DeviceManager, VmmError> {
+    let (nets, vsock) = nets;
     let pci = match config.transport {
         crate::config::Transport::Pci => Some(Arc::new(crate::devices::pci::routing::Kvm::new(Some(Arc::new(share_vm(kvm, vm)?))))),
         crate::config::Transport::Mmio => None,
@@ -350,6 +355,13 @@ fn build_devices(
     }
     for (disk, block) in config.disks.iter().zip(disks) {
         devices.add_virtio(vm, mem, format!("disk {}", disk.path.display()), Box::new(block))?;
+    }
+    for net in nets {
+        let name = format!("net tap={}", net.tap_name());
+        devices.add_virtio(vm, mem, name, Box::new(net))?;
+    }
+    if let Some(v) = vsock {
+        devices.add_virtio(vm, mem, "vsock".into(), Box::new(v))?;
     }
     devices.build_buses()?;
     Ok(devices)
@@ -387,6 +399,28 @@ fn open_disks(config: &VmConfig) -> Result<Vec<crate::devices::virtio::block::Bl
         .iter()
         .map(|d| crate::devices::virtio::block::Block::open(&d.path, d.read_only, d.id.clone(), d.direct).map_err(|e| VmmError::Disk(e.to_string())))
         .collect()
+}
+
+/// The network devices and the vsock device, opened before the machine is built.
+pub(crate) type Nets = (Vec<crate::devices::virtio::net::Net>, Option<crate::devices::virtio::vsock::Vsock>);
+
+/// Opens every `--net` TAP (one line for a missing, busy or forbidden one) and the
+/// `--vsock` socket (one line for one in use).
+pub(crate) fn open_nets(config: &VmConfig) -> Result<Nets, VmmError> {
+    use crate::devices::virtio::net::{Net, Tap};
+    let nets = config
+        .nets
+        .iter()
+        .map(|n| {
+            let tap = Tap::open(&n.tap).map_err(|e| VmmError::Disk(e.to_string()))?;
+            Net::new(tap, n.mac).map_err(|e| VmmError::Disk(format!("--net tap={}: {e}", n.tap)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let vsock = match &config.vsock {
+        Some(v) => Some(crate::devices::virtio::vsock::Vsock::new(v.cid, &v.uds).map_err(|e| VmmError::Disk(e.to_string()))?),
+        None => None,
+    };
+    Ok((nets, vsock))
 }
 
 /// The host probe on a thread of its own: it runs throw-away VMs (or reads its

@@ -60,6 +60,7 @@ impl Vmm {
         // guest's CPUID is the snapshot's, never a new probe's.
         let probe = spawn_probe(&supported, like.reprobe)?;
         let disks = open_disks(&config)?;
+        let nets = open_nets(&config)?;
         let mem = snapshot::map_memory(opts.snapshot, &snap).map_err(fail)?;
         phases.done("memory mapped, disks opened");
         let (vm, vm_pristine, quirks, probe_origin) = create_vm(&kvm, &mem, probe)?;
@@ -70,7 +71,7 @@ impl Vmm {
         let out = ConsoleOut::new(console.clone());
         let console_bytes = out.bytes.clone();
         let console_first_byte = out.first_byte.clone();
-        let mut devices = build_devices(&kvm, &vm, &mem, &config, &control, out, disks)?;
+        let mut devices = build_devices(&kvm, &vm, &mem, &config, &control, out, disks, nets)?;
         let failure_bytes = report_failed_instruction_bytes(&vm);
         let mut vcpus = create_vcpus(&kvm, &vm, &config, &mem, &devices.buses, &control, &supported, &guest_cpuid, quirks.user_syscall_broken, Some(&msr_list))?;
         attach_hypercalls(&mut vcpus, &devices, &quirks);

@@ -65,9 +65,23 @@ impl Guest {
         Self::start("restore", args, &[])
     }
 
+    /// Boots inside the network namespace `ns` (`ip netns exec NS skiff run ARGS`:
+    /// `ip` execs skiff, so the child is skiff itself).
+    #[allow(dead_code)]
+    pub fn boot_in_netns(ns: &str, args: &[&str], env: &[(&str, &str)]) -> Guest {
+        require_guest();
+        Self::start_with(&["ip", "netns", "exec", ns, SKIFF], "run", args, env)
+    }
+
     fn start(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Guest {
+        Self::start_with(&[SKIFF], subcommand, args, env)
+    }
+
+    fn start_with(program: &[&str], subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Guest {
         require_kvm();
-        let mut child = Command::new(SKIFF)
+        let (exe, pre) = program.split_first().expect("a program");
+        let mut child = Command::new(exe)
+            .args(pre)
             .arg(subcommand)
             .args(args)
             .envs(env.iter().copied())

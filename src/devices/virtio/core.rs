@@ -186,13 +186,15 @@ impl Core {
             .queues
             .iter()
             .zip(&st.regs)
-            .map(|(q, r)| QueueSnapshot {
+            .enumerate()
+            .map(|(i, (q, r))| QueueSnapshot {
                 size: r.size,
                 ready: q.ready(),
                 desc_table: r.desc,
                 avail_ring: r.driver,
                 used_ring: r.device,
-                next_avail: q.next_avail(),
+                // Chains the device holds unused are taken again after a restore.
+                next_avail: q.next_avail().wrapping_sub(st.device.held(i as u16)),
                 next_used: q.next_used(),
             })
             .collect();
@@ -260,6 +262,10 @@ impl Core {
         st.status = s.status & 0xff;
         if st.status & DRIVER_OK != 0 {
             st.device.activate(st.driver_features);
+            // Chains the driver posted before the snapshot and will not notify again
+            // (receive buffers a device held, given back by `held`) are taken on the
+            // event loop's next turn.
+            let _ = self.resume.write(1);
         }
         Ok(())
     }

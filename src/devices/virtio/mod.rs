@@ -5,6 +5,9 @@
 //! - [`chain`]: descriptor chains, walked and checked before a device sees them.
 //! - [`block`]: virtio-blk on a raw image file or block device, I/O on a worker pool.
 //! - [`rng`]: virtio-rng, fed from the host's `getrandom`.
+//! - [`net`]: virtio-net on a host TAP device.
+//! - [`vsock`]: virtio-vsock, host side on Unix sockets (Firecracker's convention).
+//! - [`poller`]: a device's own epoll set (for fds that come and go).
 //! - [`state`]: the serializable snapshot of a device.
 //!
 //! Everything the guest writes (registers, rings, descriptors) is checked here; a bad
@@ -21,9 +24,12 @@ pub mod block;
 pub mod chain;
 pub mod core;
 pub mod mmio;
+pub mod net;
 pub mod pci;
+pub mod poller;
 pub mod rng;
 pub mod state;
+pub mod vsock;
 
 #[cfg(test)]
 mod tests;
@@ -94,6 +100,13 @@ pub trait VirtioDevice: Send {
     /// The device is reset: forget requests, after any in flight has finished with guest
     /// memory (so nothing is written into memory the guest has since reused).
     fn reset(&mut self) {}
+    /// Chains of queue `index` the device took and holds unused (receive buffers
+    /// waiting for data), all taken after any it has returned. A snapshot moves the
+    /// queue's `next_avail` back over them, so the restored device takes them again
+    /// instead of losing them.
+    fn held(&self, _index: u16) -> u16 {
+        0
+    }
     /// Whether the device takes another chain from queue `index` now.
     fn ready_for_more(&self, _index: u16) -> bool {
         true

@@ -27,6 +27,13 @@ pub enum DeviceState {
     /// virtio-blk: what the guest was told about the disk, checked against the disk
     /// on restore (a different disk under a running guest would corrupt it).
     Block { capacity_sectors: u64, read_only: bool, id: Vec<u8> },
+    /// virtio-net: its MAC (checked on restore) and the TAP's name (opened again by
+    /// name; the negotiated features are the transport's). Appended in device state
+    /// version 3: new kinds go at the end, the encoding numbers them in order.
+    Net { mac: Vec<u8>, tap: String },
+    /// virtio-vsock: the guest's CID (checked on restore). Connections are not saved:
+    /// they are reset, and the guest is told so (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET).
+    Vsock { cid: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

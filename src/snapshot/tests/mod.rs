@@ -125,6 +125,7 @@ pub(super) fn sample_machine(cpus: u8, memory: u64) -> Machine {
         modules: vec![("/boot/mod1".into(), "mod1 arg".into())],
         exit_device: Some((0xf4, 1)),
         fw_cfg: vec![("opt/skiff/x".into(), b"hello".to_vec())],
+        network: crate::snapshot::NetworkRecord { nets: vec![("tap0".into(), [2, 0x5f, 1, 2, 3, 4])], vsock: Some((3, "/tmp/v.sock".into())) },
     }
 }
 
@@ -271,7 +272,7 @@ fn device_state_encoding_is_pinned() {
     let bytes = bincode::Options::serialize(bincode::DefaultOptions::new(), &keyboard).unwrap();
     assert_eq!(
         (bytes.len(), crc32fast::hash(&bytes), DEVICE_STATE_VERSION),
-        (PINNED_KEYBOARD.0, PINNED_KEYBOARD.1, 2),
+        (PINNED_KEYBOARD.0, PINNED_KEYBOARD.1, 3),
         "DeviceState changed shape: bump DEVICE_STATE_VERSION, read the old one in snapshot/format.rs, then update this value"
     );
 }

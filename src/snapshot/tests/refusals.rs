@@ -64,10 +64,11 @@ fn checksum_mismatch_names_the_section() {
     let mut x = b.clone();
     x[30] ^= 1;
     assert!(matches!(err(&x), SnapshotError::HeaderChecksum));
-    // The last byte is the machine section's payload (the last section).
+    // The last byte is the network section's payload (the last section: the sample
+    // machine has a TAP and vsock).
     let mut x = b.clone();
     *x.last_mut().unwrap() ^= 0x10;
-    assert_eq!(err(&x).to_string(), "checksum mismatch in section 7 (machine)");
+    assert_eq!(err(&x).to_string(), "checksum mismatch in section 8 (network)");
     // A flipped "required" flag is caught by the section's checksum, not skipped.
     let header_len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
     let mut x = b.clone();

@@ -3,6 +3,9 @@
 
 mod block;
 mod hostile;
+mod net;
+mod vsock;
+mod ring;
 mod rng;
 mod transport;
 

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Network and vsock benchmarks: the Debian guest (booted here, inside a network
+namespace this script makes, with --net on a TAP in it and --vsock) against floors
+measured in the same run, interleaved:
+
+- TCP guest -> host and host -> guest (MiB/s, busybox nc in the guest, a Python
+  sink/source on the host) against the same transfer between two network namespaces
+  over a veth pair;
+- ping round trip (guest -> host) against ping across the veth pair;
+- vsock guest -> host and host -> guest (skiff-vsock in the guest, Firecracker's
+  CONNECT on the host) against a Unix socket between two host processes, and a
+  vsock round trip (1-byte echo) against the same over a Unix socket;
+- skiff's own CPU (every thread but the vCPUs) per GiB moved, and the guest's
+  user-space exits per packet (from --stats' exit counts: goal 0 in steady state).
+
+Needs root (ip netns), `cargo build --release`, the default guest (or
+SKIFF_GUEST_DIR) with /bin/skiff-vsock (guest/checks/skiff-vsock.c), python3 and ping
+on the host. Nothing leaves the namespaces this script makes; they are removed at
+the end.
+
+    bench/net.py --runs 3 [--mib 256]
+"""
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+SKIFF = os.path.join(TARGET, "release", "skiff")
+DONE = "__skiff_bench_done__"
+NS = f"skiffbench{os.getpid()}"
+NS_A, NS_B = NS + "a", NS + "b"
+HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.2"
+
+
+def sh(cmd):
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench/net.py: {cmd}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def setup():
+    sh(f"ip netns add {NS} && ip -n {NS} link set lo up && ip -n {NS} tuntap add skt0 mode tap && "
+       f"ip -n {NS} addr add {HOST_IP}/24 dev skt0 && ip -n {NS} link set skt0 up")
+    # The floor: a veth pair between two namespaces.
+    sh(f"ip netns add {NS_A} && ip netns add {NS_B} && ip -n {NS_A} link add va type veth peer name vb netns {NS_B} && "
+       f"ip -n {NS_A} addr add 10.0.3.1/24 dev va && ip -n {NS_B} addr add 10.0.3.2/24 dev vb && "
+       f"ip -n {NS_A} link set va up && ip -n {NS_B} link set vb up")
+
+
+def teardown():
+    for n in (NS, NS_A, NS_B):
+        subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+SINK = r"""
+import socket, sys, time
+kind, _, where = sys.argv[1].partition(":")
+if kind == "tcp":
+    h, p = where.rsplit(":", 1); s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((h, int(p)))
+else:
+    s = socket.socket(socket.AF_UNIX); s.bind(where)
+s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); n = 0; t = None
+while True:
+    d = c.recv(1 << 20)
+    if not d: break
+    if t is None: t = time.monotonic()
+    n += len(d)
+print(n, time.monotonic() - (t or time.monotonic()), flush=True)
+"""
+
+SOURCE = r"""
+import socket, sys, time
+kind, _, where = sys.argv[1].partition(":"); n = int(sys.argv[2])
+for _ in range(600):
+    try:
+        if kind == "tcp":
+            h, p = where.rsplit(":", 1); c = socket.create_connection((h, int(p)))
+        else:
+            path, port = where.rsplit(":", 1); c = socket.socket(socket.AF_UNIX); c.connect(path)
+            if port != "-":
+                c.sendall(b"CONNECT %s\n" % port.encode()); l = b""
+                while not l.endswith(b"\n"): l += c.recv(1)
+        break
+    except OSError:
+        time.sleep(0.1)
+buf = b"\0" * (1 << 20); t = time.monotonic(); sent = 0
+while sent < n:
+    c.sendall(buf[: min(len(buf), n - sent)]); sent += min(len(buf), n - sent)
+c.shutdown(socket.SHUT_WR)
+while c.recv(65536): pass
+print(sent, time.monotonic() - t, flush=True)
+"""
+
+
+def py(ns, prog, *args):
+    pre = ["ip", "netns", "exec", ns] if ns else []
+    return subprocess.Popen(pre + ["python3", "-c", prog] + list(args), stdout=subprocess.PIPE, text=True)
+
+
+def last(p):
+    out = p.communicate(timeout=3600)[0].strip().splitlines()
+    n, secs = out[-1].split()
+    return int(n), float(secs)
+
+
+class Guest:
+    def __init__(self, uds):
+        cmd = ["ip", "netns", "exec", NS, SKIFF, "run", "--stats", "--memory", "1G",
+               "--net", "tap=skt0,mac=06:00:ac:10:00:02", "--vsock", f"cid=3,uds={uds}"]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.buf, self.err = b"", []
+        threading.Thread(target=lambda: self.err.append(self.p.stderr.read()), daemon=True).start()
+
+    def read_until(self, needle, timeout):
+        deadline = time.monotonic() + timeout
+        while needle.encode() not in self.buf:
+            if time.monotonic() > deadline:
+                sys.exit(f"bench/net.py: timed out waiting for {needle!r}:\n{self.buf[-2000:].decode(errors='replace')}")
+            chunk = self.p.stdout.read1(65536)
+            if not chunk:
+                sys.exit(f"bench/net.py: skiff ended: {self.buf[-2000:].decode(errors='replace')}")
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(needle.encode())
+        return head.decode(errors="replace")
+
+    def run(self, cmd, timeout=3600):
+        half = len(DONE) // 2
+        self.p.stdin.write(f"echo {DONE[:half]}''{DONE[half:]}B; {cmd}; echo {DONE[:half]}''{DONE[half:]}E\n".encode())
+        self.p.stdin.flush()
+        self.read_until(DONE + "B", timeout)
+        return self.read_until(DONE + "E", timeout)
+
+    def finish(self):
+        self.p.stdin.write(b"poweroff\n")
+        self.p.stdin.flush()
+        self.p.stdout.read()
+        self.p.wait(timeout=600)
+        time.sleep(0.2)
+        return self.err[0].decode(errors="replace") if self.err else ""
+
+
+def skiff_cpu(pid):
+    """Seconds on CPU of skiff's threads that are not vCPUs (schedstat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith("skiff-vcpu"):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total / 1e9
+
+
+def skiff_pid(g):
+    # `ip netns exec` execs skiff: the child is skiff.
+    return g.p.pid
+
+
+def spread(xs):
+    xs = sorted(xs)
+    return f"min {xs[0]:.1f} median {statistics.median(xs):.1f} max {xs[-1]:.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mib", type=int, default=256, help="MiB per transfer")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/net.py: needs root (ip netns)")
+    n = a.mib << 20
+    teardown()
+    setup()
+    tmp = tempfile.mkdtemp(prefix="skiff-netbench-")
+    uds = os.path.join(tmp, "v.sock")
+    res = {k: [] for k in ("tcp g->h", "tcp h->g", "tcp floor", "vsock g->h", "vsock h->g", "unix floor",
+                           "ping guest us", "ping floor us", "cpu s/GiB tcp", "cpu s/GiB vsock")}
+    try:
+        g = Guest(uds)
+        g.read_until("skiff-guest: ready", 3000)
+        g.run(f"modprobe virtio_net; modprobe vmw_vsock_virtio_transport; ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0")
+        pid = skiff_pid(g)
+        for run in range(a.runs):
+            # TCP guest -> host.
+            s = py(NS, SINK, f"tcp:{HOST_IP}:5001"); s.stdout.readline()
+            c0 = skiff_cpu(pid)
+            g.run(f"dd if=/dev/zero bs=1M count={a.mib} 2>/dev/null | nc {HOST_IP} 5001")
+            c1 = skiff_cpu(pid)
+            b, t = last(s); res["tcp g->h"].append(b / t / 2**20)
+            # TCP host -> guest.
+            g.run("(nc -l -p 5002 > /dev/null &)")
+            src = py(NS, SOURCE, f"tcp:{GUEST_IP}:5002", str(n))
+            c2 = skiff_cpu(pid)
+            b2, t2 = last(src); res["tcp h->g"].append(b2 / t2 / 2**20)
+            res["cpu s/GiB tcp"].append((c1 - c0 + skiff_cpu(pid) - c2) / (2 * n / 2**30))
+            # The veth floor.
+            s = py(NS_B, SINK, "tcp:10.0.3.2:5005"); s.stdout.readline()
+            src = py(NS_A, SOURCE, "tcp:10.0.3.2:5005", str(n)); last(src)
+            b, t = last(s); res["tcp floor"].append(b / t / 2**20)
+            # Ping.
+            out = g.run(f"ping -c 20 -i 0.2 {HOST_IP} | tail -1")
+            res["ping guest us"].append(float(out.split("=")[-1].split("/")[1]) * 1000)
+            out = sh(f"ip netns exec {NS_A} ping -c 20 -i 0.2 10.0.3.2 | tail -1")
+            res["ping floor us"].append(float(out.split("=")[-1].split("/")[1]) * 1000)
+            # vsock guest -> host.
+            path = f"{uds}_5003"
+            if os.path.exists(path):
+                os.unlink(path)
+            s = py(None, SINK, f"unix:{path}"); s.stdout.readline()
+            c0 = skiff_cpu(pid)
+            g.run(f"dd if=/dev/zero bs=1M count={a.mib} 2>/dev/null | skiff-vsock connect 2 5003")
+            c1 = skiff_cpu(pid)
+            b, t = last(s); res["vsock g->h"].append(b / t / 2**20)
+            # vsock host -> guest.
+            g.run("(skiff-vsock listen 5004 < /dev/null > /dev/null &)")
+            src = py(None, SOURCE, f"unix:{uds}:5004", str(n))
+            c2 = skiff_cpu(pid)
+            b2, t2 = last(src); res["vsock h->g"].append(b2 / t2 / 2**20)
+            res["cpu s/GiB vsock"].append((c1 - c0 + skiff_cpu(pid) - c2) / (2 * n / 2**30))
+            # The Unix socket floor.
+            fl = os.path.join(tmp, "floor.sock")
+            if os.path.exists(fl):
+                os.unlink(fl)
+            s = py(None, SINK, f"unix:{fl}"); s.stdout.readline()
+            last(py(None, SOURCE, f"unix:{fl}:-", str(n)))
+            b, t = last(s); res["unix floor"].append(b / t / 2**20)
+            print(f"run {run + 1}/{a.runs} done", flush=True)
+        err = g.finish()
+    finally:
+        teardown()
+    print("MiB/s unless named:")
+    for k, v in res.items():
+        if v:
+            print(f"  {k:16} {spread(v)}")
+    exits = [l for l in err.splitlines() if "exit" in l.lower()][:12]
+    print("skiff --stats exit lines (exits per packet: divide by the packets the guest counted):")
+    for l in exits:
+        print("  " + l)
+
+
+if __name__ == "__main__":
+    main()
