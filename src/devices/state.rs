@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a state below changes shape or meaning; older versions are read by
-/// explicit upgrade code (none yet: this is the first).
+/// explicit upgrade code (snapshot/format.rs `upgradable`).
 pub const DEVICE_STATE_VERSION: u32 = 3;
 
 /// Version 1 had no keyboard behind the i8042 (its state was the unit `I8042`) and no
