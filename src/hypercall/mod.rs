@@ -23,6 +23,21 @@
 //!   inline when the guest did not say where it mapped the page); trap.rs.
 //! - **ring**: batched calls in guest memory, flushed by a doorbell (ioeventfd, no
 //!   exit) or a call; ring.rs.
+//!
+//! **The 32-bit register subset.** Outside 64-bit mode (EFER.LMA or CS.L clear) the
+//! convention is KVM's: EAX = number, EBX/ECX/EDX/ESI = arguments, the result in EAX
+//! (truncated to 32 bits: -1000 is 0xfffffc18 with a clear high half). Asking KVM for
+//! the mode (KVM_GET_SREGS) costs about 5 us a call on this host, a quarter of a direct
+//! call, so the mode comes from what skiff already has instead: a 32-bit caller calls
+//! the page's 32-bit stub ([`STUB_DIRECT32`], port [`PORT_DIRECT32`]), whose port says
+//! "32-bit registers" at no cost; a raw site's trap has the segment registers anyway
+//! (it fetches through the guest's tables), and patches a 32-bit site into a call of
+//! the 32-bit patched stub. A call on a 64-bit port asks KVM only when the high half
+//! of RAX or of an argument the call reads is set (a 32-bit caller that took the
+//! 64-bit stub, with whatever a mode switch left there, or a 64-bit caller passing a
+//! value of 4 GiB or more, such as an upper-half page address, once): see
+//! [`Width::of_port_call`]. The ring's entries are 64-bit fields in memory, not
+//! registers: nothing to mask.
 
 pub mod ring;
 pub mod trap;
@@ -54,11 +69,19 @@ pub const STUB_PATCHED: u64 = 0x10;
 pub const PORT_DIRECT: u16 = 0x9a;
 pub const PORT_PATCHED: u16 = 0x9b;
 pub const PORT_RING: u16 = 0x9c;
-pub const PORTS_LEN: u64 = 3;
+/// The 32-bit stubs (the same bytes; their ports say the caller uses the 32-bit
+/// register subset) and their ports.
+pub const STUB_DIRECT32: u64 = 0x20;
+pub const STUB_PATCHED32: u64 = 0x30;
+pub const PORT_DIRECT32: u16 = 0x9d;
+pub const PORT_PATCHED32: u16 = 0x9e;
+pub const PORTS_LEN: u64 = 5;
 
 /// CPUID 0x4000_0101 ECX bits.
 pub const CAP_TRAP: u32 = 1 << 0;
 pub const CAP_RING: u32 = 1 << 1;
+/// The page holds the 32-bit stubs ([`STUB_DIRECT32`]).
+pub const CAP_STUB32: u32 = 1 << 2;
 
 /// Call numbers.
 pub const HC_BASE: u64 = 0x5300;
@@ -97,11 +120,75 @@ pub enum Path {
     Ring,
 }
 
-/// The page's contents: the direct stub and the patched stub, each `out %al, $port;
-/// ret` (the same bytes in 16-, 32- and 64-bit code), the rest `int3`.
+/// Which registers a call uses: all 64 bits (64-bit mode), or the low 32 (KVM's
+/// convention outside 64-bit mode: number, arguments and result masked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Width {
+    Bits64,
+    Bits32,
+}
+
+const EFER_LMA: u64 = 1 << 10;
+
+impl Width {
+    /// The vCPU's mode: 64-bit only with EFER.LMA and CS.L both set (compatibility
+    /// mode and legacy protected mode are 32-bit callers).
+    pub fn of_mode(sregs: &kvm_bindings::kvm_sregs) -> Self {
+        if sregs.efer & EFER_LMA != 0 && sregs.cs.l != 0 { Self::Bits64 } else { Self::Bits32 }
+    }
+
+    /// For a call on a port: the 32-bit ports say so; on a 64-bit port the high halves
+    /// of the registers the call reads (RAX, and its arguments: [`args_read`]) decide
+    /// whether the mode matters. All clear: masking changes no input, and the call is
+    /// taken as 64-bit without asking (a 32-bit caller there gets a result whose high
+    /// half it cannot see: 32-bit modes leave GPRs' high halves undefined). Any set:
+    /// `mode` is asked (KVM_GET_SREGS), the one cost. Registers the call does not read
+    /// are not looked at: a 64-bit caller leaves anything there (the benchmark's RDX
+    /// holds the TSC).
+    pub fn of_port_call<E>(port_says: Option<Self>, regs: &kvm_bindings::kvm_regs, mode: impl FnOnce() -> Result<Self, E>) -> Result<Self, E> {
+        let args = [regs.rbx, regs.rcx, regs.rdx, regs.rsi];
+        match port_says {
+            Some(w) => Ok(w),
+            None if regs.rax >> 32 == 0 && args.iter().take(args_read(regs.rax)).all(|r| r >> 32 == 0) => Ok(Self::Bits64),
+            None => mode(),
+        }
+    }
+
+    pub fn mask(self, v: u64) -> u64 {
+        match self {
+            Self::Bits64 => v,
+            Self::Bits32 => v & 0xffff_ffff,
+        }
+    }
+}
+
+/// How many arguments (RBX, RCX, RDX, RSI in order) call `nr` reads.
+pub fn args_read(nr: u64) -> usize {
+    match nr {
+        HC_CONSOLE_WRITE => 2,
+        HC_RING_SET | HC_SET_PAGE_VA => 1,
+        _ => 0,
+    }
+}
+
+/// A call port: which path it is, and the width it declares (None: the 64-bit
+/// stubs', whose callers are taken as 64-bit unless their registers say otherwise).
+pub fn call_port(port: u16) -> Option<(Path, Option<Width>)> {
+    match port {
+        PORT_DIRECT => Some((Path::Direct, None)),
+        PORT_PATCHED => Some((Path::Patched, None)),
+        PORT_DIRECT32 => Some((Path::Direct, Some(Width::Bits32))),
+        PORT_PATCHED32 => Some((Path::Patched, Some(Width::Bits32))),
+        _ => None,
+    }
+}
+
+/// The page's contents: the direct and patched stubs for 64-bit and for 32-bit
+/// callers, each `out %al, $port; ret` (the same bytes in 16-, 32- and 64-bit code),
+/// the rest `int3`.
 pub fn page_image() -> [u8; 4096] {
     let mut page = [0xccu8; 4096];
-    for (off, port) in [(STUB_DIRECT, PORT_DIRECT), (STUB_PATCHED, PORT_PATCHED)] {
+    for (off, port) in [(STUB_DIRECT, PORT_DIRECT), (STUB_PATCHED, PORT_PATCHED), (STUB_DIRECT32, PORT_DIRECT32), (STUB_PATCHED32, PORT_PATCHED32)] {
         let stub = [0xe6, port as u8, 0xc3];
         if let Some(dst) = page.get_mut(off as usize..off as usize + stub.len()) {
             dst.copy_from_slice(&stub);
@@ -119,7 +206,7 @@ pub fn write_page(mem: &GuestMemoryMmap) -> Result<(), String> {
 pub fn add_cpuid_leaves(cpuid: &mut kvm_bindings::CpuId, trap: bool) -> Result<(), String> {
     use kvm_bindings::kvm_cpuid_entry2;
     let sig = |i: usize| SIGNATURE.get(i..i + 4).and_then(|s| s.try_into().ok()).map_or(0, u32::from_le_bytes);
-    let caps = CAP_RING | if trap { CAP_TRAP } else { 0 };
+    let caps = CAP_RING | CAP_STUB32 | if trap { CAP_TRAP } else { 0 };
     let entries = [
         kvm_cpuid_entry2 { function: LEAF_SIGNATURE, eax: LEAF_INFO, ebx: sig(0), ecx: sig(4), edx: sig(8), ..Default::default() },
         kvm_cpuid_entry2 {
@@ -146,6 +233,9 @@ pub struct Counters {
     pub ring_calls: AtomicU64,
     pub ring_flushes: AtomicU64,
     pub ring_refused: AtomicU64,
+    /// Calls in the 32-bit register subset, and 64-bit-port calls whose mode KVM was asked.
+    pub calls32: AtomicU64,
+    pub mode_asked: AtomicU64,
     pub sites_patched: AtomicU64,
     pub patches_refused: AtomicU64,
     pub unknown: AtomicU64,
@@ -183,6 +273,16 @@ impl Hypercalls {
 
     pub fn page_va(&self) -> Option<u64> {
         Some(self.page_va.load(Ordering::Relaxed)).filter(|&v| v != 0)
+    }
+
+    /// Runs the call in `regs` (RAX = number, RBX/RCX/RDX/RSI = arguments), in
+    /// `width`'s registers, that came by `path`: the new RAX (masked for 32-bit callers).
+    pub fn call_regs(&self, path: Path, width: Width, regs: &kvm_bindings::kvm_regs) -> u64 {
+        if width == Width::Bits32 {
+            self.counters.calls32.fetch_add(1, Ordering::Relaxed);
+        }
+        let m = |v| width.mask(v);
+        width.mask(self.call(path, m(regs.rax), [m(regs.rbx), m(regs.rcx), m(regs.rdx), m(regs.rsi)]))
     }
 
     /// Runs call `nr` with `args` (RBX, RCX, RDX, RSI) that came by `path`.
@@ -275,6 +375,11 @@ impl Hypercalls {
             n(&c.patches_refused),
             n(&c.unknown)
         );
+        out.push_str(&format!(
+            "  32-bit register subset: {} calls (64-bit-port calls whose mode KVM was asked: {})\n",
+            n(&c.calls32),
+            n(&c.mode_asked)
+        ));
         out.push_str(&format!(
             "  hypercall page at {PAGE_GPA:#x}: stub out %al,${PORT_DIRECT:#x} (vmcall/vmmcall reach skiff only through \
              KVM_EXIT_HYPERCALL, which KVM offers for MAP_GPA_RANGE alone); raw int3 sites {}\n",

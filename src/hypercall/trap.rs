@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use kvm_bindings::kvm_regs;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{Hypercalls, PAGE_GPA, PORT_PATCHED, Path, STUB_PATCHED};
+use super::{Hypercalls, PAGE_GPA, PORT_PATCHED, PORT_PATCHED32, Path, STUB_PATCHED, STUB_PATCHED32, Width};
 use crate::x86::paging::{self, Access, PagingContext, Translation};
 
 pub const SITE_LEN: usize = 5;
@@ -41,17 +41,31 @@ pub fn raw_site(bytes: &[u8]) -> Option<bool> {
     }
 }
 
-/// The bytes a patched site gets: `call rel32` to the patched stub where the guest
-/// said where it mapped the page and that is in reach, else the stub's `out` inline
-/// followed by a 3-byte nop.
-pub fn patched_bytes(site_va: u64, stub_va: Option<u64>) -> [u8; SITE_LEN] {
-    if let Some(stub) = stub_va
-        && let Ok(rel) = i32::try_from(stub.wrapping_sub(site_va.wrapping_add(SITE_LEN as u64)) as i64)
-    {
-        let r = rel.to_le_bytes();
-        return [0xe8, r[0], r[1], r[2], r[3]];
+/// The patched stub's offset in the page and its port, for a site in `width`'s code.
+pub fn patched_stub(width: Width) -> (u64, u16) {
+    match width {
+        Width::Bits64 => (STUB_PATCHED, PORT_PATCHED),
+        Width::Bits32 => (STUB_PATCHED32, PORT_PATCHED32),
     }
-    [0xe6, PORT_PATCHED as u8, 0x0f, 0x1f, 0x00]
+}
+
+/// The bytes a patched site gets: `call rel32` to the patched stub (`stub_va`, that
+/// of `width`) where the guest said where it mapped the page and that is in reach,
+/// else the stub's `out` inline followed by a 3-byte nop. In 32-bit code EIP wraps
+/// at 4 GiB, so every target is in reach.
+pub fn patched_bytes(site_va: u64, stub_va: Option<u64>, width: Width) -> [u8; SITE_LEN] {
+    if let Some(stub) = stub_va {
+        let rel = stub.wrapping_sub(site_va.wrapping_add(SITE_LEN as u64));
+        let rel = match width {
+            Width::Bits64 => i32::try_from(rel as i64).ok(),
+            Width::Bits32 => Some(rel as u32 as i32),
+        };
+        if let Some(rel) = rel {
+            let r = rel.to_le_bytes();
+            return [0xe8, r[0], r[1], r[2], r[3]];
+        }
+    }
+    [0xe6, patched_stub(width).1 as u8, 0x0f, 0x1f, 0x00]
 }
 
 /// One site rewrite waiting for the event loop.
@@ -108,19 +122,20 @@ pub fn apply(mem: &GuestMemoryMmap, patches: &[Patch]) -> (u64, u64) {
 }
 
 /// A raw site trapped on a vCPU (an emulation failure at CPL 0 with the site's bytes at
-/// RIP, `site_va` its linear address): runs the call, moves RIP past the site, and
-/// queues the site's patch if it asks for one. Returns the registers to set.
-pub fn on_trap(h: &Hypercalls, mem: &GuestMemoryMmap, regs: &kvm_regs, ctx: &PagingContext, site_va: u64, patch: bool) -> kvm_regs {
+/// RIP, `site_va` its linear address, `width` the vCPU's mode): runs the call, moves
+/// RIP past the site (EIP wraps at 4 GiB in 32-bit code), and queues the site's
+/// patch if it asks for one. Returns the registers to set.
+pub fn on_trap(h: &Hypercalls, mem: &GuestMemoryMmap, regs: &kvm_regs, ctx: &PagingContext, site_va: u64, patch: bool, width: Width) -> kvm_regs {
     let mut out = *regs;
-    out.rax = h.call(Path::Trapped, regs.rax, [regs.rbx, regs.rcx, regs.rdx, regs.rsi]);
-    out.rip = regs.rip.wrapping_add(SITE_LEN as u64);
+    out.rax = h.call_regs(Path::Trapped, width, regs);
+    out.rip = width.mask(regs.rip.wrapping_add(SITE_LEN as u64));
     if patch {
-        queue_patch(h, mem, ctx, site_va);
+        queue_patch(h, mem, ctx, site_va, width);
     }
     out
 }
 
-fn queue_patch(h: &Hypercalls, mem: &GuestMemoryMmap, ctx: &PagingContext, site_va: u64) {
+fn queue_patch(h: &Hypercalls, mem: &GuestMemoryMmap, ctx: &PagingContext, site_va: u64, width: Width) {
     let refuse = || {
         h.counters.patches_refused.fetch_add(1, Ordering::Relaxed);
     };
@@ -131,14 +146,15 @@ fn queue_patch(h: &Hypercalls, mem: &GuestMemoryMmap, ctx: &PagingContext, site_
     let Translation::Ok(gpa) = paging::translate(mem, ctx, site_va, Access::Execute) else { return refuse() };
     // The stub's address, where the guest registered the page's and it really maps
     // the page there (this vCPU's page tables), executable.
-    let stub = h.page_va().map(|va| va.wrapping_add(STUB_PATCHED)).filter(|&va| {
-        matches!(paging::translate(mem, ctx, va, Access::Execute), Translation::Ok(g) if g == PAGE_GPA + STUB_PATCHED)
+    let (stub_off, _) = patched_stub(width);
+    let stub = h.page_va().map(|va| width.mask(va.wrapping_add(stub_off))).filter(|&va| {
+        matches!(paging::translate(mem, ctx, va, Access::Execute), Translation::Ok(g) if g == PAGE_GPA + stub_off)
     });
     let mut old = [0u8; SITE_LEN];
     if mem.read_slice(&mut old, GuestAddress(gpa)).is_err() || raw_site(&old) != Some(true) {
         return refuse();
     }
-    let p = Patch { gpa, old, new: patched_bytes(site_va, stub) };
+    let p = Patch { gpa, old, new: patched_bytes(site_va, stub, width) };
     if h.patches.push(p) {
         crate::control::wake_event_loop();
     } else {
@@ -162,16 +178,33 @@ mod tests {
     #[test]
     fn patches_call_the_stub_or_inline_it() {
         // A call forward and backward, rel32 from the end of the site.
-        assert_eq!(patched_bytes(0x10_0000, Some(0xdf010)), {
+        assert_eq!(patched_bytes(0x10_0000, Some(0xdf010), Width::Bits64), {
             let r = (0xdf010i64 - 0x10_0005) as i32;
             let b = r.to_le_bytes();
             [0xe8, b[0], b[1], b[2], b[3]]
         });
         // RIP-relative targets wrap at 64 bits: the top 2 GiB reach the bottom 2 GiB.
-        assert_eq!(patched_bytes(0xffff_ffff_8100_0000, Some(0x1000))[0], 0xe8);
+        assert_eq!(patched_bytes(0xffff_ffff_8100_0000, Some(0x1000), Width::Bits64)[0], 0xe8);
         // Out of reach (the direct map, the page mapped low): inline.
-        assert_eq!(patched_bytes(0xffff_8880_0000_0000, Some(0x1000)), [0xe6, PORT_PATCHED as u8, 0x0f, 0x1f, 0x00]);
-        assert_eq!(patched_bytes(0x1000, None), [0xe6, PORT_PATCHED as u8, 0x0f, 0x1f, 0x00]);
+        assert_eq!(patched_bytes(0xffff_8880_0000_0000, Some(0x1000), Width::Bits64), [0xe6, PORT_PATCHED as u8, 0x0f, 0x1f, 0x00]);
+        assert_eq!(patched_bytes(0x1000, None, Width::Bits64), [0xe6, PORT_PATCHED as u8, 0x0f, 0x1f, 0x00]);
+    }
+
+    #[test]
+    fn a_32_bit_site_gets_the_32_bit_stub() {
+        // The 32-bit patched stub, rel32 from the end of the site.
+        let b = ((0xdf030i64 - 0x10_0005) as i32).to_le_bytes();
+        assert_eq!(patched_bytes(0x10_0000, Some(0xdf030), Width::Bits32), [0xe8, b[0], b[1], b[2], b[3]]);
+        // EIP wraps at 4 GiB: a site near the top reaches a stub near the bottom, and
+        // one 3 GiB below its stub reaches it (the 64-bit rule would inline both).
+        let b = (0x1030u32.wrapping_sub(0xffff_f005) as i32).to_le_bytes();
+        assert_eq!(patched_bytes(0xffff_f000, Some(0x1030), Width::Bits32), [0xe8, b[0], b[1], b[2], b[3]]);
+        assert_eq!(patched_bytes(0xc000_0000, Some(0x1030), Width::Bits64)[0], 0xe6);
+        assert_eq!(patched_bytes(0xc000_0000, Some(0x1030), Width::Bits32)[0], 0xe8);
+        // Inline: the 32-bit patched port.
+        assert_eq!(patched_bytes(0x1000, None, Width::Bits32), [0xe6, PORT_PATCHED32 as u8, 0x0f, 0x1f, 0x00]);
+        assert_eq!(patched_stub(Width::Bits32), (STUB_PATCHED32, PORT_PATCHED32));
+        assert_eq!(patched_stub(Width::Bits64), (STUB_PATCHED, PORT_PATCHED));
     }
 
     #[test]

@@ -28,8 +28,9 @@ enum Next {
     Debug(kvm_bindings::kvm_debug_exit_arch),
     /// The guest wrote a filtered MSR (LSTAR): the value.
     LstarWrite(u64),
-    /// An `out` to a hypercall port: the call is in the registers.
-    Hypercall(crate::hypercall::Path),
+    /// An `out` to a hypercall port: the call is in the registers, their width what
+    /// the port declares (None: a 64-bit stub's port).
+    Hypercall(crate::hypercall::Path, Option<crate::hypercall::Width>),
     Stop(StopReason),
     TripleFault,
     Unexpected(String),
@@ -124,8 +125,8 @@ impl Vcpu {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
-            Next::Hypercall(path) => {
-                if let Err(e) = self.hypercall(path) {
+            Next::Hypercall(path, width) => {
+                if let Err(e) = self.hypercall(path, width) {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
@@ -181,11 +182,18 @@ impl Vcpu {
 
     /// A call through a hypercall port: RAX = number, RBX/RCX/RDX/RSI = arguments;
     /// the result goes to RAX (KVM completes the `out` itself when it runs the vCPU
-    /// again, and RIP moves past it then).
-    fn hypercall(&mut self, path: crate::hypercall::Path) -> Result<(), String> {
+    /// again, and RIP moves past it then). A 32-bit port's call uses the registers'
+    /// low halves; a 64-bit port's asks KVM for the mode only when a high half it reads is set
+    /// (KVM_GET_SREGS costs a quarter of a call here: hypercall/mod.rs).
+    fn hypercall(&mut self, path: crate::hypercall::Path, port_says: Option<crate::hypercall::Width>) -> Result<(), String> {
         let Some(h) = self.hypercalls.clone() else { return Ok(()) };
         let mut regs = self.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", self.index))?;
-        regs.rax = h.call(path, regs.rax, [regs.rbx, regs.rcx, regs.rdx, regs.rsi]);
+        let width = crate::hypercall::Width::of_port_call(port_says, &regs, || {
+            h.counters.mode_asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let sregs = self.fd.get_sregs().map_err(|e| format!("vCPU {}: KVM_GET_SREGS: {e}", self.index))?;
+            Ok::<_, String>(crate::hypercall::Width::of_mode(&sregs))
+        })?;
+        regs.rax = h.call_regs(path, width, &regs);
         self.fd.set_regs(&regs).map_err(|e| format!("vCPU {}: KVM_SET_REGS: {e}", self.index))
     }
 
@@ -200,10 +208,8 @@ impl Vcpu {
                 VcpuExit::IoOut(port, data) => {
                     stats.count(ExitKind::IoOut);
                     stats.count_port(port);
-                    match port {
-                        crate::hypercall::PORT_DIRECT => return Next::Hypercall(crate::hypercall::Path::Direct),
-                        crate::hypercall::PORT_PATCHED => return Next::Hypercall(crate::hypercall::Path::Patched),
-                        _ => {}
+                    if let Some((path, width)) = crate::hypercall::call_port(port) {
+                        return Next::Hypercall(path, width);
                     }
                     // SAFETY: KVM just filled the io member of the union for this exit.
                     let size = unsafe { (*run_page).__bindgen_anon_1.io.size } as usize;

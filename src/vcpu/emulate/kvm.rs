@@ -157,7 +157,8 @@ pub fn handle_failure(vcpu: &mut Vcpu, kvm_saw: Option<&KvmInsnBytes>) -> Result
         && sregs.cs.selector & 3 == 0
         && let Some(patch) = crate::hypercall::trap::raw_site(fetched.bytes.get(..fetched.len).unwrap_or(&[]))
     {
-        let out = crate::hypercall::trap::on_trap(&h, &vcpu.mem, &regs, &ctx, fetched.rip, patch);
+        let width = crate::hypercall::Width::of_mode(&sregs);
+        let out = crate::hypercall::trap::on_trap(&h, &vcpu.mem, &regs, &ctx, fetched.rip, patch, width);
         vcpu.fd.set_regs(&out).map_err(|e| format!("vCPU {}: KVM_SET_REGS: {e}", vcpu.index))?;
         vcpu.last_failure = None;
         vcpu.failure_repeats = 0;
