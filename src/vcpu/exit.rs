@@ -30,6 +30,8 @@ enum Next {
     LstarWrite(u64),
     /// An `out` to a hypercall port: the call is in the registers.
     Hypercall(crate::hypercall::Path),
+    /// KVM_EXIT_TPR_ACCESS: the RIP and direction KVM reported (src/tpr/).
+    TprAccess(u64, bool),
     Stop(StopReason),
     TripleFault,
     Unexpected(String),
@@ -129,6 +131,7 @@ impl Vcpu {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
+            Next::TprAccess(rip, is_write) => self.tpr_report(rip, is_write),
             Next::Stop(reason) => self.control.request_stop(reason),
             Next::TripleFault => {
                 if self.diagnose_shutdown {
@@ -185,8 +188,31 @@ impl Vcpu {
     fn hypercall(&mut self, path: crate::hypercall::Path) -> Result<(), String> {
         let Some(h) = self.hypercalls.clone() else { return Ok(()) };
         let mut regs = self.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", self.index))?;
+        if regs.rax == crate::hypercall::HC_TPR_POLL
+            && let Some(t) = &self.tpr
+        {
+            t.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         regs.rax = h.call(path, regs.rax, [regs.rbx, regs.rcx, regs.rdx, regs.rsi]);
         self.fd.set_regs(&regs).map_err(|e| format!("vCPU {}: KVM_SET_REGS: {e}", self.index))
+    }
+
+    /// A TPR-access report: when it names a real TPR access (src/tpr/site.rs checks),
+    /// its rewrite is queued and the event loop applies it with every vCPU paused.
+    fn tpr_report(&mut self, rip: u64, is_write: bool) {
+        let Some(t) = self.tpr.clone() else { return };
+        t.reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
+        match crate::tpr::site::examine(&self.mem, &regs, &sregs, rip, is_write) {
+            Ok(p) => {
+                if t.push(p) {
+                    crate::control::wake_event_loop();
+                } else {
+                    t.refuse(crate::tpr::Refusal::Changed);
+                }
+            }
+            Err(why) => t.refuse(why),
+        }
     }
 
     fn run_once(&mut self, run_page: *mut kvm_run) -> Next {
@@ -277,6 +303,12 @@ impl Vcpu {
                     Next::Unexpected(format!(
                         "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
                     ))
+                }
+                VcpuExit::TprAccess => {
+                    stats.count(ExitKind::TprAccess);
+                    // SAFETY: KVM filled the tpr_access member of the union for this exit.
+                    let report = unsafe { (*run_page).__bindgen_anon_1.tpr_access };
+                    Next::TprAccess(report.rip, report.is_write != 0)
                 }
                 VcpuExit::Debug(arch) => {
                     stats.count(ExitKind::Debug);
