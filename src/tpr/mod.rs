@@ -79,6 +79,9 @@ pub enum Refusal {
     NotCode32,
     /// ESP is 0: the patched code pushes (QEMU saw Windows 2003's SMP start-up do this).
     EspZero,
+    /// The vCPU is no longer just past the access: it ran on before the report's exit,
+    /// so its registers (ESP) are not those of the access.
+    Stale,
     /// The bytes at (or, for a write, ending at) RIP are none of the six forms: a late,
     /// merged or wrong report.
     NotAForm,
@@ -92,9 +95,10 @@ pub enum Refusal {
     Changed,
 }
 
-pub const REFUSALS: [(Refusal, &str); 7] = [
+pub const REFUSALS: [(Refusal, &str); 8] = [
     (Refusal::NotCode32, "not 32-bit code"),
     (Refusal::EspZero, "ESP 0"),
+    (Refusal::Stale, "vCPU ran on past the access (stale report)"),
     (Refusal::NotAForm, "no TPR form at RIP (late or wrong report)"),
     (Refusal::NotTpr, "address not the TPR"),
     (Refusal::Unreadable, "site unreadable or across a page"),
@@ -258,10 +262,30 @@ impl Tpr {
     }
 }
 
+/// `rdtscp` in the helper, and what a machine with one vCPU has there instead
+/// (`xor ecx, ecx; nop`: slot 0). Where guest kernel mode is emulated, KVM cannot
+/// run `rdtscp` (the probe hides it), so one vCPU needs no CPU number at all and
+/// several pay an emulation by skiff (vcpu/emulate/system.rs).
+const RDTSCP: [u8; 3] = [0x0f, 0x01, 0xf9];
+const SLOT0: [u8; 3] = [0x31, 0xc9, 0x90];
+
+/// The helper as a machine of `cpus` vCPUs gets it (QEMU's ROM has UP and MP handler
+/// sets likewise).
+pub fn helper_for(cpus: u8) -> Vec<u8> {
+    let mut h = HELPER.to_vec();
+    if cpus <= 1
+        && let Some(at) = h.windows(3).position(|w| w == RDTSCP)
+        && let Some(dst) = h.get_mut(at..at + 3)
+    {
+        dst.copy_from_slice(&SLOT0);
+    }
+    h
+}
+
 /// Writes the helper (at boot and after every reset: RAM was cleared). The vAPIC page
 /// is RAM the reset cleared, which is what KVM expects of it.
-pub fn write_helper(mem: &GuestMemoryMmap) -> Result<(), String> {
-    mem.write_slice(HELPER, GuestAddress(HELPER_GPA)).map_err(|e| format!("the TPR helper: {e}"))
+pub fn write_helper(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), String> {
+    mem.write_slice(&helper_for(cpus), GuestAddress(HELPER_GPA)).map_err(|e| format!("the TPR helper: {e}"))
 }
 
 /// The vAPIC slot of vCPU `index`.
@@ -352,6 +376,10 @@ mod tests {
         for off in [0x00usize, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x80, 0x90, 0xa0] {
             assert_ne!(HELPER.get(off).copied().unwrap_or(0), 0, "entry {off:#x}");
         }
+        // One rdtscp, replaced for one vCPU.
+        assert_eq!(HELPER.windows(3).filter(|w| *w == RDTSCP).count(), 1);
+        assert_eq!(helper_for(1).windows(3).filter(|w| *w == RDTSCP).count(), 0);
+        assert_eq!(helper_for(2), HELPER);
         // Slot 256 would be past the vAPIC page: the index is one byte.
         assert_eq!(vapic_gpa(255) + VAPIC_SLOT, VAPIC_GPA + 0x1000);
         assert_eq!(VAPIC_GPA + 0x1000, crate::hypercall::PAGE_GPA);

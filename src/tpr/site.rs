@@ -91,9 +91,6 @@ pub fn examine(mem: &GuestMemoryMmap, regs: &kvm_regs, sregs: &kvm_sregs, rip: u
     if bitness(sregs) != 32 {
         return Err(Refusal::NotCode32);
     }
-    if regs.rsp & 0xffff_ffff == 0 {
-        return Err(Refusal::EspZero);
-    }
     let ctx = PagingContext::from_sregs(sregs, regs.rflags);
     let cs = Segment::from_kvm(&sregs.cs);
     let (access, start) = find_access(mem, &ctx, &cs, (rip & 0xffff_ffff) as u32, is_write).ok_or(Refusal::NotAForm)?;
@@ -105,9 +102,21 @@ pub fn examine(mem: &GuestMemoryMmap, regs: &kvm_regs, sregs: &kvm_sregs, rip: u
         return Err(Refusal::NotTpr);
     }
     let len = access.form.len();
+    // The registers must be the access's: the vCPU stopped right after it (or, for a
+    // report made before the instruction completed, at it). Where reports come late
+    // (KVM's emulator on this project's hosts exits at the next host tick, naming
+    // the latest access), ESP may have been 0 at the access and restored since.
+    let end = start.wrapping_add(len as u32);
+    let now = (regs.rip & 0xffff_ffff) as u32;
+    if now != end && now != start {
+        return Err(Refusal::Stale);
+    }
     let site_lin = linear_address(&cs, u64::from(start), len as u64, 32).map_err(|_| Refusal::Unreadable)?;
     if site_lin & 0xfff > 0x1000 - len as u64 {
         return Err(Refusal::Unreadable);
+    }
+    if regs.rsp & 0xffff_ffff == 0 {
+        return Err(Refusal::EspZero);
     }
     let Translation::Ok(gpa) = paging::translate(mem, &ctx, site_lin, Access::Execute) else { return Err(Refusal::Unreadable) };
     let mut old = vec![0u8; len];
@@ -153,8 +162,12 @@ mod tests {
         let m = mem();
         let (r, s) = flat();
         m.write_slice(&STORE, GuestAddress(0x10_0000)).unwrap();
+        let r = kvm_regs { rip: 0x10_0005, ..r };
         let p = examine(&m, &r, &s, 0x10_0000, true).unwrap();
         assert_eq!(p.gpa, 0x10_0000);
+        // The vCPU ran on before the exit: its ESP is not the access's.
+        let later = kvm_regs { rip: 0x10_0007, ..r };
+        assert_eq!(examine(&m, &later, &s, 0x10_0000, true), Err(Refusal::Stale));
         assert_eq!(p.old, STORE);
         assert_eq!(p.new, decode::patched(decode::Form::StoreEax, 0x10_0000, HELPER_GPA as u32));
     }
@@ -165,6 +178,7 @@ mod tests {
         let (r, s) = flat();
         m.write_slice(&STORE, GuestAddress(0x10_0000)).unwrap();
         m.write_slice(&[0x90, 0x90], GuestAddress(0x10_0005)).unwrap();
+        let r = kvm_regs { rip: 0x10_0005, ..r };
         assert_eq!(examine(&m, &r, &s, 0x10_0005, true).unwrap().gpa, 0x10_0000);
         // A read report is never looked back for.
         assert_eq!(examine(&m, &r, &s, 0x10_0005, false), Err(Refusal::NotAForm));
@@ -191,7 +205,7 @@ mod tests {
         assert_eq!(examine(&m, &r, &s, 0x10_0000, true), Err(Refusal::NotTpr));
         // ESP 0.
         m.write_slice(&STORE, GuestAddress(0x10_0000)).unwrap();
-        let zero = kvm_regs { rsp: 0, ..r };
+        let zero = kvm_regs { rsp: 0, rip: 0x10_0005, ..r };
         assert_eq!(examine(&m, &zero, &s, 0x10_0000, true), Err(Refusal::EspZero));
         // 64-bit code: the encodings mean something else there.
         let mut long = s;
@@ -201,7 +215,7 @@ mod tests {
         assert_eq!(examine(&m, &r, &long, 0x10_0000, true), Err(Refusal::NotCode32));
         // A site across a page boundary.
         m.write_slice(&STORE, GuestAddress(0x10_0ffe)).unwrap();
-        assert_eq!(examine(&m, &r, &s, 0x10_0ffe, true), Err(Refusal::Unreadable));
+        assert_eq!(examine(&m, &kvm_regs { rip: 0x10_1003, ..r }, &s, 0x10_0ffe, true), Err(Refusal::Unreadable));
         // RIP outside RAM.
         assert_eq!(examine(&m, &r, &s, 0x7000_0000, false), Err(Refusal::NotAForm));
     }
@@ -213,11 +227,13 @@ mod tests {
         // DS based at 0x1000_0000: the operand 0xee00080 lands on the TPR.
         s.ds.base = 0x1000_0000;
         m.write_slice(&[0xa1, 0x80, 0x00, 0xe0, 0xee], GuestAddress(0x10_0000)).unwrap();
+        let r = kvm_regs { rip: 0x10_0005, ..r };
         assert!(examine(&m, &r, &s, 0x10_0000, false).is_ok());
         // CS based at 0x10_0000: EIP 0 is linear 0x10_0000; the call is EIP-relative.
         let (r, mut s) = flat();
         s.cs.base = 0x10_0000;
         m.write_slice(&[0xa1, 0x80, 0x00, 0xe0, 0xfe], GuestAddress(0x10_0000)).unwrap();
+        let r = kvm_regs { rip: 5, ..r };
         let p = examine(&m, &r, &s, 0, false).unwrap();
         assert_eq!(p.gpa, 0x10_0000);
         assert_eq!(p.new, decode::patched(decode::Form::LoadEax, 0, (HELPER_GPA as u32).wrapping_sub(0x10_0000)));

@@ -203,7 +203,11 @@ impl Vcpu {
         let Some(t) = self.tpr.clone() else { return };
         t.reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
-        match crate::tpr::site::examine(&self.mem, &regs, &sregs, rip, is_write) {
+        let verdict = crate::tpr::site::examine(&self.mem, &regs, &sregs, rip, is_write);
+        if std::env::var_os("SKIFF_TPR_DEBUG").is_some() {
+            crate::output::stderr(&format!("tpr report: rip {rip:#x} write {is_write}, vCPU rip {:#x} esp {:#x}: {:?}\n", regs.rip, regs.rsp, verdict.as_ref().map(|p| p.gpa)));
+        }
+        match verdict {
             Ok(p) => {
                 if t.push(p) {
                     crate::control::wake_event_loop();

@@ -589,7 +589,7 @@ fn write_guest_tables(
 ) -> Result<BootEntry, VmmError> {
     let rsdp = acpi::create_acpi_tables(mem, config.cpus, acpi_devices)?;
     crate::hypercall::write_page(mem).map_err(VmmError::Device)?;
-    crate::tpr::write_helper(mem).map_err(VmmError::Device)?;
+    crate::tpr::write_helper(mem, config.cpus).map_err(VmmError::Device)?;
     Ok(loader::write_boot_info(mem, kernel, config, cmdline, rsdp.0)?)
 }
 

@@ -84,7 +84,7 @@ pub(super) fn measure(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<TprCost>, Strin
     for (i, e) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT + i as u64 * 8)).map_err(err)?;
     }
-    crate::tpr::write_helper(&mem)?;
+    crate::tpr::write_helper(&mem, 1)?;
     crate::hypercall::write_page(&mem)?;
     let mut vcpu = vm.create_vcpu(0).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
     vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
