@@ -25,7 +25,7 @@ impl Form {
         matches!(self, Form::StoreReg(_) | Form::StoreEax | Form::StoreImm(_))
     }
 
-    pub fn len(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             Form::LoadEax | Form::StoreEax => 5,
             Form::StoreReg(_) | Form::LoadReg(_) | Form::Push => 6,
@@ -108,7 +108,7 @@ pub fn match_write_ending(before: &[u8]) -> Option<(TprAccess, usize)> {
         let Some(start) = before.len().checked_sub(len) else { continue };
         if let Some(a) = before.get(start..).and_then(match_form)
             && a.form.is_write()
-            && a.form.len() == len
+            && a.form.size() == len
         {
             return Some((a, len));
         }
@@ -133,7 +133,7 @@ pub fn patched(form: Form, site: u32, helper: u32) -> Vec<u8> {
         let rel = target.wrapping_sub(site.wrapping_add(at_end as u32)).to_le_bytes();
         [0xe8, rel[0], rel[1], rel[2], rel[3]]
     };
-    let mut out = Vec::with_capacity(form.len());
+    let mut out = Vec::with_capacity(form.size());
     match form {
         Form::LoadEax => out.extend(call(5, helper.wrapping_add(entry::GET_REG))),
         Form::StoreEax => out.extend(call(5, helper.wrapping_add(entry::SET_EAX))),
@@ -193,7 +193,7 @@ mod tests {
             // iced agrees on the instruction and its length: the site is one instruction.
             let i = iced(&bytes);
             assert_eq!(i.code(), code, "{bytes:02x?}");
-            assert_eq!(i.len(), form.len(), "{bytes:02x?}");
+            assert_eq!(i.len(), form.size(), "{bytes:02x?}");
             assert_eq!(i.memory_displacement32(), 0xfee0_0080);
             // Trailing bytes change nothing.
             let mut longer = bytes.clone();
@@ -258,7 +258,7 @@ mod tests {
         let forms = [Form::StoreReg(2), Form::LoadReg(7), Form::LoadEax, Form::StoreEax, Form::StoreImm(0x20), Form::Push];
         for f in forms {
             let p = patched(f, site, helper);
-            assert_eq!(p.len(), f.len(), "{f:?}");
+            assert_eq!(p.len(), f.size(), "{f:?}");
             // Decode the patch as the guest will and follow the call.
             let mut d = Decoder::with_ip(32, &p, u64::from(site), DecoderOptions::NONE);
             let mut last = d.decode();
@@ -266,7 +266,7 @@ mod tests {
                 last = d.decode();
             }
             assert_eq!(last.code(), Code::Call_rel32_32, "{f:?}");
-            assert_eq!(last.next_ip(), u64::from(site) + f.len() as u64);
+            assert_eq!(last.next_ip(), u64::from(site) + f.size() as u64);
             let want = helper
                 + match f {
                     Form::StoreReg(_) | Form::StoreImm(_) => entry::SET_STACK,

@@ -101,7 +101,7 @@ pub fn examine(mem: &GuestMemoryMmap, regs: &kvm_regs, sregs: &kvm_sregs, rip: u
     if phys(mem, &ctx, operand, Access::Read) != Some(tpr) {
         return Err(Refusal::NotTpr);
     }
-    let len = access.form.len();
+    let len = access.form.size();
     // The registers must be the access's: the vCPU stopped right after it (or, for a
     // report made before the instruction completed, at it). Where reports come late
     // (KVM's emulator on this project's hosts exits at the next host tick, naming
