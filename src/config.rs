@@ -278,6 +278,9 @@ pub struct VmConfig {
     pub exit_device: Option<ExitDeviceConfig>,
     /// `--fw-cfg` files the guest finds in fw_cfg's directory.
     pub fw_cfg: Vec<FwCfgItem>,
+    /// `--tpr-patch`: rewrite 32-bit TPR MMIO accesses into calls of skiff's helper
+    /// (src/tpr/): where measured to pay, always, or never.
+    pub tpr_patch: crate::tpr::Mode,
 }
 
 /// How the boot vCPU enters the kernel.

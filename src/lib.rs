@@ -11,6 +11,7 @@
 //! - [`devices`]: the I/O bus and the devices on it.
 //! - [`gdb`]: the gdb stub (GDB remote protocol), on a thread that talks to vCPUs by events.
 //! - [`hypercall`]: skiff's hypercall ABI: the page, the calls, trap-and-patch, the ring.
+//! - [`tpr`]: TPR access decode-and-patch with a guest-side helper (seed 000).
 //! - [`snapshot`]: the snapshot file format and the guest-memory file.
 //! - [`output`]: skiff's own messages, which a closed or unread stdout/stderr cannot
 //!   turn into a panic or a hang.
@@ -25,6 +26,7 @@ pub mod control;
 pub mod devices;
 pub mod gdb;
 pub mod hypercall;
+pub mod tpr;
 pub mod output;
 pub mod snapshot;
 pub mod stats;

@@ -93,6 +93,11 @@ struct RunArgs {
     /// retbleed=off, spec_rstack_overflow=off, initcall_blacklist=...).
     #[arg(long)]
     guest_defaults: bool,
+    /// TPR access patching for 32-bit guests (src/tpr/): `auto` engages it where the
+    /// host probe measured the patched path cheaper than a TPR MMIO access, `on`
+    /// always (for testing), `off` never.
+    #[arg(long, default_value = "auto", value_parser = parse_tpr_mode)]
+    tpr_patch: skiff::tpr::Mode,
     /// A disk for the guest (virtio-blk): a raw image file or a block device, its
     /// size a multiple of 512 bytes; `ro` makes it read-only, `id=NAME` sets the serial
     /// the guest reads, `direct` moves data with O_DIRECT (past the host's page cache)
@@ -344,6 +349,7 @@ fn build_config(args: RunArgs) -> Result<VmConfig, String> {
         modules,
         exit_device,
         fw_cfg,
+        tpr_patch: args.tpr_patch,
     })
 }
 
@@ -398,6 +404,8 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
         modules: Vec::new(),
         exit_device: None,
         fw_cfg: Vec::new(),
+        // A restore engages TPR patching when its snapshot has patched sites.
+        tpr_patch: skiff::tpr::Mode::Off,
     };
     let vmm = match (args.snapshot, api.as_mut()) {
         (Some(snapshot), _) => interruptible("restoring the snapshot", move || {
@@ -493,6 +501,7 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         let _ = writeln!(out, "doorbell writes (ioeventfd, no exit): {} ({})", r.doorbells_rung, r.doorbells);
         let _ = writeln!(out, "KVM reports the bytes of instructions it fails to emulate: {}", r.failure_bytes);
         out.push_str(&r.hypercalls);
+        out.push_str(&r.tpr);
         for v in &r.virtio {
             let _ = writeln!(out, "virtio {v}");
         }
@@ -512,4 +521,8 @@ fn print_reports(config: &VmConfig, r: &RunReport) {
         let _ = writeln!(out, "kernel command line: {}", r.cmdline);
     }
     output::stderr(&out);
+}
+
+fn parse_tpr_mode(s: &str) -> Result<skiff::tpr::Mode, String> {
+    s.parse()
 }

@@ -24,11 +24,13 @@ pub enum ExitKind {
     Debug,
     /// KVM_EXIT_X86_WRMSR (a filtered MSR write).
     MsrWrite,
+    /// KVM_EXIT_TPR_ACCESS (a TPR-access report, src/tpr/).
+    TprAccess,
     Other,
 }
 
 impl ExitKind {
-    pub const ALL: [ExitKind; 13] = [
+    pub const ALL: [ExitKind; 14] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
@@ -41,6 +43,7 @@ impl ExitKind {
         ExitKind::Interrupted,
         ExitKind::Debug,
         ExitKind::MsrWrite,
+        ExitKind::TprAccess,
         ExitKind::Other,
     ];
 
@@ -58,6 +61,7 @@ impl ExitKind {
             ExitKind::Interrupted => "interrupted (kick)",
             ExitKind::Debug => "debug (syscall fix-up breakpoint)",
             ExitKind::MsrWrite => "msr-write (filtered)",
+            ExitKind::TprAccess => "tpr-access",
             ExitKind::Other => "other",
         }
     }

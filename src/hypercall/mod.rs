@@ -101,6 +101,10 @@ pub const HC_RING_FLUSH: u64 = HC_BASE + 7;
 /// RBX = the linear address where the guest mapped the hypercall page (executable):
 /// patched sites then become a `call` of the patched stub.
 pub const HC_SET_PAGE_VA: u64 = HC_BASE + 8;
+/// The TPR helper's poll (src/tpr/, guest/tpr/helper.S): the exit itself is the point
+/// (KVM takes the vAPIC's new TPR at every exit and then delivers what it unmasked);
+/// returns 0.
+pub const HC_TPR_POLL: u64 = HC_BASE + 9;
 
 /// KVM's error numbers (include/uapi/linux/kvm_para.h), returned negated.
 pub const KVM_ENOSYS: i64 = 1000;
@@ -296,7 +300,7 @@ impl Hypercalls {
         }
         .fetch_add(1, Ordering::Relaxed);
         let r: i64 = match nr {
-            HC_NOP => 0,
+            HC_NOP | HC_TPR_POLL => 0,
             HC_CONSOLE_WRITE => self.console_write(args[0], args[1]),
             HC_READY => {
                 self.marker.write(0, &[0]);

@@ -31,6 +31,8 @@ enum Next {
     /// An `out` to a hypercall port: the call is in the registers, their width what
     /// the port declares (None: a 64-bit stub's port).
     Hypercall(crate::hypercall::Path, Option<crate::hypercall::Width>),
+    /// KVM_EXIT_TPR_ACCESS: the RIP and direction KVM reported (src/tpr/).
+    TprAccess(u64, bool),
     Stop(StopReason),
     TripleFault,
     Unexpected(String),
@@ -130,6 +132,7 @@ impl Vcpu {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
+            Next::TprAccess(rip, is_write) => self.tpr_report(rip, is_write),
             Next::Stop(reason) => self.control.request_stop(reason),
             Next::TripleFault => {
                 if self.diagnose_shutdown {
@@ -188,6 +191,11 @@ impl Vcpu {
     fn hypercall(&mut self, path: crate::hypercall::Path, port_says: Option<crate::hypercall::Width>) -> Result<(), String> {
         let Some(h) = self.hypercalls.clone() else { return Ok(()) };
         let mut regs = self.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", self.index))?;
+        if regs.rax & 0xffff_ffff == crate::hypercall::HC_TPR_POLL
+            && let Some(t) = &self.tpr
+        {
+            t.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let width = crate::hypercall::Width::of_port_call(port_says, &regs, || {
             h.counters.mode_asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let sregs = self.fd.get_sregs().map_err(|e| format!("vCPU {}: KVM_GET_SREGS: {e}", self.index))?;
@@ -195,6 +203,28 @@ impl Vcpu {
         })?;
         regs.rax = h.call_regs(path, width, &regs);
         self.fd.set_regs(&regs).map_err(|e| format!("vCPU {}: KVM_SET_REGS: {e}", self.index))
+    }
+
+    /// A TPR-access report: when it names a real TPR access (src/tpr/site.rs checks),
+    /// its rewrite is queued and the event loop applies it with every vCPU paused.
+    fn tpr_report(&mut self, rip: u64, is_write: bool) {
+        let Some(t) = self.tpr.clone() else { return };
+        t.reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
+        let verdict = crate::tpr::site::examine(&self.mem, &regs, &sregs, rip, is_write);
+        if std::env::var_os("SKIFF_TPR_DEBUG").is_some() {
+            crate::output::stderr(&format!("tpr report: rip {rip:#x} write {is_write}, vCPU rip {:#x} esp {:#x}: {:?}\n", regs.rip, regs.rsp, verdict.as_ref().map(|p| p.gpa)));
+        }
+        match verdict {
+            Ok(p) => {
+                if t.push(p) {
+                    crate::control::wake_event_loop();
+                } else {
+                    t.refuse(crate::tpr::Refusal::Changed);
+                }
+            }
+            Err(why) => t.refuse(why),
+        }
     }
 
     fn run_once(&mut self, run_page: *mut kvm_run) -> Next {
@@ -283,6 +313,12 @@ impl Vcpu {
                     Next::Unexpected(format!(
                         "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host CPU {cpu}"
                     ))
+                }
+                VcpuExit::TprAccess => {
+                    stats.count(ExitKind::TprAccess);
+                    // SAFETY: KVM filled the tpr_access member of the union for this exit.
+                    let report = unsafe { (*run_page).__bindgen_anon_1.tpr_access };
+                    Next::TprAccess(report.rip, report.is_write != 0)
                 }
                 VcpuExit::Debug(arch) => {
                     stats.count(ExitKind::Debug);

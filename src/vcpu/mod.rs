@@ -142,6 +142,8 @@ pub struct Vcpu {
     pub hypercalls: Option<Arc<crate::hypercall::Hypercalls>>,
     /// KVM enforces this vCPU's PV features (KVM_CAP_ENFORCE_PV_FEATURE_CPUID).
     pub pv_enforced: bool,
+    /// TPR patching (src/tpr/), when engaged.
+    pub tpr: Option<Arc<crate::tpr::Tpr>>,
 }
 
 impl Vcpu {
@@ -176,6 +178,7 @@ impl Vcpu {
             gdb_reports: None,
             hypercalls: None,
             pv_enforced: false,
+            tpr: None,
         }
     }
 
@@ -309,6 +312,15 @@ impl Vcpu {
         if self.index == 0 {
             self.set_boot_state(entry)?;
         }
+        self.enable_tpr(true)
+    }
+
+    /// TPR reports, the vAPIC slot and TSC_AUX for the helper, when patching is engaged
+    /// (at power-on and restore: KVM keeps the first two outside the vCPU's state).
+    fn enable_tpr(&self, set_aux: bool) -> Result<(), VcpuError> {
+        if self.tpr.is_some() {
+            crate::tpr::enable_on_vcpu(&self.fd, self.index, set_aux).map_err(|e| VcpuError::Restore(self.index, e))?;
+        }
         Ok(())
     }
 
@@ -316,6 +328,8 @@ impl Vcpu {
     /// fix-up's breakpoint, found again from the restored LSTAR and IDT.
     pub fn restore_state(&mut self, s: &state::VcpuState) -> Result<(), VcpuError> {
         self.put_state(s)?;
+        // TSC_AUX is the snapshot's (the guest may have written its own).
+        self.enable_tpr(false)?;
         if self.syscall_fixup.is_some()
             && let Some(lstar) = s.msrs.get_value(syscall_fixup::MSR_LSTAR).filter(|v| *v != 0)
         {

@@ -21,6 +21,7 @@ mod cache;
 mod hypercall;
 mod key;
 pub mod pv;
+pub mod tpr;
 
 pub use cache::{CACHE_FILE, CacheError, ProbeOrigin, ProbePolicy, cache_dir, probe_host_cached};
 pub use key::{PROBE_FORMAT, ProbeKey};
@@ -139,6 +140,8 @@ pub struct HostQuirks {
     pub guest_xcr0: u64,
     /// KVM's paravirtual features: which work here (probe/pv.rs).
     pub pv: pv::PvFindings,
+    /// A TPR write through MMIO against the patched helper (`--tpr-patch=auto`).
+    pub tpr_cost: Option<tpr::TprCost>,
     pub probe_ms: f64,
 }
 
@@ -828,6 +831,7 @@ pub fn probe_host(kvm: &Kvm, cpuid: &CpuId) -> Result<HostQuirks, String> {
     quirks.user_syscall_broken = !user_syscall_enters_kernel(&mut user)?;
     quirks.hypercall_hangs = !hypercall.returns()?;
     quirks.pv = pv::probe(kvm, cpuid, !quirks.hypercall_hangs)?;
+    quirks.tpr_cost = tpr::measure(kvm, cpuid)?;
     quirks.probe_ms = start.elapsed().as_secs_f64() * 1e3;
     Ok(quirks)
 }

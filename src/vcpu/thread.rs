@@ -276,6 +276,7 @@ fn handle(
             (VcpuResponse::PoweredOn(vcpu.power_on(entry)), running)
         }
         VcpuEvent::TakeStats => {
+            record_tpr(vcpu);
             let stats = Box::new(std::mem::take(&mut vcpu.stats));
             let samples = vcpu.rip_samples.as_mut().map(|(_, s)| std::mem::take(s)).unwrap_or_default();
             (VcpuResponse::Stats(stats, samples), running)
@@ -288,6 +289,20 @@ fn handle(
     };
     let _ = responses.send(answer);
     run
+}
+
+/// With TPR patching engaged: this vCPU's TPR as KVM_GET_LAPIC has it, beside the
+/// vAPIC slot's byte, for `--stats` (the tests compare both with what the guest wrote).
+fn record_tpr(vcpu: &Vcpu) {
+    let Some(t) = &vcpu.tpr else { return };
+    let Ok(lapic) = vcpu.fd.get_lapic() else { return };
+    let tpr = super::state::lapic_get(&lapic, super::state::apic_reg::TPR);
+    let mut byte = [0u8; 1];
+    let _ = vm_memory::Bytes::read_slice(&vcpu.mem, &mut byte, vm_memory::GuestAddress(crate::tpr::vapic_gpa(vcpu.index)));
+    let mut list = t.final_tpr.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|(i, _, _)| *i != vcpu.index);
+    list.push((vcpu.index, tpr, byte[0]));
+    list.sort_unstable();
 }
 
 /// Does a debugger's request on the vCPU's own thread.

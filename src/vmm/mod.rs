@@ -149,6 +149,8 @@ pub struct RunReport {
     pub virtio: Vec<String>,
     /// The hypercall paths' counts (`--stats` lines).
     pub hypercalls: String,
+    /// TPR patching: engaged or not and why, its counts, each vCPU's final TPR.
+    pub tpr: String,
     /// Each paravirtual feature: exposed, or hidden and why (`--stats` lines).
     pub pv_features: String,
     /// A restore's phases and their milliseconds.
@@ -231,6 +233,9 @@ pub struct Vmm {
     /// The gdb stub's socket, and whether the guest waits for gdb before its first
     /// instruction (`--gdb`, `--gdb-wait`).
     gdb: Option<(crate::gdb::GdbListener, bool)>,
+    /// TPR patching, when engaged (src/tpr/), and why it is or is not.
+    tpr: Option<Arc<crate::tpr::Tpr>>,
+    tpr_why: String,
 }
 
 impl Vmm {
@@ -279,6 +284,10 @@ impl Vmm {
         let (coalescing, doorbells) = setup_fast_paths(&kvm, &vm, config, &vcpus, &mut devices);
         let mut vcpus = vcpus;
         attach_hypercalls(&mut vcpus, &devices, &quirks);
+        let (tpr, tpr_why) = decide_tpr(&kvm, config.tpr_patch, &quirks);
+        for v in &mut vcpus {
+            v.tpr = tpr.clone();
+        }
         let mut vmm = Vmm {
             _kvm: kvm,
             vm,
@@ -303,6 +312,8 @@ impl Vmm {
             first_resume: None,
             restore_phases: Vec::new(),
             gdb: None,
+            tpr,
+            tpr_why,
         };
         for vcpu in &mut vmm.vcpus {
             vcpu.power_on(entry)?;
@@ -516,6 +527,31 @@ fn guest_cpuid(supported: &CpuId, quirks: &HostQuirks) -> CpuId {
     cpuid
 }
 
+/// Whether to patch TPR accesses (`--tpr-patch`), and the `--stats` reason.
+fn decide_tpr(kvm: &Kvm, mode: crate::tpr::Mode, quirks: &HostQuirks) -> (Option<Arc<crate::tpr::Tpr>>, String) {
+    use crate::tpr::Mode;
+    let measured = quirks.tpr_cost.as_ref().map(|c| c.describe());
+    let measured_text = measured.clone().unwrap_or_else(|| "not measured on this host".into());
+    if mode == Mode::Off {
+        return (None, "off (--tpr-patch=off)".into());
+    }
+    if kvm.check_extension_raw(crate::tpr::KVM_CAP_VAPIC as libc::c_ulong) <= 0 {
+        return (None, "off: KVM lacks KVM_CAP_VAPIC (TPR-access reports and the vAPIC page)".into());
+    }
+    let engaged = |why: String| {
+        let t = Arc::new(crate::tpr::Tpr::new(why.clone()));
+        (Some(t), why)
+    };
+    match mode {
+        Mode::On => engaged(format!("on (--tpr-patch=on; probe: {measured_text})")),
+        _ => match &quirks.tpr_cost {
+            Some(c) if c.patched_ns < c.mmio_ns => engaged(format!("on (auto: the patched path is cheaper here: {measured_text})")),
+            Some(_) => (None, format!("off (auto: patching would cost more here: {measured_text})")),
+            None => (None, format!("off (auto: {measured_text})")),
+        },
+    }
+}
+
 /// Gives every vCPU the hypercall handler, which learns whether raw sites trap here.
 fn attach_hypercalls(vcpus: &mut [Vcpu], devices: &DeviceManager, quirks: &HostQuirks) {
     if let Some(h) = &devices.hypercalls {
@@ -587,6 +623,7 @@ fn write_guest_tables(
 ) -> Result<BootEntry, VmmError> {
     let rsdp = acpi::create_acpi_tables(mem, config.cpus, acpi_devices)?;
     crate::hypercall::write_page(mem).map_err(VmmError::Device)?;
+    crate::tpr::write_helper(mem, config.cpus).map_err(VmmError::Device)?;
     Ok(loader::write_boot_info(mem, kernel, config, cmdline, rsdp.0)?)
 }
 

@@ -75,6 +75,21 @@ impl Vmm {
         let failure_bytes = report_failed_instruction_bytes(&vm);
         let mut vcpus = create_vcpus(&kvm, &vm, &config, &mem, &devices.buses, &control, &supported, &guest_cpuid, quirks.user_syscall_broken, Some(&msr_list))?;
         attach_hypercalls(&mut vcpus, &devices, &quirks);
+        // Patched TPR sites in the snapshot's memory call the helper: the vAPIC slots
+        // and TPR reports must be on again (they are KVM state outside the vCPU's).
+        let (tpr, tpr_why) = if snap.patched_sites.is_empty() {
+            (None, "off (restored: the snapshot has no patched TPR sites)".to_string())
+        } else if kvm.check_extension_raw(crate::tpr::KVM_CAP_VAPIC as libc::c_ulong) <= 0 {
+            return Err(VmmError::Snapshot(format!("{}: has patched TPR sites, and this KVM lacks KVM_CAP_VAPIC", opts.snapshot.display())));
+        } else {
+            let why = format!("on (restored: the snapshot has {} patched TPR sites)", snap.patched_sites.len());
+            let t = Arc::new(crate::tpr::Tpr::new(why.clone()));
+            t.set_sites(snap.patched_sites.clone());
+            (Some(t), why)
+        };
+        for v in &mut vcpus {
+            v.tpr = tpr.clone();
+        }
         phases.done("devices and vCPUs created");
         put_state(&vm, &mut vcpus, &devices, &snap)?;
         phases.done("state put");
@@ -111,6 +126,8 @@ impl Vmm {
             first_resume: None,
             gdb: None,
             restore_phases: phases.list,
+            tpr,
+            tpr_why,
         })
     }
 }

@@ -228,17 +228,24 @@ impl Vmm {
     /// every vCPU paused, then resumed (unless the machine was paused already, by the
     /// API, or is stopping: then it stays as it was).
     fn apply_patches(&self, set: &mut VcpuSet) {
-        let Some(h) = &self.devices.hypercalls else { return };
-        if h.patches.is_empty() || self.control.stopping() {
+        let hc = self.devices.hypercalls.as_ref().filter(|h| !h.patches.is_empty());
+        let tpr = self.tpr.as_ref().filter(|t| t.has_pending());
+        if (hc.is_none() && tpr.is_none()) || self.control.stopping() {
             return;
         }
         let was_paused = set.paused();
         if !was_paused && set.pause_all().is_err() {
             return;
         }
-        let (done, refused) = crate::hypercall::trap::apply(&self.mem, &h.patches.take());
-        h.counters.sites_patched.fetch_add(done, Ordering::Relaxed);
-        h.counters.patches_refused.fetch_add(refused, Ordering::Relaxed);
+        if let Some(h) = hc {
+            let (done, refused) = crate::hypercall::trap::apply(&self.mem, &h.patches.take());
+            h.counters.sites_patched.fetch_add(done, Ordering::Relaxed);
+            h.counters.patches_refused.fetch_add(refused, Ordering::Relaxed);
+        }
+        // TPR sites (src/tpr/): each still holding the access a vCPU reported.
+        if let Some(t) = tpr {
+            t.apply(&self.mem);
+        }
         if !was_paused && !self.control.stopping() && let Err(e) = set.resume_all() {
             self.control.request_fatal(e.to_string());
         }
@@ -320,6 +327,10 @@ impl Vmm {
         // Devices first: a disk's reset waits for the requests it has in flight, so
         // no worker writes into the next guest's memory after it is cleared.
         self.devices.reset();
+        // Guest memory is cleared: no TPR site stays patched.
+        if let Some(t) = &self.tpr {
+            t.reset();
+        }
         // RAM leaves the VM while it is cleared and reloaded, so KVM forgets every
         // translation of the old contents (see memory::unregister_from_kvm).
         memory::unregister_from_kvm(&self.vm, &self.mem)?;
@@ -370,6 +381,7 @@ impl Vmm {
             restore_phases: std::mem::take(&mut self.restore_phases),
             virtio: self.devices.virtio.iter().map(|v| format!("{}: {}", v.name, v.device.stats())).collect(),
             hypercalls: self.devices.hypercalls.as_ref().map(|h| h.report()).unwrap_or_default(),
+            tpr: format!("tpr patching: {}\n{}", self.tpr_why, self.tpr.as_ref().map(|t| t.report()).unwrap_or_default()),
             pv_features,
             console_unwritten,
         }

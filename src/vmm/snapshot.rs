@@ -68,7 +68,7 @@ impl Vmm {
             devices,
             memory_map: written.map,
             memory_file: written.file,
-            patched_sites: Vec::new(),
+            patched_sites: self.tpr.as_ref().map(|t| t.sites()).unwrap_or_default(),
             machine,
         };
         if let Err(e) = snapshot::write_snapshot(path, &snap) {

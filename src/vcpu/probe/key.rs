@@ -20,6 +20,8 @@ const PROBE_SOURCE_HASH: u64 = {
     h = fnv1a(h, include_bytes!("../probe.rs"));
     h = fnv1a(h, include_bytes!("hypercall.rs"));
     h = fnv1a(h, include_bytes!("pv.rs"));
+    h = fnv1a(h, include_bytes!("tpr.rs"));
+    h = fnv1a(h, include_bytes!("../../../guest/tpr/helper.bin"));
     h = fnv1a(h, include_bytes!("../cpuid.rs"));
     h = fnv1a(h, include_bytes!("../../x86/boot.rs"));
     h

@@ -1,0 +1,411 @@
+//! TPR access decode-and-patch (seed 000), after QEMU's kvmvapic, written afresh.
+//!
+//! A 32-bit guest that reads and writes the local APIC's task-priority register
+//! (offset 0x80 of the APIC page) through MMIO exits on every access where the host
+//! has no TPR virtualisation. skiff asks KVM to report TPR accesses
+//! (KVM_TPR_ACCESS_REPORTING), decodes the instruction a report names, and rewrites
+//! it into a call of a small guest-side helper (guest/tpr/helper.S) that keeps the
+//! TPR in a vAPIC slot KVM synchronises with the APIC (KVM_SET_VAPIC_ADDR): KVM takes
+//! the slot's TPR byte after every exit and writes the TPR, the in-service class and
+//! the highest requested vector into it before every entry. When lowering the TPR
+//! unmasks a requested interrupt, the helper makes an exit (the poll hypercall,
+//! through skiff's hypercall page) so KVM takes the new TPR and delivers it at once.
+//!
+//! Guest-physical layout, three pages in the BIOS area the e820 map reserves:
+//!   [`HELPER_GPA`] the helper's code; [`VAPIC_GPA`] the vAPIC slots, 16 bytes per
+//!   vCPU (KVM needs 4 bytes that do not cross a page; one page holds 256 slots, as
+//!   many as a vCPU index byte names); [`crate::hypercall::PAGE_GPA`] the hypercall
+//!   page. The helper finds the other two relative to itself, so it works wherever the
+//!   guest maps the three pages contiguously (checked through the guest's page tables
+//!   before any site is patched). The helper takes its vCPU number from TSC_AUX
+//!   (`rdtscp`), which skiff sets to the vCPU index at power-on.
+//!
+//! The helper's bytes are `guest/tpr/helper.bin`, built by `guest/tpr/build` from the
+//! assembly and checked in (288 bytes; GNU as and ld produce it byte for byte again,
+//! which a unit test checks when they are installed), so building skiff needs no
+//! assembler and no build.rs.
+//!
+//! Reports are never trusted (site.rs): the instruction at the reported RIP (or, for a
+//! write, the one ending there) must be one of the six forms (decode.rs), name the
+//! APIC page's TPR through the guest's own page tables, and still be there when the
+//! event loop patches it with every vCPU paused.
+
+pub mod decode;
+pub mod site;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::snapshot::PatchedSite;
+
+/// The helper's page, the vAPIC slots' page (the next), then the hypercall page.
+pub const HELPER_GPA: u64 = 0xdd000;
+pub const VAPIC_GPA: u64 = 0xde000;
+pub const VAPIC_SLOT: u64 = 16;
+/// The helper (guest/tpr/helper.S, built by guest/tpr/build).
+pub static HELPER: &[u8] = include_bytes!("../../guest/tpr/helper.bin");
+
+/// The TPR's offset in the APIC page.
+pub const TPR_OFFSET: u64 = 0x80;
+
+/// `--tpr-patch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Engage where the probe measured patching to be cheaper than the MMIO access.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "on" => Ok(Mode::On),
+            "off" => Ok(Mode::Off),
+            other => Err(format!("--tpr-patch {other}: must be auto, on or off")),
+        }
+    }
+}
+
+/// Why a report patched nothing; counted apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not 32-bit protected-mode code (the six forms are 32-bit encodings).
+    NotCode32,
+    /// ESP is 0: the patched code pushes (QEMU saw Windows 2003's SMP start-up do this).
+    EspZero,
+    /// The vCPU is no longer just past the access: it ran on before the report's exit,
+    /// so its registers (ESP) are not those of the access.
+    Stale,
+    /// The bytes at (or, for a write, ending at) RIP are none of the six forms: a late,
+    /// merged or wrong report.
+    NotAForm,
+    /// A form, but its address is not the TPR of this vCPU's APIC page.
+    NotTpr,
+    /// The site's bytes could not be read, or cross a page.
+    Unreadable,
+    /// The helper pages are not mapped contiguously where the guest could call them.
+    NoHelper,
+    /// The bytes changed before the patch was applied, or the queue was full.
+    Changed,
+}
+
+pub const REFUSALS: [(Refusal, &str); 8] = [
+    (Refusal::NotCode32, "not 32-bit code"),
+    (Refusal::EspZero, "ESP 0"),
+    (Refusal::Stale, "vCPU ran on past the access (stale report)"),
+    (Refusal::NotAForm, "no TPR form at RIP (late or wrong report)"),
+    (Refusal::NotTpr, "address not the TPR"),
+    (Refusal::Unreadable, "site unreadable or across a page"),
+    (Refusal::NoHelper, "helper not mapped"),
+    (Refusal::Changed, "bytes changed before patching"),
+];
+
+/// A rewrite waiting for the event loop (all vCPUs paused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SitePatch {
+    pub gpa: u64,
+    pub old: Vec<u8>,
+    pub new: Vec<u8>,
+    pub form: usize,
+}
+
+/// At most this many patches wait; a site whose patch was dropped is reported again.
+const MAX_PENDING: usize = 64;
+/// At most this many sites are patched per boot: a guest cannot grow skiff's memory
+/// (or a snapshot) without bound by laying out TPR accesses.
+pub const MAX_SITES: usize = 4096;
+
+/// The machine's TPR patching state, shared by the vCPUs and the event loop.
+pub struct Tpr {
+    /// Why patching is on or off (`--stats`).
+    pub why: String,
+    pub reports: AtomicU64,
+    pub polls: AtomicU64,
+    patched: [AtomicU64; 6],
+    refused: [AtomicU64; REFUSALS.len()],
+    queue: Mutex<Vec<SitePatch>>,
+    sites: Mutex<Vec<PatchedSite>>,
+    /// Per vCPU at the end of the run: (index, KVM_GET_LAPIC's TPR, the vAPIC byte).
+    pub final_tpr: Mutex<Vec<(u8, u32, u8)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Tpr {
+    pub fn new(why: String) -> Self {
+        Tpr {
+            why,
+            reports: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
+            patched: Default::default(),
+            refused: Default::default(),
+            queue: Mutex::new(Vec::new()),
+            sites: Mutex::new(Vec::new()),
+            final_tpr: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn refuse(&self, r: Refusal) {
+        if let Some(i) = REFUSALS.iter().position(|(x, _)| *x == r)
+            && let Some(c) = self.refused.get(i)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn refused(&self, r: Refusal) -> u64 {
+        REFUSALS.iter().position(|(x, _)| *x == r).and_then(|i| self.refused.get(i)).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Queues a rewrite (once per site); false when the queue is full.
+    pub fn push(&self, p: SitePatch) -> bool {
+        let mut q = lock(&self.queue);
+        if q.iter().any(|x| x.gpa == p.gpa) {
+            return true;
+        }
+        if q.len() >= MAX_PENDING {
+            return false;
+        }
+        q.push(p);
+        true
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !lock(&self.queue).is_empty()
+    }
+
+    /// Writes each queued rewrite whose site still holds its old bytes. Call with every
+    /// vCPU paused: no vCPU can fetch half of a site (a paused vCPU is at an
+    /// instruction boundary, and each old site is one instruction).
+    pub fn apply(&self, mem: &GuestMemoryMmap) -> u64 {
+        let pending = std::mem::take(&mut *lock(&self.queue));
+        let mut sites = lock(&self.sites);
+        let mut done = 0;
+        for p in pending {
+            let mut now = vec![0u8; p.old.len()];
+            let fresh = !sites.iter().any(|s| s.guest_addr == p.gpa);
+            if fresh
+                && sites.len() < MAX_SITES
+                && mem.read_slice(&mut now, GuestAddress(p.gpa)).is_ok()
+                && now == p.old
+                && mem.write_slice(&p.new, GuestAddress(p.gpa)).is_ok()
+            {
+                if let Some(c) = self.patched.get(p.form) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                sites.push(PatchedSite { guest_addr: p.gpa, original: p.old, patched: p.new });
+                done += 1;
+            } else {
+                self.refuse(Refusal::Changed);
+            }
+        }
+        done
+    }
+
+    /// The sites patched since power-on (for a snapshot).
+    pub fn sites(&self) -> Vec<PatchedSite> {
+        lock(&self.sites).clone()
+    }
+
+    /// A restored machine's sites (its memory already holds the patched bytes).
+    pub fn set_sites(&self, sites: Vec<PatchedSite>) {
+        *lock(&self.sites) = sites.into_iter().take(MAX_SITES).collect();
+    }
+
+    pub fn patched_total(&self) -> u64 {
+        self.patched.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Back to power-up: guest memory was cleared, so no site is patched any more.
+    pub fn reset(&self) {
+        lock(&self.queue).clear();
+        lock(&self.sites).clear();
+    }
+
+    /// The `--stats` lines.
+    pub fn report(&self) -> String {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let forms: Vec<String> = decode::FORM_NAMES
+            .iter()
+            .zip(&self.patched)
+            .filter(|(_, c)| n(c) > 0)
+            .map(|(name, c)| format!("{name} {}", n(c)))
+            .collect();
+        let refused: Vec<String> = REFUSALS
+            .iter()
+            .zip(&self.refused)
+            .filter(|(_, c)| n(c) > 0)
+            .map(|((_, why), c)| format!("{why} {}", n(c)))
+            .collect();
+        let mut out = format!(
+            "tpr: reports {}, sites patched {} ({}), live sites {}, refused {} ({}), helper polls {}\n",
+            n(&self.reports),
+            self.patched_total(),
+            if forms.is_empty() { "none".into() } else { forms.join(", ") },
+            lock(&self.sites).len(),
+            self.refused.iter().map(n).sum::<u64>(),
+            if refused.is_empty() { "none".into() } else { refused.join(", ") },
+            n(&self.polls),
+        );
+        for (i, lapic, vapic) in lock(&self.final_tpr).iter() {
+            out.push_str(&format!("tpr: vCPU {i} TPR {lapic:#04x} (KVM_GET_LAPIC), vAPIC byte {vapic:#04x}\n"));
+        }
+        out
+    }
+}
+
+/// `rdtscp` in the helper, and what a machine with one vCPU has there instead
+/// (`xor ecx, ecx; nop`: slot 0). Where guest kernel mode is emulated, KVM cannot
+/// run `rdtscp` (the probe hides it), so one vCPU needs no CPU number at all and
+/// several pay an emulation by skiff (vcpu/emulate/system.rs).
+const RDTSCP: [u8; 3] = [0x0f, 0x01, 0xf9];
+const SLOT0: [u8; 3] = [0x31, 0xc9, 0x90];
+
+/// The helper as a machine of `cpus` vCPUs gets it (QEMU's ROM has UP and MP handler
+/// sets likewise).
+pub fn helper_for(cpus: u8) -> Vec<u8> {
+    let mut h = HELPER.to_vec();
+    if cpus <= 1
+        && let Some(at) = h.windows(3).position(|w| w == RDTSCP)
+        && let Some(dst) = h.get_mut(at..at + 3)
+    {
+        dst.copy_from_slice(&SLOT0);
+    }
+    h
+}
+
+/// Writes the helper (at boot and after every reset: RAM was cleared). The vAPIC page
+/// is RAM the reset cleared, which is what KVM expects of it.
+pub fn write_helper(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), String> {
+    mem.write_slice(&helper_for(cpus), GuestAddress(HELPER_GPA)).map_err(|e| format!("the TPR helper: {e}"))
+}
+
+/// The vAPIC slot of vCPU `index`.
+pub fn vapic_gpa(index: u8) -> u64 {
+    VAPIC_GPA + u64::from(index) * VAPIC_SLOT
+}
+
+// KVM's ioctls for the vAPIC (include/uapi/linux/kvm.h), which kvm-ioctls does not wrap:
+// _IOWR(KVMIO, 0x92, struct kvm_tpr_access_ctl) and _IOW(KVMIO, 0x93, struct kvm_vapic_addr).
+const KVM_TPR_ACCESS_REPORTING: libc::c_ulong = 0xc028_ae92;
+const KVM_SET_VAPIC_ADDR: libc::c_ulong = 0x4008_ae93;
+/// KVM_CAP_VAPIC.
+pub const KVM_CAP_VAPIC: i32 = 6;
+
+/// Turns TPR-access reports and the vAPIC slot on for a vCPU (`fd`, index `index`), and
+/// with `set_aux` (power-on) sets TSC_AUX to the index (the helper's `rdtscp` reads it).
+pub fn enable_on_vcpu(fd: &kvm_ioctls::VcpuFd, index: u8, set_aux: bool) -> Result<(), String> {
+    report_accesses(fd, index)?;
+    set_vapic(fd, index)?;
+    if set_aux { set_tsc_aux(fd, index) } else { Ok(()) }
+}
+
+/// KVM_TPR_ACCESS_REPORTING on: every TPR access through the APIC page exits.
+pub fn report_accesses(fd: &kvm_ioctls::VcpuFd, index: u8) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let ctl = kvm_bindings::kvm_tpr_access_ctl { enabled: 1, ..Default::default() };
+    // SAFETY: the ioctl reads and writes a kvm_tpr_access_ctl (40 bytes, the size the
+    // number encodes) that lives on this stack for the call; the fd is a vCPU's.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_TPR_ACCESS_REPORTING, &ctl as *const _) };
+    if r < 0 {
+        return Err(format!("vCPU {index}: KVM_TPR_ACCESS_REPORTING: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// KVM_SET_VAPIC_ADDR: vCPU `index`'s vAPIC slot.
+pub fn set_vapic(fd: &kvm_ioctls::VcpuFd, index: u8) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let addr = kvm_bindings::kvm_vapic_addr { vapic_addr: vapic_gpa(index) };
+    // SAFETY: the ioctl reads a kvm_vapic_addr (8 bytes) that lives on this stack.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_SET_VAPIC_ADDR, &addr as *const _) };
+    if r < 0 {
+        return Err(format!("vCPU {index}: KVM_SET_VAPIC_ADDR: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// TSC_AUX = the vCPU's index: the helper's `rdtscp` picks the vAPIC slot by it.
+pub fn set_tsc_aux(fd: &kvm_ioctls::VcpuFd, index: u8) -> Result<(), String> {
+    let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: crate::vcpu::msr::TSC_AUX,
+        data: u64::from(index),
+        ..Default::default()
+    }])
+    .map_err(|e| format!("vCPU {index}: TSC_AUX: {e:?}"))?;
+    match fd.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(format!("vCPU {index}: KVM refused TSC_AUX")),
+        Err(e) => Err(format!("vCPU {index}: KVM_SET_MSRS (TSC_AUX): {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checked_in_helper_is_what_its_source_builds() {
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let have_tools = ["as", "ld", "objcopy"].iter().all(|t| std::process::Command::new(t).arg("--version").output().is_ok());
+        if !have_tools {
+            eprintln!("skipped: GNU as/ld/objcopy are not installed");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("skiff-tpr-helper-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new(here.join("guest/tpr/build")).arg(&dir).output().unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let built = std::fs::read(dir.join("helper.bin")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(built, HELPER, "guest/tpr/helper.bin is stale: run guest/tpr/build");
+    }
+
+    #[test]
+    fn the_helper_fits_its_page_and_its_entries_are_code() {
+        assert!(HELPER.len() < 0x1000);
+        // Each entry slot starts with an instruction (not padding).
+        for off in [0x00usize, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x80, 0x90, 0xa0] {
+            assert_ne!(HELPER.get(off).copied().unwrap_or(0), 0, "entry {off:#x}");
+        }
+        // One rdtscp, replaced for one vCPU.
+        assert_eq!(HELPER.windows(3).filter(|w| *w == RDTSCP).count(), 1);
+        assert_eq!(helper_for(1).windows(3).filter(|w| *w == RDTSCP).count(), 0);
+        assert_eq!(helper_for(2), HELPER);
+        // Slot 256 would be past the vAPIC page: the index is one byte.
+        assert_eq!(vapic_gpa(255) + VAPIC_SLOT, VAPIC_GPA + 0x1000);
+        assert_eq!(VAPIC_GPA + 0x1000, crate::hypercall::PAGE_GPA);
+        assert_eq!(HELPER_GPA + 0x1000, VAPIC_GPA);
+    }
+
+    #[test]
+    fn apply_checks_the_old_bytes_and_patches_a_site_once() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let t = Tpr::new(String::new());
+        let old = vec![0xa1, 0x80, 0x00, 0xe0, 0xfe];
+        mem.write_slice(&old, GuestAddress(0x1000)).unwrap();
+        let p = |gpa| SitePatch { gpa, old: old.clone(), new: vec![0xe8, 1, 2, 3, 4], form: 2 };
+        assert!(t.push(p(0x1000)));
+        assert!(t.push(p(0x1000)));
+        assert!(t.push(p(0x2000)));
+        assert_eq!(t.apply(&mem), 1);
+        assert_eq!(t.refused(Refusal::Changed), 1, "0x2000 held other bytes");
+        let mut now = [0u8; 5];
+        mem.read_slice(&mut now, GuestAddress(0x1000)).unwrap();
+        assert_eq!(now, [0xe8, 1, 2, 3, 4]);
+        assert_eq!(t.sites().len(), 1);
+        // Asked again (a second report before the first patch landed): refused, not redone.
+        assert!(t.push(p(0x1000)));
+        assert_eq!(t.apply(&mem), 0);
+        t.reset();
+        assert!(t.sites().is_empty());
+    }
+}
