@@ -13,19 +13,7 @@
  * 0x20000000 (past RAM, nothing there) and 0xdf000000 (the MMIO hole, where no device is) with 2 MiB
  * pages, present and writable.
  */
-        .code32
-        .section .text
-        .globl _start
-_start:
-        cli
-        cld
-        lgdt    gdt_desc
-        ljmp    $0x08, $1f
-1:      mov     $0x10, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $stack_top, %esp
+        .include "pvh_entry.inc"
         call    build_tables
         mov     %cr4, %eax
         or      $0x40620, %eax          /* PAE, OSFXSR, OSXMMEXCPT, OSXSAVE */

@@ -53,19 +53,7 @@
         call    check
 .endm
 
-        .code32
-        .section .text
-        .globl _start
-_start:
-        cli
-        cld
-        lgdt    gdt_desc
-        ljmp    $0x08, $1f
-1:      mov     $0x10, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $stack_top, %esp
+        .include "pvh_entry.inc"
         /* PML4[0] -> PDPT[0] -> PD: 512 x 2 MiB, present, writable, user. */
         movl    $(pdpt + 7), pml4
         movl    $(pd + 7), pdpt

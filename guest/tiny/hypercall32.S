@@ -60,19 +60,7 @@
         call    check_high
 .endm
 
-        .code32
-        .section .text
-        .globl _start
-_start:
-        cli
-        cld
-        lgdt    gdt_desc
-        ljmp    $0x08, $1f
-1:      mov     $0x10, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $stack_top, %esp
+        .include "pvh_entry.inc"
         movl    $s_none, way
         /* Tables for the trips to long mode: PML4[0] -> PDPT[0] -> PD, 512 x 2 MiB. */
         movl    $(pdpt + 3), pml4

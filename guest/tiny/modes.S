@@ -11,19 +11,7 @@
  *   long mode  mov rcx,[rax]  rax=123456789000h   (#PF: PML4E 36 not present)
  * The kernel is linked at 1 MiB; the page tables identity-map its first 4 MiB.
  */
-        .code32
-        .section .text
-        .globl _start
-_start:
-        cli
-        cld
-        lgdt    gdt_desc
-        ljmp    $0x08, $1f
-1:      mov     $0x10, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $stack_top, %esp
+        .include "pvh_entry.inc"
         mov     $hello, %esi
         call    puts
         mov     $mode_name, %esi

@@ -22,19 +22,7 @@
         .set    WALLCLOCK, 0x200040
         .set    STEAL, 0x200080         /* 64-byte aligned steal-time record */
 
-        .code32
-        .section .text
-        .globl _start
-_start:
-        cli
-        cld
-        lgdt    gdt_desc
-        ljmp    $0x08, $1f
-1:      mov     $0x10, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $stack_top, %esp
+        .include "pvh_entry.inc"
         /* IDT entry 13: a 32-bit interrupt gate to gp_handler. */
         mov     $gp_handler, %eax
         mov     %ax, idt + 13 * 8
