@@ -64,17 +64,7 @@ fn start(addr: &str, socket: Option<&Path>) -> Skiff {
 /// Waits (at most 120 s) for skiff to end: status and stderr.
 fn finish(mut guard: Skiff) -> (ExitStatus, String) {
     let Some(mut child) = guard.0.take() else { panic!("no skiff") };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("skiff did not end within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_or_kill(&mut child, Duration::from_secs(120), "skiff");
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);

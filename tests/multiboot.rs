@@ -7,7 +7,7 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A test kernel's path, as a string for the command line.
 fn kernel(name: &str) -> String {
@@ -40,17 +40,7 @@ fn run(args: &[&str]) -> (ExitStatus, String, String) {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("skiff {args:?} did not end within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_or_kill(&mut child, Duration::from_secs(120), &format!("skiff {args:?}"));
     (status, out.join().unwrap().replace('\r', ""), err.join().unwrap())
 }
 

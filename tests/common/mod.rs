@@ -278,6 +278,22 @@ pub fn is_kernel_log(line: &str) -> bool {
     !secs.is_empty() && !frac.is_empty() && secs.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
 }
 
+/// Waits at most `limit` for `child` to end; past it, kills it and fails the test,
+/// naming `what`.
+pub fn wait_or_kill(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not end within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs skiff to completion with the given arguments (for bad-input cases).
 pub fn skiff(args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(SKIFF).args(args).stdin(Stdio::null()).output().expect("run skiff");
