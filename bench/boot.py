@@ -35,43 +35,35 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, ROOT, SKIFF, Console, spread
 
 
 def run_vmm(cmd, ready, send_after_ready=None, timeout=1800):
     """Runs one VMM; returns dict of times (s) or an error string."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Its own loop, not Console.read_until: a VMM that fails is reported, not fatal.
+    c = Console(cmd, "bench/boot.py")
     times = {}
     buf = bytearray()
-    err = []
-    reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
-    reader.start()
-    killer = threading.Timer(timeout, p.kill)
+    killer = threading.Timer(timeout, c.p.kill)
     killer.start()
     try:
         while True:
-            chunk = p.stdout.read1(4096)
+            chunk = c.p.stdout.read1(4096)
             if not chunk:
                 break
-            now = time.monotonic() - t0
+            now = time.monotonic() - c.t0
             times.setdefault("first_byte", now)
             buf += chunk
             if "ready" not in times and ready.encode() in buf:
                 times["ready"] = now
                 if send_after_ready:
-                    p.stdin.write(send_after_ready.encode())
-                    p.stdin.flush()
-        p.wait()
-        times["exit"] = time.monotonic() - t0
-        reader.join(10)
+                    c.send(send_after_ready)
+        c.p.wait()
+        times["exit"] = time.monotonic() - c.t0
     finally:
         killer.cancel()
-    times["status"] = p.returncode
-    times["stderr"] = b"".join(err).decode(errors="replace")
+    times["status"] = c.p.returncode
+    times["stderr"] = c.stderr()
     times["console"] = buf.decode(errors="replace")
     return times
 
@@ -145,8 +137,8 @@ def skiff_figures(stderr):
 def summary(name, values):
     if not values:
         return f"{name:<12} (no successful runs)"
-    return (f"{name:<12} min {min(values)*1e3:9.1f} ms  median {statistics.median(values)*1e3:9.1f} ms"
-            f"  max {max(values)*1e3:9.1f} ms  (n={len(values)})")
+    ms = spread([v * 1e3 for v in values], "min {min:9.1f} ms  median {median:9.1f} ms  max {max:9.1f} ms")
+    return f"{name:<12} {ms}  (n={len(values)})"
 
 
 def bench(guest, runs, qemu_timeout, reprobe):
@@ -207,8 +199,8 @@ def bench(guest, runs, qemu_timeout, reprobe):
             print(f"  ratio skiff/qemu ({what}): {statistics.median(s) / statistics.median(q):.3f}")
     print_probe_share(probes)
     if rss:
-        print(f"skiff RSS excluding guest memory: min {min(rss)} KiB, median {statistics.median(rss):.0f} KiB,"
-              f" max {max(rss)} KiB (goal: under 5120 KiB)")
+        kib = spread(rss, "min {min} KiB, median {median:.0f} KiB, max {max} KiB")
+        print(f"skiff RSS excluding guest memory: {kib} (goal: under 5120 KiB)")
     if emulated:
         print(f"instructions skiff emulated per boot (after KVM's emulator gave up): median {statistics.median(emulated):.0f}")
     if qemu_note:

@@ -38,66 +38,15 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
-TICK = os.sysconf("SC_CLK_TCK")
-DONE = "__skiff_bench_done__"
+from skiffbench import GUEST, ROOT, SKIFF, Console, exit_on_signals, require, skiff_cpu, spread
 
-
-class Guest:
-    """The default guest on pipes, driven like a user at its shell."""
-
-    def __init__(self, image, extra):
-        cmd = [SKIFF, "run", "--stats", "--disk", image] + extra
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.buf = b""
-        self.err = []
-        threading.Thread(target=lambda: self.err.append(self.p.stderr.read()), daemon=True).start()
-
-    def read_until(self, needle, timeout):
-        deadline = time.monotonic() + timeout
-        while needle.encode() not in self.buf:
-            if time.monotonic() > deadline:
-                sys.exit(f"bench/disk.py: timed out waiting for {needle!r}; console:\n{self.buf[-2000:].decode(errors='replace')}")
-            chunk = self.p.stdout.read1(65536)
-            if not chunk:
-                self.p.wait(timeout=60)
-                time.sleep(0.2)
-                err = self.err[0].decode(errors="replace") if self.err else ""
-                sys.exit(f"bench/disk.py: skiff ended (status {self.p.returncode}); console:\n"
-                         f"{self.buf[-2000:].decode(errors='replace')}\nstderr:\n{err[-3000:]}")
-            self.buf += chunk
-        head, _, self.buf = self.buf.partition(needle.encode())
-        return head.decode(errors="replace")
-
-    def run(self, cmd, timeout=1800, started=None):
-        # The markers are split in the typed text, so its echo never matches them.
-        # `started` is called once the guest has begun the command (its echo is done).
-        half = len(DONE) // 2
-        self.p.stdin.write(f"echo {DONE[:half]}''{DONE[half:]}B; {cmd}; echo {DONE[:half]}''{DONE[half:]}E\n".encode())
-        self.p.stdin.flush()
-        self.read_until(DONE + "B", timeout)
-        if started:
-            started()
-        return self.read_until(DONE + "E", timeout)
-
-    def finish(self):
-        self.p.stdin.write(b"poweroff\n")
-        self.p.stdin.flush()
-        self.p.stdout.read()
-        self.p.wait(timeout=600)
-        time.sleep(0.2)
-        return self.err[0].decode(errors="replace") if self.err else ""
+SPREAD = "{min:9.3f} {median:9.3f} {max:9.3f}"
 
 
 # The host doing the guest's requests at the guest's pace: O_DIRECT reads or writes of
@@ -134,27 +83,6 @@ int main(int argc, char **argv) {
 """
 
 
-def skiff_cpu(pid):
-    """CPU seconds of skiff's threads that are not vCPUs, by role: the main thread
-    (event loop), the disk's I/O workers, the rest (console writer...). From each
-    thread's schedstat (nanoseconds on CPU), not the 10 ms ticks of stat."""
-    roles = {"loop": 0, "io": 0, "other": 0}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                comm = f.read().strip()
-            if comm.startswith("skiff-vcpu"):
-                continue
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
-        except OSError:
-            continue
-        # iou-wrk-*: the kernel's io_uring workers, threads of skiff's process.
-        role = "loop" if tid == str(pid) else "io" if "-io" in comm or comm.startswith("iou-") else "other"
-        roles[role] += ns
-    return {k: v / 1e9 for k, v in roles.items()}
-
-
 def guest_requests(g):
     fields = g.run("cat /sys/block/vda/stat").split()
     return int(fields[0]) + int(fields[4])
@@ -169,10 +97,6 @@ def host_run(cmd):
     return time.monotonic() - t, ru.ru_utime + ru.ru_stime
 
 
-def spread(xs):
-    return f"{min(xs):9.3f} {statistics.median(xs):9.3f} {max(xs):9.3f}"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -180,12 +104,8 @@ def main():
     ap.add_argument("--transport", choices=["mmio", "pci"], default="mmio", help="skiff's --virtio-transport")
     ap.add_argument("--ops", default="seq-write,seq-read,rand-read", help="the operations to run, comma-separated")
     args = ap.parse_args()
-    for path in (SKIFF, os.path.join(GUEST, "vmlinux")):
-        if not os.path.exists(path):
-            sys.exit(f"bench/disk.py: {path} is missing (cargo build --release; scripts/fetch-guest)")
-    # A SIGTERM or SIGHUP ends the run through the cleanup below, like Ctrl-C.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda n, _f: sys.exit(f"bench/disk.py: stopped by signal {n}"))
+    require("bench/disk.py", SKIFF, os.path.join(GUEST, "vmlinux"))
+    exit_on_signals("bench/disk.py")
     work = tempfile.mkdtemp(prefix="skiff-disk-bench-")
     image = os.path.join(work, "disk.img")
     subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=512", "status=none"], check=True)
@@ -206,7 +126,8 @@ def main():
     if not wanted or any(w not in ops for w in wanted):
         sys.exit(f"bench/disk.py: --ops takes some of {','.join(ops)}")
     ops = {k: v for k, v in ops.items() if k in wanted}
-    g = Guest(image + (",direct" if args.direct else ""), ["--virtio-transport", args.transport])
+    g = Console([SKIFF, "run", "--stats", "--disk", image + (",direct" if args.direct else ""),
+                 "--virtio-transport", args.transport], "bench/disk.py")
     try:
         measure(g, ops, image, args.runs, args.transport, lambda name, interval: paced_run(paced, image, pacing[name], interval))
     finally:
@@ -276,11 +197,11 @@ def measure(g, ops, image, runs, transport, paced):
     for name, r in results.items():
         ratio = statistics.median(r["skiff_cpu_mib"]) / max(statistics.median(r["host_cpu_mib"]), 1e-9)
         print(f"{name}:")
-        print(f"  time s             guest {spread(r['guest_s'])}   host {spread(r['host_s'])}")
-        print(f"  CPU ms per MiB     skiff {spread(r['skiff_cpu_mib'])}   host {spread(r['host_cpu_mib'])}   ratio {ratio:.2f} (goal <= 1.5)")
-        print(f"  CPU us per request skiff {spread(r['skiff_cpu_req'])}   host {spread(r['host_cpu_req'])}")
+        print(f"  time s             guest {spread(r['guest_s'], SPREAD)}   host {spread(r['host_s'], SPREAD)}")
+        print(f"  CPU ms per MiB     skiff {spread(r['skiff_cpu_mib'], SPREAD)}   host {spread(r['host_cpu_mib'], SPREAD)}   ratio {ratio:.2f} (goal <= 1.5)")
+        print(f"  CPU us per request skiff {spread(r['skiff_cpu_req'], SPREAD)}   host {spread(r['host_cpu_req'], SPREAD)}")
         paced_ratio = statistics.median(r["skiff_cpu_mib"]) / max(statistics.median(r["paced_cpu_mib"]), 1e-9)
-        print(f"  host at the guest's pace, ms/MiB {spread(r['paced_cpu_mib'])}   skiff/paced ratio {paced_ratio:.2f}")
+        print(f"  host at the guest's pace, ms/MiB {spread(r['paced_cpu_mib'], SPREAD)}   skiff/paced ratio {paced_ratio:.2f}")
         roles = ", ".join(f"{k[5:]} {statistics.median(v):.1f}" for k, v in r.items() if k.startswith("role_"))
         print(f"  skiff's us per request by thread (medians): {roles}")
         print(f"  guest requests     {statistics.median(r['reqs']):.0f} per run (median)")

@@ -29,10 +29,8 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, SKIFF, TARGET, spread
+
 FLOOR = os.path.join(TARGET, "release", "examples", "kvm_floor")
 KERNEL = os.path.join(GUEST, "exitbench.elf")
 
@@ -126,7 +124,7 @@ def main():
         for op in OPS:
             v = results[n].get(op) or []
             if v:
-                print(f"  {op:<14} min {min(v):12.1f}  median {statistics.median(v):12.1f}  max {max(v):12.1f}")
+                print(f"  {op:<14} " + spread(v, "min {min:12.1f}  median {median:12.1f}  max {max:12.1f}"))
             else:
                 print(f"  {op:<14} (not measured)")
 

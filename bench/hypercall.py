@@ -28,10 +28,8 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, SKIFF, spread
+
 KERNEL = os.path.join(GUEST, "hcbench.elf")
 OPS = ["trap", "direct", "patched", "ring1", "ring8", "ring64", "u_direct", "u_ring1", "u_ring8", "u_ring64"]
 CAL = re.compile(r"hcbench: cal ticks=([0-9a-f]+) ns=([0-9a-f]+)")
@@ -77,7 +75,7 @@ def main():
             print(f"{op:<10} {'n/a':>9}")
             continue
         med[op] = statistics.median(v)
-        print(f"{op:<10} {min(v):>9.0f} {med[op]:>9.0f} {max(v):>9.0f}")
+        print(f"{op:<10} " + spread(v, "{min:>9.0f} {median:>9.0f} {max:>9.0f}"))
     print()
     if "trap" in med and "direct" in med:
         print(f"(a)/(b) trap / direct    {med['trap'] / med['direct']:.2f}   (seed, lguest: {SEED_RATIO:.2f})")

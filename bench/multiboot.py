@@ -25,10 +25,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, SKIFF, spread
+
 KERNEL = os.path.join(GUEST, "mb-long.elf")
 LINE = "mb-long: in long mode"
 STATUS = (0x21 << 1) | 1
@@ -57,8 +55,8 @@ def timed(cmd, timeout):
 
 
 def summary(name, values):
-    ms = sorted(v * 1e3 for v in values)
-    return f"{name:6} min {ms[0]:8.1f} ms  median {statistics.median(ms):8.1f} ms  max {ms[-1]:8.1f} ms"
+    ms = spread([v * 1e3 for v in values], "min {min:8.1f} ms  median {median:8.1f} ms  max {max:8.1f} ms")
+    return f"{name:6} {ms}"
 
 
 def main():

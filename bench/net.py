@@ -23,19 +23,12 @@ the end.
 
 import argparse
 import os
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
-DONE = "__skiff_bench_done__"
+from skiffbench import SKIFF, Console, skiff_cpu, spread
+
 NS = f"skiffbench{os.getpid()}"
 NS_A, NS_B = NS + "a", NS + "b"
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.2"
@@ -114,65 +107,14 @@ def last(p):
     return int(n), float(secs)
 
 
-class Guest:
-    def __init__(self, uds):
-        cmd = ["ip", "netns", "exec", NS, SKIFF, "run", "--stats", "--memory", "1G",
-               "--net", "tap=skt0,mac=06:00:ac:10:00:02", "--vsock", f"cid=3,uds={uds}"]
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.buf, self.err = b"", []
-        threading.Thread(target=lambda: self.err.append(self.p.stderr.read()), daemon=True).start()
-
-    def read_until(self, needle, timeout):
-        deadline = time.monotonic() + timeout
-        while needle.encode() not in self.buf:
-            if time.monotonic() > deadline:
-                sys.exit(f"bench/net.py: timed out waiting for {needle!r}:\n{self.buf[-2000:].decode(errors='replace')}")
-            chunk = self.p.stdout.read1(65536)
-            if not chunk:
-                sys.exit(f"bench/net.py: skiff ended: {self.buf[-2000:].decode(errors='replace')}")
-            self.buf += chunk
-        head, _, self.buf = self.buf.partition(needle.encode())
-        return head.decode(errors="replace")
-
-    def run(self, cmd, timeout=3600):
-        half = len(DONE) // 2
-        self.p.stdin.write(f"echo {DONE[:half]}''{DONE[half:]}B; {cmd}; echo {DONE[:half]}''{DONE[half:]}E\n".encode())
-        self.p.stdin.flush()
-        self.read_until(DONE + "B", timeout)
-        return self.read_until(DONE + "E", timeout)
-
-    def finish(self):
-        self.p.stdin.write(b"poweroff\n")
-        self.p.stdin.flush()
-        self.p.stdout.read()
-        self.p.wait(timeout=600)
-        time.sleep(0.2)
-        return self.err[0].decode(errors="replace") if self.err else ""
-
-
-def skiff_cpu(pid):
-    """Seconds on CPU of skiff's threads that are not vCPUs (schedstat)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                if f.read().startswith("skiff-vcpu"):
-                    continue
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total / 1e9
+def skiff_cpu_total(pid):
+    """Seconds on CPU of skiff's threads that are not vCPUs, all roles together."""
+    return sum(skiff_cpu(pid).values())
 
 
 def skiff_pid(g):
     # `ip netns exec` execs skiff: the child is skiff.
     return g.p.pid
-
-
-def spread(xs):
-    xs = sorted(xs)
-    return f"min {xs[0]:.1f} median {statistics.median(xs):.1f} max {xs[-1]:.1f}"
 
 
 def main():
@@ -190,23 +132,24 @@ def main():
     res = {k: [] for k in ("tcp g->h", "tcp h->g", "tcp floor", "vsock g->h", "vsock h->g", "unix floor",
                            "ping guest us", "ping floor us", "cpu s/GiB tcp", "cpu s/GiB vsock")}
     try:
-        g = Guest(uds)
+        g = Console(["ip", "netns", "exec", NS, SKIFF, "run", "--stats", "--memory", "1G",
+                     "--net", "tap=skt0,mac=06:00:ac:10:00:02", "--vsock", f"cid=3,uds={uds}"], "bench/net.py")
         g.read_until("skiff-guest: ready", 3000)
         g.run(f"modprobe virtio_net; modprobe vmw_vsock_virtio_transport; ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0")
         pid = skiff_pid(g)
         for run in range(a.runs):
             # TCP guest -> host.
             s = py(NS, SINK, f"tcp:{HOST_IP}:5001"); s.stdout.readline()
-            c0 = skiff_cpu(pid)
+            c0 = skiff_cpu_total(pid)
             g.run(f"dd if=/dev/zero bs=1M count={a.mib} 2>/dev/null | nc {HOST_IP} 5001")
-            c1 = skiff_cpu(pid)
+            c1 = skiff_cpu_total(pid)
             b, t = last(s); res["tcp g->h"].append(b / t / 2**20)
             # TCP host -> guest.
             g.run("(nc -l -p 5002 > /dev/null &)")
             src = py(NS, SOURCE, f"tcp:{GUEST_IP}:5002", str(n))
-            c2 = skiff_cpu(pid)
+            c2 = skiff_cpu_total(pid)
             b2, t2 = last(src); res["tcp h->g"].append(b2 / t2 / 2**20)
-            res["cpu s/GiB tcp"].append((c1 - c0 + skiff_cpu(pid) - c2) / (2 * n / 2**30))
+            res["cpu s/GiB tcp"].append((c1 - c0 + skiff_cpu_total(pid) - c2) / (2 * n / 2**30))
             # The veth floor.
             s = py(NS_B, SINK, "tcp:10.0.3.2:5005"); s.stdout.readline()
             src = py(NS_A, SOURCE, "tcp:10.0.3.2:5005", str(n)); last(src)
@@ -221,16 +164,16 @@ def main():
             if os.path.exists(path):
                 os.unlink(path)
             s = py(None, SINK, f"unix:{path}"); s.stdout.readline()
-            c0 = skiff_cpu(pid)
+            c0 = skiff_cpu_total(pid)
             g.run(f"dd if=/dev/zero bs=1M count={a.mib} 2>/dev/null | skiff-vsock connect 2 5003")
-            c1 = skiff_cpu(pid)
+            c1 = skiff_cpu_total(pid)
             b, t = last(s); res["vsock g->h"].append(b / t / 2**20)
             # vsock host -> guest.
             g.run("(skiff-vsock listen 5004 < /dev/null > /dev/null &)")
             src = py(None, SOURCE, f"unix:{uds}:5004", str(n))
-            c2 = skiff_cpu(pid)
+            c2 = skiff_cpu_total(pid)
             b2, t2 = last(src); res["vsock h->g"].append(b2 / t2 / 2**20)
-            res["cpu s/GiB vsock"].append((c1 - c0 + skiff_cpu(pid) - c2) / (2 * n / 2**30))
+            res["cpu s/GiB vsock"].append((c1 - c0 + skiff_cpu_total(pid) - c2) / (2 * n / 2**30))
             # The Unix socket floor.
             fl = os.path.join(tmp, "floor.sock")
             if os.path.exists(fl):
@@ -245,7 +188,7 @@ def main():
     print("MiB/s unless named:")
     for k, v in res.items():
         if v:
-            print(f"  {k:16} {spread(v)}")
+            print(f"  {k:16} " + spread(v, "min {min:.1f} median {median:.1f} max {max:.1f}"))
     exits = [l for l in err.splitlines() if "exit" in l.lower()][:12]
     print("skiff --stats exit lines (exits per packet: divide by the packets the guest counted):")
     for l in exits:

@@ -20,10 +20,8 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, SKIFF, require
+
 LINE = re.compile(
     r"pause storm: (\d+) pauses of (\d+) vCPUs: min ([\d.]+) us, median ([\d.]+) us, max ([\d.]+) us; "
     r"floor \(paused round trip\) min ([\d.]+) us, median ([\d.]+) us, max ([\d.]+) us"
@@ -45,9 +43,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    for path in (SKIFF, os.path.join(GUEST, "chatter.elf")):
-        if not os.path.exists(path):
-            sys.exit(f"bench/pause.py: {path} is missing (cargo build --release; scripts/fetch-guest)")
+    require("bench/pause.py", SKIFF, os.path.join(GUEST, "chatter.elf"))
     counts = (1, 2, 8)
     results = {c: [] for c in counts}
     for _ in range(args.runs):

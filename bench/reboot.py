@@ -20,13 +20,9 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, SKIFF, Console, spread
 
 COLD = re.compile(r"^boot: first console byte .*?/init marker ([\d.]+) ms")
 REBOOT = re.compile(r"^reboot \d+ \(.*\): machine reset in place in ([\d.]+) ms, /init marker ([\d.]+) ms after")
@@ -54,32 +50,21 @@ def run_tiny():
 
 
 def run_debian():
-    p = subprocess.Popen([SKIFF, "run", "--boot-time"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    err = []
-    reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
-    reader.start()
-    readies, buf = 0, b""
-    while True:
-        chunk = p.stdout.read1(4096)
-        if not chunk:
-            break
-        buf += chunk
-        while b"skiff-guest: ready" in buf:
-            buf = buf.split(b"skiff-guest: ready", 1)[1]
-            readies += 1
-            time.sleep(1)
-            p.stdin.write(b"reboot\n" if readies == 1 else b"poweroff\n")
-            p.stdin.flush()
-    p.wait()
-    reader.join(10)
-    if p.returncode != 0:
-        sys.exit(f"skiff failed ({p.returncode}): {b''.join(err).decode(errors='replace')[-500:]}")
-    return figures(b"".join(err).decode(errors="replace"))
+    g = Console([SKIFF, "run", "--boot-time"], "bench/reboot.py")
+    g.read_until("skiff-guest: ready", 3600)
+    time.sleep(1)
+    g.send("reboot\n")
+    g.read_until("skiff-guest: ready", 3600)
+    time.sleep(1)
+    stderr = g.finish()
+    if g.p.returncode != 0:
+        sys.exit(f"skiff failed ({g.p.returncode}): {stderr[-500:]}")
+    return figures(stderr)
 
 
 def summary(name, v):
-    return f"{name:<22} min {min(v):10.1f} ms  median {statistics.median(v):10.1f} ms  max {max(v):10.1f} ms  (n={len(v)})"
+    ms = spread(v, "min {min:10.1f} ms  median {median:10.1f} ms  max {max:10.1f} ms")
+    return f"{name:<22} {ms}  (n={len(v)})"
 
 
 def main():

@@ -25,19 +25,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, SKIFF, Console, exit_on_signals, require, spread
+
+SPREAD = "{min:8.2f} {median:8.2f} {max:8.2f}"
 
 
 def api(sock, method, path, body=None):
@@ -76,53 +73,6 @@ def wait_socket(sock, timeout=30):
     sys.exit(f"bench/restore.py: {sock} never answered")
 
 
-class Console:
-    """A skiff process's console on pipes."""
-
-    def __init__(self, cmd):
-        self.t0 = time.monotonic()
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.buf = b""
-        self.first_byte = None
-        self.err = []
-        threading.Thread(target=lambda: self.err.append(self.p.stderr.read()), daemon=True).start()
-
-    def read_until(self, needle, timeout):
-        deadline = time.monotonic() + timeout
-        while needle.encode() not in self.buf:
-            if time.monotonic() > deadline:
-                sys.exit(f"bench/restore.py: timed out waiting for {needle!r}: {self.buf[-500:]!r}")
-            chunk = self.p.stdout.read1(65536)
-            if not chunk:
-                self.p.wait(timeout=60)
-                time.sleep(0.2)
-                err = self.err[0].decode(errors="replace") if self.err else ""
-                sys.exit(f"bench/restore.py: skiff ended (status {self.p.returncode}) before {needle!r}:\n{err[-2000:]}")
-            if self.first_byte is None:
-                self.first_byte = time.monotonic() - self.t0
-            self.buf += chunk
-            self.buf = self.buf[-(1 << 20):]
-        head, _, self.buf = self.buf.partition(needle.encode())
-        return head.decode(errors="replace")
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-        # Keep reading the console, so skiff's last writes never wait on a full pipe.
-        threading.Thread(target=self.p.stdout.read, daemon=True).start()
-        try:
-            self.p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-        time.sleep(0.1)
-        return self.err[0].decode(errors="replace") if self.err else ""
-
-
-def spread(xs, fmt="{:8.2f}"):
-    return " ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
-
-
 def running_ms(stderr):
     m = re.search(r"^boot: .*vCPUs running ([\d.]+) ms", stderr, re.M)
     if not m:
@@ -154,7 +104,7 @@ def cp_floor(work, size):
 def tiny(work, memory, runs):
     sock = os.path.join(work, "api.sock")
     kernel = os.path.join(GUEST, "chatter.elf")
-    g = Console([SKIFF, "run", "--kernel", kernel, "--boot", "pvh", "--memory", memory, "--api-sock", sock])
+    g = Console([SKIFF, "run", "--kernel", kernel, "--boot", "pvh", "--memory", memory, "--api-sock", sock], "bench/restore.py")
     wait_socket(sock)
     g.read_until("chatter: 20 ", 60)
     size = int(memory.rstrip("MG")) << (20 if memory.endswith("M") else 30)
@@ -190,27 +140,26 @@ def tiny(work, memory, runs):
     g.stop()
     run, wall = [], []
     for _ in range(runs):
-        r = Console([SKIFF, "restore", "--snapshot", snap, "--resume", "--boot-time"])
+        r = Console([SKIFF, "restore", "--snapshot", snap, "--resume", "--boot-time"], "bench/restore.py")
         r.read_until("chatter: ", 30)
         wall.append(r.first_byte * 1e3)
         run.append(running_ms(r.stop()))
     mib = os.path.getsize(mem) / (1 << 20)
     print(f"guest {memory} (chatter), {runs} runs, min/median/max:")
-    print(f"  restore: vCPUs running (skiff's)     {spread(run)} ms   goal <= 3 ms for 256 MiB")
-    print(f"  restore: first console byte (wall)  {spread(wall)} ms")
-    print(f"  snapshot create (PUT, full)         {spread(create)} ms")
-    print(f"  cp + fsync of {memory} (the floor)    {spread(cp)} ms   ratio (medians) {statistics.median(create) / statistics.median(cp):.3f}")
+    print(f"  restore: vCPUs running (skiff's)     {spread(run, SPREAD)} ms   goal <= 3 ms for 256 MiB")
+    print(f"  restore: first console byte (wall)  {spread(wall, SPREAD)} ms")
+    print(f"  snapshot create (PUT, full)         {spread(create, SPREAD)} ms")
+    print(f"  cp + fsync of {memory} (the floor)    {spread(cp, SPREAD)} ms   ratio (medians) {statistics.median(create) / statistics.median(cp):.3f}")
     print(f"  memory file: {mib:.0f} MiB long, {statistics.median(alloc):.2f} MiB allocated; snapshot file {os.path.getsize(snap)} bytes")
-    print(f"  snapshot create (PUT, diff)         {spread(diff)} ms   its memory file: {dalloc:.0f} KiB allocated")
+    print(f"  snapshot create (PUT, diff)         {spread(diff, SPREAD)} ms   its memory file: {dalloc:.0f} KiB allocated")
 
 
 def debian(work):
     sock = os.path.join(work, "deb.sock")
     t = time.monotonic()
-    g = Console([SKIFF, "run", "--api-sock", sock])
+    g = Console([SKIFF, "run", "--api-sock", sock], "bench/restore.py")
     g.read_until("skiff-guest: ready", 3600)
-    g.p.stdin.write(b"echo he''llo-cold\n")
-    g.p.stdin.flush()
+    g.send("echo he''llo-cold\n")
     g.read_until("hello-cold", 600)
     cold = time.monotonic() - t
     api(sock, "PATCH", "/vm", {"state": "Paused"})
@@ -223,9 +172,8 @@ def debian(work):
     floor = cp_floor(work, os.path.getsize(mem) - 4096)
     g.stop()
     t = time.monotonic()
-    r = Console([SKIFF, "restore", "--snapshot", snap, "--resume"])
-    r.p.stdin.write(b"echo he''llo-restored\n")
-    r.p.stdin.flush()
+    r = Console([SKIFF, "restore", "--snapshot", snap, "--resume"], "bench/restore.py")
+    r.send("echo he''llo-restored\n")
     r.read_until("hello-restored", 600)
     warm = time.monotonic() - t
     r.stop()
@@ -240,11 +188,8 @@ def main():
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--debian", action="store_true", help="also time a restored Debian shell against a cold boot")
     args = ap.parse_args()
-    for path in (SKIFF, os.path.join(GUEST, "chatter.elf")):
-        if not os.path.exists(path):
-            sys.exit(f"bench/restore.py: {path} is missing (cargo build --release; scripts/fetch-guest)")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda n, _f: sys.exit(f"bench/restore.py: stopped by signal {n}"))
+    require("bench/restore.py", SKIFF, os.path.join(GUEST, "chatter.elf"))
+    exit_on_signals("bench/restore.py")
     work = tempfile.mkdtemp(prefix="skiff-restore-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
     try:
         for memory in ("256M", "2G"):

@@ -8,18 +8,13 @@ notify page at +0x3000 and ISR page at +0x1000 should show ~0 exits per request)
 
 Usage: bench/virtio-pci.py   (a boot takes minutes where guest kernel mode is emulated)
 """
+import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import importlib.util
-
-spec = importlib.util.spec_from_file_location("disk", os.path.join(os.path.dirname(os.path.abspath(__file__)), "disk.py"))
-disk = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(disk)
+from skiffbench import GUEST, SKIFF, Console, require
 
 # Data made in guest user mode (fast), not from /dev/urandom (kernel mode: emulated).
 MAKE = ("awk 'BEGIN{srand(42); for(i=0;i<16384;i++) printf \"%08x%08x%08x%07x\\n\", "
@@ -41,15 +36,13 @@ CHECKS = [
 
 
 def main():
+    # No options; --help says what this does instead of booting the guest.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    require("bench/virtio-pci.py", SKIFF, os.path.join(GUEST, "vmlinux"))
     work = tempfile.mkdtemp(prefix="skiff-pci-check-")
     image = os.path.join(work, "disk.img")
     subprocess.run(["truncate", "-s", "64M", image], check=True)
-    g = disk.Guest.__new__(disk.Guest)
-    import threading
-    g.p = subprocess.Popen([disk.SKIFF, "run", "--stats", "--virtio-transport", "pci", "--disk", image],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    g.buf, g.err = b"", []
-    threading.Thread(target=lambda: g.err.append(g.p.stderr.read()), daemon=True).start()
+    g = Console([SKIFF, "run", "--stats", "--virtio-transport", "pci", "--disk", image], "bench/virtio-pci.py")
     try:
         t = time.monotonic()
         g.read_until("skiff-guest: ready", 3600)
