@@ -7,22 +7,34 @@
 //! access alone). Three loops of N iterations, timed around KVM_RUN on the host and
 //! interleaved, best of two each: `mov [TPR], eax`, the patched form of the same
 //! (`call` the helper's set-from-EAX entry), and an empty loop, subtracted from both.
+//!
+//! Then whether KVM takes a TPR the guest wrote into its vAPIC slot at the exit that
+//! follows (`movb [slot], 0x40; out`, then KVM_GET_LAPIC). KVM reads the slot after
+//! the guest leaves the CPU; where guest kernel mode runs through KVM's emulator,
+//! the write and the `out` are emulated after that read, the byte waits for a later
+//! one, and KVM's own write of the slot before an entry that handles an event can
+//! overwrite it first. There the helper hands every TPR write to skiff (the poll),
+//! which gives it to KVM (`helper_for`, vcpu/exit.rs).
 
 use std::time::Instant;
 
 use kvm_bindings::{CpuId, kvm_userspace_memory_region};
+use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::x86::boot::{BOOT_GDT, SEL_CODE32, SEL_DATA, kvm_segment_from_gdt};
 
-/// What one TPR write costs here, in nanoseconds.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// What one TPR write costs here, in nanoseconds, and how KVM takes the vAPIC slot.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TprCost {
     pub mmio_ns: f64,
     pub patched_ns: f64,
     /// Iterations per loop.
     pub iterations: u32,
+    /// KVM took a TPR written into the vAPIC slot at the next exit.
+    pub vapic_at_exit: bool,
 }
 
 impl TprCost {
@@ -33,7 +45,7 @@ impl TprCost {
             self.patched_ns,
             self.patched_ns / self.mmio_ns.max(0.001),
             self.iterations
-        )
+        ) + if self.vapic_at_exit { "" } else { "; a TPR written into the vAPIC slot was not KVM's at the next exit" }
     }
 }
 
@@ -84,12 +96,12 @@ pub(super) fn measure(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<TprCost>, Strin
     for (i, e) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT + i as u64 * 8)).map_err(err)?;
     }
-    crate::tpr::write_helper(&mem, 1)?;
+    // One vCPU; the poll is never reached (TPR 0, nothing requested).
+    crate::tpr::write_helper(&mem, crate::tpr::Variant { cpus: 1, poll_every_write: false })?;
     crate::hypercall::write_page(&mem)?;
     let mut vcpu = vm.create_vcpu(0).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
     vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
     crate::tpr::set_vapic(&vcpu, 0)?;
-    crate::tpr::set_tsc_aux(&vcpu, 0)?;
     let mut sregs = vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
     sregs.gdt.base = GDT;
     sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
@@ -137,7 +149,27 @@ pub(super) fn measure(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<TprCost>, Strin
         }
     }
     let per = |x: u128| x.saturating_sub(best[2]) as f64 / f64::from(n);
-    Ok(Some(TprCost { mmio_ns: per(best[0]), patched_ns: per(best[1]), iterations: n }))
+    let Some(vapic_at_exit) = vapic_at_exit(&mut vcpu, &mem) else { return Ok(None) };
+    Ok(Some(TprCost { mmio_ns: per(best[0]), patched_ns: per(best[1]), iterations: n, vapic_at_exit }))
+}
+
+/// Whether a TPR the guest writes into its vAPIC slot is KVM's at the next exit (the
+/// loops above left the TPR 0). None where the run does not go as expected.
+fn vapic_at_exit(vcpu: &mut kvm_ioctls::VcpuFd, mem: &GuestMemoryMmap) -> Option<bool> {
+    const TPR: u8 = 0x40;
+    let mut code = vec![0xc6, 0x05]; // mov byte [slot 0], TPR
+    code.extend((crate::tpr::vapic_gpa(0) as u32).to_le_bytes());
+    code.extend([TPR, 0xe6, DONE_PORT]); // out DONE_PORT
+    mem.write_slice(&code, GuestAddress(CODE)).ok()?;
+    let mut regs = vcpu.get_regs().ok()?;
+    regs.rip = CODE;
+    vcpu.set_regs(&regs).ok()?;
+    match vcpu.run() {
+        Ok(VcpuExit::IoOut(p, _)) if p == u16::from(DONE_PORT) => {}
+        _ => return None,
+    }
+    let lapic = vcpu.get_lapic().ok()?;
+    Some(crate::vcpu::state::lapic_get(&lapic, crate::vcpu::state::apic_reg::TPR) == u32::from(TPR))
 }
 
 #[cfg(test)]
