@@ -36,7 +36,8 @@ fn count(stderr: &str, key: &str) -> u64 {
 
 /// What every run shows, patched or not: the hostile sites stay unpatched, every
 /// vCPU read back what it wrote, the interrupt stays masked while the TPR's class is
-/// at or above its own and then arrives, once. `cpus` vCPUs took part.
+/// at or above its own (not before), arrives once the TPR is lowered below it (never
+/// lost) and only once. `cpus` vCPUs took part.
 fn common_checks(console: &str, cpus: usize) {
     for site in ["esp0", "late"] {
         assert!(console.contains(&format!("tpr: site {site} not patched")), "{site} was patched:\n{console}");
@@ -46,10 +47,18 @@ fn common_checks(console: &str, cpus: usize) {
     for cpu in 0..cpus {
         assert!(console.contains(&format!("tpr: cpu {cpu} value mismatches 0")), "vCPU {cpu}:\n{console}");
     }
-    for case in ["irq masked by tpr 0x60", "irq masked by tpr 0x50", "irq delivered once", "read back 0x40"] {
+    for case in ["irq masked by tpr 0x60", "irq masked by tpr 0x50", "irq delivered after lowering", "irq delivered once", "read back 0x40"] {
         assert!(console.contains(&format!("tpr: {case} ok")), "{case}:\n{console}");
     }
-    assert!(console.contains("tpr: done failures="), "{console}");
+    assert!(console.contains("tpr: done failures=0"), "{console}");
+}
+
+/// Unpatched, the interrupt case's TPR writes are MMIO: KVM delivers the interrupt.
+/// Where guest kernel mode is emulated that is at KVM's next exit, a few
+/// instructions after the lowering ("tpr: irq at lowering no"), so only its arrival
+/// is checked; the console line shows which.
+fn unpatched_irq_checks(console: &str) {
+    assert!(console.contains("tpr: irq path mmio"), "{console}");
 }
 
 /// vCPU `i`'s `--stats` line: (KVM_GET_LAPIC's TPR, the vAPIC byte).
@@ -72,6 +81,15 @@ fn forced_on(cpus: usize) {
     assert!(count(&stderr, "ESP 0 ") > 0, "{stderr}");
     assert!(count(&stderr, "live sites ") <= 6, "{stderr}");
     assert!(count(&stderr, "live sites ") > 0, "nothing patched:\n{stderr}");
+    // The interrupt case ran through the helper: its lowering made the poll, skiff
+    // gave KVM the TPR (where KVM takes the vAPIC byte late, as here; elsewhere the
+    // exit itself did), and the interrupt arrived before the next instruction.
+    assert!(console.contains("tpr: irq path patched"), "{console}");
+    assert!(console.contains("tpr: irq at lowering yes"), "{console}");
+    assert!(count(&stderr, "helper polls ") > 0, "{stderr}");
+    if stderr.contains("every write handed to skiff") {
+        assert!(count(&stderr, "TPR given to KVM ") > 0, "{stderr}");
+    }
     assert_eq!(count(&stderr, "live sites "), count(&stderr, "sites patched "), "{stderr}");
     let last = ["0x20", "0x80"];
     for (i, want) in last.iter().enumerate().take(cpus) {
@@ -102,6 +120,7 @@ fn auto_patches_nothing_here_and_says_why() {
         assert!(why.contains("patching would cost more") || why.contains("takes the vAPIC TPR late"), "{why}");
         assert_eq!(console.matches(" not patched").count(), 8, "{console}");
         assert!(!stderr.contains("tpr: reports"), "{stderr}");
+        unpatched_irq_checks(&console);
     } else {
         assert!(why.contains("on (auto: the patched path is cheaper here"), "{why}");
     }
@@ -113,4 +132,5 @@ fn off_means_off() {
     assert!(stderr.contains("tpr patching: off (--tpr-patch=off)"), "{stderr}");
     common_checks(&console, 2);
     assert_eq!(console.matches(" not patched").count(), 8, "{console}");
+    unpatched_irq_checks(&console);
 }

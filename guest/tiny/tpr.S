@@ -20,9 +20,13 @@
  *    A seventh write runs with ESP = 0 and must never be patched. Each AP then
  *    writes its last TPR, 0x80 + 0x40 * (n - 1) ("tpr: cpu N last 0xVV"), and halts.
  * 2. A late report: one TPR write followed by 3,000 other instructions; its site must
- *    not be patched (the report names another instruction). And the interrupt case: TPR 0x60, a self-IPI at vector 0x50 must
- *    stay pending (not before), TPR 0x50 still masks it, TPR 0x40 delivers it at once
- *    (the helper's poll when patched); then it is counted once (never lost).
+ *    not be patched (the report names another instruction). Then the interrupt
+ *    case, through tpr_set's site once it is patched (waited for, bounded; "tpr: irq
+ *    path patched" or "mmio"): TPR 0x60, a self-IPI at vector 0x50 must stay pending
+ *    (not before), TPR 0x50 still masks it, TPR 0x40 unmasks it: "tpr: irq at
+ *    lowering yes" when it arrived before the next instruction (the helper's poll
+ *    when patched), else how many wait loops later ("tpr: irq arrived after N
+ *    loops"); then it is counted once (never lost, never twice).
  * 3. The BSP's last TPR written is 0x20 (skiff's --stats shows KVM_GET_LAPIC's TPR
  *    of every vCPU), then "tpr: done failures=N" and power off by hypercall.
  */
@@ -84,7 +88,24 @@ site_late:
         mov     $n_late, %esi
         call    report_site
 
-        /* 2b. Interrupts: masked while the TPR's class is at or above VEC's. */
+        /* 2b. Interrupts: masked while the TPR's class is at or above VEC's. The
+           writes go through tpr_set's site: wait (bounded) until it is patched, so
+           a run with patching on tests the helper's path; "tpr: irq path" says
+           which it is. */
+        mov     $(LOOPS * 5), %esi
+1:      cmpb    $0xa3, site_store_eax
+        jne     2f
+        mov     $0x70, %eax
+        call    tpr_set
+        dec     %esi
+        jnz     1b
+2:      mov     $s_irq_path, %esi
+        call    puts
+        mov     $s_path_patched, %esi
+        cmpb    $0xa3, site_store_eax
+        jne     1f
+        mov     $s_path_mmio, %esi
+1:      call    puts
         mov     $0x60, %eax
         call    tpr_set
         movl    $0, got
@@ -106,10 +127,32 @@ site_late:
         mov     $n_irq_same_class, %esi
         xor     %edx, %edx
         call    check
-        mov     $0x40, %eax             /* below: delivered now */
+        mov     $0x40, %eax             /* below: deliverable now */
         call    tpr_set
-        mov     got, %eax               /* at once, before anything else runs */
-        mov     $n_irq_at_lowering, %esi
+        mov     got, %ebx               /* delivered before the next instruction? */
+        mov     $s_at_lowering, %esi
+        call    puts
+        mov     $s_yes, %esi
+        test    %ebx, %ebx
+        jnz     1f
+        mov     $s_no, %esi
+1:      call    puts
+        /* Otherwise soon (bounded): "tpr: irq arrived after N loops". */
+        xor     %ebx, %ebx
+1:      cmpl    $0, got
+        jne     2f
+        pause
+        inc     %ebx
+        cmp     $20000, %ebx
+        jb      1b
+2:      mov     $s_after, %esi
+        call    puts
+        mov     %ebx, %eax
+        call    putdec
+        mov     $s_loops, %esi
+        call    puts
+        mov     got, %eax
+        mov     $n_irq_after_lowering, %esi
         mov     $1, %edx
         call    check
         mov     $20000, %ecx
@@ -484,7 +527,15 @@ n_esp0:         .asciz "esp0"
 n_late:         .asciz "late"
 n_irq_masked:   .asciz "irq masked by tpr 0x60"
 n_irq_same_class: .asciz "irq masked by tpr 0x50"
-n_irq_at_lowering: .asciz "irq delivered at lowering"
+n_irq_after_lowering: .asciz "irq delivered after lowering"
+s_irq_path:     .asciz "tpr: irq path "
+s_path_patched: .asciz "patched\n"
+s_path_mmio:    .asciz "mmio\n"
+s_at_lowering:  .asciz "tpr: irq at lowering "
+s_yes:          .asciz "yes\n"
+s_no:           .asciz "no\n"
+s_after:        .asciz "tpr: irq arrived after "
+s_loops:        .asciz " loops\n"
 n_irq_once:     .asciz "irq delivered once"
 n_read_back:    .asciz "read back 0x40"
 

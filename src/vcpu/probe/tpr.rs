@@ -82,37 +82,69 @@ fn call_helper(at: u64) -> [u8; 5] {
     [0xe8, rel[0], rel[1], rel[2], rel[3]]
 }
 
+/// A throw-away VM for the measurement: one vCPU in 32-bit protected mode (paging
+/// off, flat segments), the in-kernel irqchip, the helper as `variant` and the
+/// hypercall page at their addresses; with `vapic`, vCPU 0's vAPIC slot set. Fields
+/// drop in order: the vCPU and the VM before the memory they map.
+struct TprVm {
+    vcpu: kvm_ioctls::VcpuFd,
+    _vm: kvm_ioctls::VmFd,
+    mem: GuestMemoryMmap,
+}
+
+impl TprVm {
+    fn new(kvm: &Kvm, cpuid: &CpuId, variant: crate::tpr::Variant, vapic: bool) -> Result<TprVm, String> {
+        let vm = kvm.create_vm().map_err(|e| format!("probe: KVM_CREATE_VM: {e}"))?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).map_err(|e| format!("probe: guest memory: {e}"))?;
+        let host = mem.get_host_address(GuestAddress(0)).map_err(|e| format!("probe: {e}"))?;
+        let region = kvm_userspace_memory_region { slot: 0, guest_phys_addr: 0, memory_size: MEM as u64, userspace_addr: host as u64, flags: 0 };
+        // SAFETY: the region maps `mem`, which outlives the VM (TprVm drops it last).
+        unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("probe: KVM_SET_USER_MEMORY_REGION: {e}"))?;
+        vm.create_irq_chip().map_err(|e| format!("probe: KVM_CREATE_IRQCHIP: {e}"))?;
+        let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
+        for (i, e) in BOOT_GDT.iter().enumerate() {
+            mem.write_obj(*e, GuestAddress(GDT + i as u64 * 8)).map_err(err)?;
+        }
+        crate::tpr::write_helper(&mem, variant)?;
+        crate::hypercall::write_page(&mem)?;
+        let vcpu = vm.create_vcpu(0).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
+        vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
+        if vapic {
+            crate::tpr::set_vapic(&vcpu, 0)?;
+        }
+        let mut sregs = vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
+        sregs.gdt.base = GDT;
+        sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+        sregs.cs = kvm_segment_from_gdt(BOOT_GDT[3], SEL_CODE32);
+        let data = kvm_segment_from_gdt(BOOT_GDT[2], SEL_DATA);
+        (sregs.ds, sregs.es, sregs.ss, sregs.fs, sregs.gs) = (data, data, data, data, data);
+        sregs.cr0 = 0x11; // PE, ET
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        vcpu.set_sregs(&sregs).map_err(|e| format!("probe: KVM_SET_SREGS: {e}"))?;
+        Ok(TprVm { vcpu, _vm: vm, mem })
+    }
+
+    /// Runs `code` from CODE (EAX = `eax`) to its first exit; the port of an `out`
+    /// and how long KVM_RUN took, or None for any other exit.
+    fn run(&mut self, code: &[u8], eax: u32) -> Option<(u16, u128)> {
+        self.mem.write_slice(code, GuestAddress(CODE)).ok()?;
+        let mut regs = self.vcpu.get_regs().ok()?;
+        (regs.rip, regs.rsp, regs.rflags, regs.rax) = (CODE, STACK, 2, u64::from(eax));
+        self.vcpu.set_regs(&regs).ok()?;
+        let t = Instant::now();
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(p, _)) => Some((p, t.elapsed().as_nanos())),
+            _ => None,
+        }
+    }
+}
+
 /// Measures both paths; None where a loop does not run as expected (no irqchip, an
 /// exit on the way): then nothing is engaged by `auto`.
 pub(super) fn measure(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<TprCost>, String> {
-    let vm = kvm.create_vm().map_err(|e| format!("probe: KVM_CREATE_VM: {e}"))?;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).map_err(|e| format!("probe: guest memory: {e}"))?;
-    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| format!("probe: {e}"))?;
-    let region = kvm_userspace_memory_region { slot: 0, guest_phys_addr: 0, memory_size: MEM as u64, userspace_addr: host as u64, flags: 0 };
-    // SAFETY: the region maps `mem`, which outlives the VM (dropped after it, below).
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("probe: KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    vm.create_irq_chip().map_err(|e| format!("probe: KVM_CREATE_IRQCHIP: {e}"))?;
-    let err = |e: vm_memory::GuestMemoryError| format!("probe: {e}");
-    for (i, e) in BOOT_GDT.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(GDT + i as u64 * 8)).map_err(err)?;
-    }
     // One vCPU; the poll is never reached (TPR 0, nothing requested).
-    crate::tpr::write_helper(&mem, crate::tpr::Variant { cpus: 1, poll_every_write: false })?;
-    crate::hypercall::write_page(&mem)?;
-    let mut vcpu = vm.create_vcpu(0).map_err(|e| format!("probe: KVM_CREATE_VCPU: {e}"))?;
-    vcpu.set_cpuid2(cpuid).map_err(|e| format!("probe: KVM_SET_CPUID2: {e}"))?;
-    crate::tpr::set_vapic(&vcpu, 0)?;
-    let mut sregs = vcpu.get_sregs().map_err(|e| format!("probe: KVM_GET_SREGS: {e}"))?;
-    sregs.gdt.base = GDT;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
-    sregs.cs = kvm_segment_from_gdt(BOOT_GDT[3], SEL_CODE32);
-    let data = kvm_segment_from_gdt(BOOT_GDT[2], SEL_DATA);
-    (sregs.ds, sregs.es, sregs.ss, sregs.fs, sregs.gs) = (data, data, data, data, data);
-    sregs.cr0 = 0x11; // PE, ET
-    sregs.cr4 = 0;
-    sregs.efer = 0;
-    vcpu.set_sregs(&sregs).map_err(|e| format!("probe: KVM_SET_SREGS: {e}"))?;
-
+    let mut vm = TprVm::new(kvm, cpuid, crate::tpr::Variant { cpus: 1, poll_every_write: false }, true)?;
     let mmio_body = {
         let mut b = vec![0xa3];
         b.extend((APIC + 0x80).to_le_bytes());
@@ -121,15 +153,8 @@ pub(super) fn measure(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<TprCost>, Strin
     // The patched loop's call sits where the MMIO store would: after the prologue.
     let at = program(&[], 0).len() as u64 - 5; // prologue length (the empty program less dec/jnz/out)
     let mut run = |body: &[u8], n: u32| -> Option<u128> {
-        mem.write_slice(&program(body, n), GuestAddress(CODE)).ok()?;
-        let mut regs = vcpu.get_regs().ok()?;
-        regs.rip = CODE;
-        regs.rsp = STACK;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).ok()?;
-        let t = Instant::now();
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(p, _)) if p == u16::from(DONE_PORT) => Some(t.elapsed().as_nanos()),
+        match vm.run(&program(body, n), 0)? {
+            (p, ns) if p == u16::from(DONE_PORT) => Some(ns),
             _ => None,
         }
     };
@@ -149,26 +174,21 @@ pub(super) fn measure(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<TprCost>, Strin
         }
     }
     let per = |x: u128| x.saturating_sub(best[2]) as f64 / f64::from(n);
-    let Some(vapic_at_exit) = vapic_at_exit(&mut vcpu, &mem) else { return Ok(None) };
+    let Some(vapic_at_exit) = vapic_at_exit(&mut vm) else { return Ok(None) };
     Ok(Some(TprCost { mmio_ns: per(best[0]), patched_ns: per(best[1]), iterations: n, vapic_at_exit }))
 }
 
 /// Whether a TPR the guest writes into its vAPIC slot is KVM's at the next exit (the
 /// loops above left the TPR 0). None where the run does not go as expected.
-fn vapic_at_exit(vcpu: &mut kvm_ioctls::VcpuFd, mem: &GuestMemoryMmap) -> Option<bool> {
+fn vapic_at_exit(vm: &mut TprVm) -> Option<bool> {
     const TPR: u8 = 0x40;
     let mut code = vec![0xc6, 0x05]; // mov byte [slot 0], TPR
     code.extend((crate::tpr::vapic_gpa(0) as u32).to_le_bytes());
     code.extend([TPR, 0xe6, DONE_PORT]); // out DONE_PORT
-    mem.write_slice(&code, GuestAddress(CODE)).ok()?;
-    let mut regs = vcpu.get_regs().ok()?;
-    regs.rip = CODE;
-    vcpu.set_regs(&regs).ok()?;
-    match vcpu.run() {
-        Ok(VcpuExit::IoOut(p, _)) if p == u16::from(DONE_PORT) => {}
-        _ => return None,
+    if vm.run(&code, 0)?.0 != u16::from(DONE_PORT) {
+        return None;
     }
-    let lapic = vcpu.get_lapic().ok()?;
+    let lapic = vm.vcpu.get_lapic().ok()?;
     Some(crate::vcpu::state::lapic_get(&lapic, crate::vcpu::state::apic_reg::TPR) == u32::from(TPR))
 }
 
@@ -188,5 +208,53 @@ mod tests {
         assert_eq!(m, [Mnemonic::Mov, Mnemonic::Xor, Mnemonic::Mov, Mnemonic::Call, Mnemonic::Dec, Mnemonic::Jne, Mnemonic::Out]);
         assert_eq!(got[3].near_branch32() as u64, crate::tpr::HELPER_GPA + 0x10);
         assert_eq!(got[5].near_branch32() as u64, got[3].ip());
+    }
+
+    /// The helper's decision after a write, run by KVM on crafted vAPIC slots (no
+    /// vAPIC address set, so KVM leaves the slot alone): poll exactly when the new
+    /// TPR unmasks the highest requested interrupt, which is the path hosts where KVM
+    /// takes the byte at the next exit use (not this project's). With several vCPUs
+    /// the slot is CPUID's initial APIC ID's (3 here).
+    #[test]
+    fn the_helper_polls_exactly_when_a_write_unmasks_a_request() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let mut cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+            e.ebx = (e.ebx & 0x00ff_ffff) | (3 << 24);
+        }
+        // (slot bytes: TPR, in-service class, -, highest request; new TPR; every write polls; poll expected)
+        let cases: [([u8; 4], u8, bool, bool); 9] = [
+            ([0x60, 0x00, 0, 0x50], 0x40, false, true),
+            ([0x60, 0x00, 0, 0x50], 0x50, false, false), // the same class still masks
+            ([0x60, 0x00, 0, 0x50], 0x70, false, false), // raising never polls
+            ([0x60, 0x50, 0, 0x50], 0x20, false, false), // its class is in service
+            ([0x60, 0x40, 0, 0x51], 0x20, false, true),
+            ([0x60, 0x00, 0, 0x00], 0x00, false, false), // nothing requested
+            ([0x60, 0x00, 0, 0x5f], 0x4f, false, true),  // sub-classes play no part
+            ([0x60, 0x00, 0, 0x50], 0x70, true, true),   // every write handed to skiff
+            ([0x60, 0x00, 0, 0x00], 0x00, true, true),
+        ];
+        let mut code = call_helper(0).to_vec();
+        code.extend([0xe6, DONE_PORT]);
+        for cpus in [1u8, 2] {
+            let slot = if cpus == 1 { 0 } else { 3 };
+            for (bytes, new, every, want_poll) in cases {
+                let variant = crate::tpr::Variant { cpus, poll_every_write: every };
+                let mut vm = TprVm::new(&kvm, &cpuid, variant, false).unwrap();
+                vm.mem.write_slice(&bytes, GuestAddress(crate::tpr::vapic_gpa(slot))).unwrap();
+                let (port, _) = vm.run(&code, u32::from(new)).expect("an out");
+                let case = format!("{cpus} vCPUs, slot {bytes:02x?}, new {new:#x}, every write {every}");
+                if want_poll {
+                    assert_eq!(port, crate::hypercall::PORT_DIRECT, "{case}: no poll");
+                    assert_eq!(vm.vcpu.get_regs().unwrap().rax & 0xffff_ffff, crate::hypercall::HC_TPR_POLL, "{case}");
+                } else {
+                    assert_eq!(port, u16::from(DONE_PORT), "{case}: a poll");
+                }
+                let mut now = [0u8; 4];
+                vm.mem.read_slice(&mut now, GuestAddress(crate::tpr::vapic_gpa(slot))).unwrap();
+                assert_eq!(now[0], new, "{case}: the TPR byte");
+                assert_eq!(now[1..], bytes[1..], "{case}: the helper wrote only the TPR");
+            }
+        }
     }
 }
