@@ -389,7 +389,7 @@ mod tests {
                 enforced: true,
                 clock_stable: false,
             },
-            tpr_cost: Some(super::super::tpr::TprCost { mmio_ns: 800.5, patched_ns: 17_000.25, iterations: 64, vapic_at_exit: false }),
+            tpr_cost: Some(super::super::tpr::TprCost { mmio_ns: 800.5, patched_ns: 17_000.25, iterations: 64, vapic_at_exit: false, exit_ns: 9_500.5 }),
             probe_ms: 0.1 + 0.2,
         }
     }
