@@ -6,15 +6,17 @@
  * page (src/tpr/mod.rs HELPER_GPA) and calls it from wherever the guest maps that
  * page, so it finds its data relative to its own address:
  *   page + 0x0000  this code (entry points at fixed 16-byte slots, below)
- *   page + 0x1000  the vAPIC slots, 16 bytes per vCPU, indexed by TSC_AUX (skiff
- *                  sets TSC_AUX to the vCPU's index); KVM_SET_VAPIC_ADDR points
+ *   page + 0x1000  the vAPIC slots, 16 bytes per vCPU, indexed by the vCPU's
+ *                  index (`slot`, below, says how it is found); KVM_SET_VAPIC_ADDR points
  *                  each vCPU's vAPIC at its slot: byte 0 TPR (KVM takes it at every
  *                  exit), byte 1 the in-service class (ISR & 0xf0), byte 3 the
  *                  highest requested vector (KVM writes both before every entry)
  *   page + 0x2000  skiff's hypercall page (its `out` stub at offset 0)
  * Every entry preserves every register and flag except the one the replaced
- * instruction wrote. Built by guest/tpr/build into helper.bin (checked in; skiff
- * includes it, and a unit test rebuilds it and compares).
+ * instruction wrote. At 0xb0 a table of offsets (never executed) tells skiff where
+ * the variants it chooses between at boot are (src/tpr/mod.rs, `Layout`). Built by
+ * guest/tpr/build into helper.bin (checked in; skiff includes it, and a unit test
+ * rebuilds it and compares).
  */
         .code32
         .text
@@ -82,7 +84,19 @@ get_tpr_eax:
         pop     %eax
         ret
 
+/* 0xb0: where skiff selects a variant (16-bit offsets in this page): the `jmp`
+   that starts `slot` and its two targets, then the `jmp` after a TPR write and its
+   two targets. */
         .org    0xb0
+layout:
+        .word   slot - base
+        .word   slot_one - base
+        .word   slot_cpuid - base
+        .word   after_write - base
+        .word   poll_if_unmasked - base
+        .word   poll - base
+
+        .org    0xc0
 /* EAX = this vCPU's TPR (zero-extended, as the register reads). */
 read_tpr:
         pushfl
@@ -126,10 +140,20 @@ set_common:
         mov     %eax, %ebx
         call    slot
         mov     %bl, (%edx)
+/* KVM takes the slot's TPR when the vCPU next leaves the CPU. Where it does so
+   after the write and before it injects anything (the host probe checks), only a
+   lowering that unmasks a requested interrupt needs an exit at once (the poll). Where
+   it does not (guest kernel mode emulated: the write and what follows run after
+   KVM's read, and its own write of the slot can overwrite the TPR first), skiff
+   points this jump at `poll`: every write is handed to skiff, which gives it to
+   KVM at once. */
+after_write:
+        jmp     poll_if_unmasked
+poll_if_unmasked:
         /* A requested interrupt whose class is above the new TPR's and the
            in-service one's is deliverable now, but KVM only takes the new TPR at
-           the vCPU's next exit: make one (the poll call). Raising the TPR needs
-           none: KVM takes the byte before it injects anything. */
+           the vCPU's next exit: make one. Raising the TPR needs none: KVM takes
+           the byte before it injects anything. */
         movzbl  3(%edx), %eax
         and     $0xf0, %al
         and     $0xf0, %bl
@@ -137,16 +161,36 @@ set_common:
         jbe     1f
         cmp     1(%edx), %al
         jbe     1f
+poll:
         mov     $HC_TPR_POLL, %eax
         call    hypercall
 1:      pop     %ebx
         ret
 
-/* EDX = this vCPU's vAPIC slot. Clobbers EAX, ECX. The index is one byte, so the
-   slot stays inside the vAPIC page whatever the guest put in TSC_AUX. */
+/* EDX = this vCPU's vAPIC slot. Clobbers EAX, ECX. Which vCPU runs this is
+   shared code's question (a patched site calls the same helper on every vCPU), so
+   the answer comes from the vCPU itself: CPUID leaf 1's initial APIC ID
+   (EBX[31:24]), which skiff sets per vCPU to its index and the guest cannot
+   change. KVM answers CPUID in the kernel (no exit to skiff; where guest kernel
+   mode runs natively, one exit to KVM). `rdtscp` would be cheaper there but reads
+   TSC_AUX, which guests rewrite (Linux puts its own CPU number there) and which
+   KVM cannot emulate at CPL 0 where guest kernel mode is emulated. With one vCPU
+   skiff points the jump at slot_one: slot 0, no CPUID. The index is one byte, so
+   the slot stays inside the vAPIC page whatever CPUID says. CPUID also writes
+   EDX, which is this routine's result anyway. */
 slot:
-        rdtscp
-        movzbl  %cl, %ecx
+        jmp     slot_cpuid
+slot_cpuid:
+        push    %ebx
+        mov     $1, %eax
+        cpuid
+        shr     $24, %ebx
+        mov     %ebx, %ecx
+        pop     %ebx
+        jmp     slot_at
+slot_one:
+        xor     %ecx, %ecx
+slot_at:
         shl     $4, %ecx
         call    1f
 1:      pop     %edx

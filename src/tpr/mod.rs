@@ -7,9 +7,12 @@
 //! it into a call of a small guest-side helper (guest/tpr/helper.S) that keeps the
 //! TPR in a vAPIC slot KVM synchronises with the APIC (KVM_SET_VAPIC_ADDR): KVM takes
 //! the slot's TPR byte after every exit and writes the TPR, the in-service class and
-//! the highest requested vector into it before every entry. When lowering the TPR
-//! unmasks a requested interrupt, the helper makes an exit (the poll hypercall,
-//! through skiff's hypercall page) so KVM takes the new TPR and delivers it at once.
+//! the highest requested vector into it before entries that handle an event. When
+//! lowering the TPR unmasks a requested interrupt, the helper makes an exit (the poll
+//! hypercall, through skiff's hypercall page) so KVM takes the new TPR and delivers
+//! it at once. Where KVM takes the byte too late for that (guest kernel mode run
+//! through KVM's emulator: the probe checks), every write polls and skiff gives the
+//! TPR to KVM itself ([`give_tpr_to_kvm`]).
 //!
 //! Guest-physical layout, three pages in the BIOS area the e820 map reserves:
 //!   [`HELPER_GPA`] the helper's code; [`VAPIC_GPA`] the vAPIC slots, 16 bytes per
@@ -17,11 +20,12 @@
 //!   many as a vCPU index byte names); [`crate::hypercall::PAGE_GPA`] the hypercall
 //!   page. The helper finds the other two relative to itself, so it works wherever the
 //!   guest maps the three pages contiguously (checked through the guest's page tables
-//!   before any site is patched). The helper takes its vCPU number from TSC_AUX
-//!   (`rdtscp`), which skiff sets to the vCPU index at power-on.
+//!   before any site is patched). The helper takes its vCPU number from CPUID leaf
+//!   1's initial APIC ID, which skiff sets per vCPU to its index (vcpu/cpuid.rs) and
+//!   the guest cannot change; with one vCPU it skips the lookup ([`helper_for`]).
 //!
 //! The helper's bytes are `guest/tpr/helper.bin`, built by `guest/tpr/build` from the
-//! assembly and checked in (288 bytes; GNU as and ld produce it byte for byte again,
+//! assembly and checked in (320 bytes; GNU as and ld produce it byte for byte again,
 //! which a unit test checks when they are installed), so building skiff needs no
 //! assembler and no build.rs.
 //!
@@ -127,6 +131,8 @@ pub struct Tpr {
     pub why: String,
     pub reports: AtomicU64,
     pub polls: AtomicU64,
+    /// Polls where KVM's TPR class was not the vAPIC byte's, and skiff set it.
+    pub synced: AtomicU64,
     patched: [AtomicU64; 6],
     refused: [AtomicU64; REFUSALS.len()],
     queue: Mutex<Vec<SitePatch>>,
@@ -145,6 +151,7 @@ impl Tpr {
             why,
             reports: AtomicU64::new(0),
             polls: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
             patched: Default::default(),
             refused: Default::default(),
             queue: Mutex::new(Vec::new()),
@@ -246,7 +253,7 @@ impl Tpr {
             .map(|((_, why), c)| format!("{why} {}", n(c)))
             .collect();
         let mut out = format!(
-            "tpr: reports {}, sites patched {} ({}), live sites {}, refused {} ({}), helper polls {}\n",
+            "tpr: reports {}, sites patched {} ({}), live sites {}, refused {} ({}), helper polls {} (TPR given to KVM {})\n",
             n(&self.reports),
             self.patched_total(),
             if forms.is_empty() { "none".into() } else { forms.join(", ") },
@@ -254,6 +261,7 @@ impl Tpr {
             self.refused.iter().map(n).sum::<u64>(),
             if refused.is_empty() { "none".into() } else { refused.join(", ") },
             n(&self.polls),
+            n(&self.synced),
         );
         for (i, lapic, vapic) in lock(&self.final_tpr).iter() {
             out.push_str(&format!("tpr: vCPU {i} TPR {lapic:#04x} (KVM_GET_LAPIC), vAPIC byte {vapic:#04x}\n"));
@@ -262,30 +270,91 @@ impl Tpr {
     }
 }
 
-/// `rdtscp` in the helper, and what a machine with one vCPU has there instead
-/// (`xor ecx, ecx; nop`: slot 0). Where guest kernel mode is emulated, KVM cannot
-/// run `rdtscp` (the probe hides it), so one vCPU needs no CPU number at all and
-/// several pay an emulation by skiff (vcpu/emulate/system.rs).
-const RDTSCP: [u8; 3] = [0x0f, 0x01, 0xf9];
-const SLOT0: [u8; 3] = [0x31, 0xc9, 0x90];
+/// Where the helper's variants are: a table at [`LAYOUT`] in the helper (never
+/// executed) of 16-bit offsets in its page, written by the assembler.
+pub const LAYOUT: usize = 0xb0;
 
-/// The helper as a machine of `cpus` vCPUs gets it (QEMU's ROM has UP and MP handler
-/// sets likewise).
-pub fn helper_for(cpus: u8) -> Vec<u8> {
+/// The offsets the table at [`LAYOUT`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The 2-byte `jmp rel8` that starts the vCPU lookup.
+    pub slot: usize,
+    /// Its target with one vCPU: slot 0, no lookup.
+    pub slot_one: usize,
+    /// Its target with several: the index from CPUID leaf 1's initial APIC ID.
+    pub slot_cpuid: usize,
+    /// The 2-byte `jmp rel8` after a TPR write.
+    pub after_write: usize,
+    /// Its target where KVM takes the vAPIC TPR at the next exit: poll only when the
+    /// write unmasks a requested interrupt.
+    pub poll_if_unmasked: usize,
+    /// Its target where KVM takes it late: poll after every write.
+    pub poll: usize,
+}
+
+impl Layout {
+    pub fn of(helper: &[u8]) -> Option<Layout> {
+        let word = |i: usize| helper.get(LAYOUT + 2 * i..LAYOUT + 2 * i + 2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])));
+        Some(Layout {
+            slot: word(0)?,
+            slot_one: word(1)?,
+            slot_cpuid: word(2)?,
+            after_write: word(3)?,
+            poll_if_unmasked: word(4)?,
+            poll: word(5)?,
+        })
+    }
+}
+
+/// Which helper a machine gets (chosen at boot from its vCPU count and the host
+/// probe; QEMU's ROM has UP and MP handler sets likewise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub cpus: u8,
+    /// KVM takes a TPR written into the vAPIC slot only late here (probe/tpr.rs):
+    /// every write is handed to skiff.
+    pub poll_every_write: bool,
+}
+
+impl Variant {
+    /// The `--stats` words for it.
+    pub fn describe(&self) -> String {
+        format!(
+            "helper: {}, {}",
+            if self.cpus <= 1 { "one vCPU (slot 0)" } else { "vCPU slot by CPUID's initial APIC ID" },
+            if self.poll_every_write { "every write handed to skiff (KVM takes the vAPIC TPR late here)" } else { "polls only when a lowering unmasks an interrupt" }
+        )
+    }
+}
+
+/// Points the `jmp rel8` at `at` in `h` to `target`; false where it is not a short
+/// jump or the target is out of its reach.
+fn aim(h: &mut [u8], at: usize, target: usize) -> bool {
+    let Ok(rel) = i8::try_from(target as i64 - (at as i64 + 2)) else { return false };
+    match h.get_mut(at..at + 2) {
+        Some([0xeb, disp]) => {
+            *disp = rel as u8;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The helper as `v` says: with one vCPU the lookup of the vCPU's slot is skipped;
+/// where KVM takes the vAPIC TPR late, every write polls.
+pub fn helper_for(v: Variant) -> Vec<u8> {
     let mut h = HELPER.to_vec();
-    if cpus <= 1
-        && let Some(at) = h.windows(3).position(|w| w == RDTSCP)
-        && let Some(dst) = h.get_mut(at..at + 3)
-    {
-        dst.copy_from_slice(&SLOT0);
+    if let Some(l) = Layout::of(HELPER) {
+        aim(&mut h, l.slot, if v.cpus <= 1 { l.slot_one } else { l.slot_cpuid });
+        aim(&mut h, l.after_write, if v.poll_every_write { l.poll } else { l.poll_if_unmasked });
     }
     h
 }
 
 /// Writes the helper (at boot and after every reset: RAM was cleared). The vAPIC page
 /// is RAM the reset cleared, which is what KVM expects of it.
-pub fn write_helper(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), String> {
-    mem.write_slice(&helper_for(cpus), GuestAddress(HELPER_GPA)).map_err(|e| format!("the TPR helper: {e}"))
+pub fn write_helper(mem: &GuestMemoryMmap, v: Variant) -> Result<(), String> {
+    mem.write_slice(&helper_for(v), GuestAddress(HELPER_GPA)).map_err(|e| format!("the TPR helper: {e}"))
 }
 
 /// The vAPIC slot of vCPU `index`.
@@ -300,12 +369,33 @@ const KVM_SET_VAPIC_ADDR: libc::c_ulong = 0x4008_ae93;
 /// KVM_CAP_VAPIC.
 pub const KVM_CAP_VAPIC: i32 = 6;
 
-/// Turns TPR-access reports and the vAPIC slot on for a vCPU (`fd`, index `index`), and
-/// with `set_aux` (power-on) sets TSC_AUX to the index (the helper's `rdtscp` reads it).
-pub fn enable_on_vcpu(fd: &kvm_ioctls::VcpuFd, index: u8, set_aux: bool) -> Result<(), String> {
+/// Turns TPR-access reports and the vAPIC slot on for a vCPU (`fd`, index `index`).
+pub fn enable_on_vcpu(fd: &kvm_ioctls::VcpuFd, index: u8) -> Result<(), String> {
     report_accesses(fd, index)?;
-    set_vapic(fd, index)?;
-    if set_aux { set_tsc_aux(fd, index) } else { Ok(()) }
+    set_vapic(fd, index)
+}
+
+/// The helper's poll, on the vCPU that made it: KVM takes the vAPIC byte after the
+/// vCPU leaves the CPU, which (where guest kernel mode is emulated) came before the
+/// helper wrote it; and before its next entry KVM may write its own TPR over the
+/// byte. So skiff gives the byte's class to KVM itself when KVM's differs, through
+/// CR8 (KVM_SET_SREGS): KVM then re-evaluates what it may deliver before the guest
+/// runs again. CR8 carries the class only (TPR bits 7:4, all that masking uses); the
+/// sub-class bits 3:0 reach KVM with its next read of the byte, unless KVM writes its
+/// own TPR there first. Nothing else in the APIC is touched: KVM_SET_LAPIC would
+/// replace the IRR, and lose an interrupt another vCPU or a device requested
+/// meanwhile. Returns whether KVM's TPR was changed.
+pub fn give_tpr_to_kvm(fd: &kvm_ioctls::VcpuFd, mem: &GuestMemoryMmap, index: u8) -> Result<bool, String> {
+    let mut byte = [0u8; 1];
+    mem.read_slice(&mut byte, GuestAddress(vapic_gpa(index))).map_err(|e| format!("vCPU {index}: the vAPIC slot: {e}"))?;
+    let class = u64::from(byte[0] >> 4);
+    let mut sregs = fd.get_sregs().map_err(|e| format!("vCPU {index}: KVM_GET_SREGS: {e}"))?;
+    if sregs.cr8 == class {
+        return Ok(false);
+    }
+    sregs.cr8 = class;
+    fd.set_sregs(&sregs).map_err(|e| format!("vCPU {index}: KVM_SET_SREGS: {e}"))?;
+    Ok(true)
 }
 
 /// KVM_TPR_ACCESS_REPORTING on: every TPR access through the APIC page exits.
@@ -331,21 +421,6 @@ pub fn set_vapic(fd: &kvm_ioctls::VcpuFd, index: u8) -> Result<(), String> {
         return Err(format!("vCPU {index}: KVM_SET_VAPIC_ADDR: {}", std::io::Error::last_os_error()));
     }
     Ok(())
-}
-
-/// TSC_AUX = the vCPU's index: the helper's `rdtscp` picks the vAPIC slot by it.
-pub fn set_tsc_aux(fd: &kvm_ioctls::VcpuFd, index: u8) -> Result<(), String> {
-    let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index: crate::vcpu::msr::TSC_AUX,
-        data: u64::from(index),
-        ..Default::default()
-    }])
-    .map_err(|e| format!("vCPU {index}: TSC_AUX: {e:?}"))?;
-    match fd.set_msrs(&msrs) {
-        Ok(1) => Ok(()),
-        Ok(_) => Err(format!("vCPU {index}: KVM refused TSC_AUX")),
-        Err(e) => Err(format!("vCPU {index}: KVM_SET_MSRS (TSC_AUX): {e}")),
-    }
 }
 
 #[cfg(test)]
@@ -376,14 +451,61 @@ mod tests {
         for off in [0x00usize, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x80, 0x90, 0xa0] {
             assert_ne!(HELPER.get(off).copied().unwrap_or(0), 0, "entry {off:#x}");
         }
-        // One rdtscp, replaced for one vCPU.
-        assert_eq!(HELPER.windows(3).filter(|w| *w == RDTSCP).count(), 1);
-        assert_eq!(helper_for(1).windows(3).filter(|w| *w == RDTSCP).count(), 0);
-        assert_eq!(helper_for(2), HELPER);
+        // No rdtscp (KVM cannot emulate it at CPL 0 where kernel mode is emulated).
+        assert_eq!(HELPER.windows(3).filter(|w| *w == [0x0f, 0x01, 0xf9]).count(), 0);
         // Slot 256 would be past the vAPIC page: the index is one byte.
         assert_eq!(vapic_gpa(255) + VAPIC_SLOT, VAPIC_GPA + 0x1000);
         assert_eq!(VAPIC_GPA + 0x1000, crate::hypercall::PAGE_GPA);
         assert_eq!(HELPER_GPA + 0x1000, VAPIC_GPA);
+    }
+
+    #[test]
+    fn the_vcpu_lookup_is_chosen_by_the_number_of_vcpus() {
+        use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+        let l = Layout::of(HELPER).unwrap();
+        assert!(l.slot < l.slot_cpuid && l.slot_cpuid < l.slot_one && l.slot_one < HELPER.len());
+        assert!(l.after_write < l.poll_if_unmasked && l.poll_if_unmasked < l.poll && l.poll < l.slot);
+        // Follows the code from `from` as a vCPU would (jumps taken, conditional ones
+        // not), listing what it runs up to the first `ret`.
+        let walk = |h: &[u8], from: usize| -> Vec<Mnemonic> {
+            let mut d = Decoder::with_ip(32, h, 0, DecoderOptions::NONE);
+            d.set_position(from).unwrap();
+            d.set_ip(from as u64);
+            let mut out = vec![];
+            for _ in 0..16 {
+                let i = d.decode();
+                out.push(i.mnemonic());
+                match i.mnemonic() {
+                    Mnemonic::Jmp => {
+                        d.set_position(i.near_branch_target() as usize).unwrap();
+                        d.set_ip(i.near_branch_target());
+                    }
+                    Mnemonic::Ret => break,
+                    _ => {}
+                }
+            }
+            out
+        };
+        let v = |cpus, poll_every_write| helper_for(Variant { cpus, poll_every_write });
+        let one = walk(&v(1, false), l.slot);
+        assert!(!one.contains(&Mnemonic::Cpuid) && one.contains(&Mnemonic::Xor), "{one:?}");
+        for n in [2, 8, 255] {
+            let many = walk(&v(n, false), l.slot);
+            assert!(many.contains(&Mnemonic::Cpuid) && !many.contains(&Mnemonic::Xor), "{many:?}");
+        }
+        // The checked-in default is the lookup (sound for any count).
+        assert_eq!(walk(HELPER, l.slot), walk(&v(2, false), l.slot));
+        // After a write: the class comparison first (a conditional jump over the
+        // poll), or straight to the poll's call.
+        let checked = walk(&v(1, false), l.after_write);
+        assert!(checked.contains(&Mnemonic::Jbe) && checked.contains(&Mnemonic::Call), "{checked:?}");
+        let always = walk(&v(1, true), l.after_write);
+        assert_eq!(always, [Mnemonic::Jmp, Mnemonic::Mov, Mnemonic::Call, Mnemonic::Pop, Mnemonic::Ret]);
+        assert_eq!(walk(HELPER, l.after_write), checked);
+        // Both choices together, and nothing else changed.
+        let both = v(2, true);
+        let differ = both.iter().zip(HELPER).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 1, "only the after-write jump's displacement");
     }
 
     #[test]

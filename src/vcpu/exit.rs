@@ -195,6 +195,9 @@ impl Vcpu {
             && let Some(t) = &self.tpr
         {
             t.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if crate::tpr::give_tpr_to_kvm(&self.fd, &self.mem, self.index)? {
+                t.synced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let width = crate::hypercall::Width::of_port_call(port_says, &regs, || {
             h.counters.mode_asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -312,14 +312,14 @@ impl Vcpu {
         if self.index == 0 {
             self.set_boot_state(entry)?;
         }
-        self.enable_tpr(true)
+        self.enable_tpr()
     }
 
-    /// TPR reports, the vAPIC slot and TSC_AUX for the helper, when patching is engaged
-    /// (at power-on and restore: KVM keeps the first two outside the vCPU's state).
-    fn enable_tpr(&self, set_aux: bool) -> Result<(), VcpuError> {
+    /// TPR reports and the vAPIC slot for the helper, when patching is engaged (at
+    /// power-on and restore: KVM keeps both outside the vCPU's state).
+    fn enable_tpr(&self) -> Result<(), VcpuError> {
         if self.tpr.is_some() {
-            crate::tpr::enable_on_vcpu(&self.fd, self.index, set_aux).map_err(|e| VcpuError::Restore(self.index, e))?;
+            crate::tpr::enable_on_vcpu(&self.fd, self.index).map_err(|e| VcpuError::Restore(self.index, e))?;
         }
         Ok(())
     }
@@ -328,8 +328,7 @@ impl Vcpu {
     /// fix-up's breakpoint, found again from the restored LSTAR and IDT.
     pub fn restore_state(&mut self, s: &state::VcpuState) -> Result<(), VcpuError> {
         self.put_state(s)?;
-        // TSC_AUX is the snapshot's (the guest may have written its own).
-        self.enable_tpr(false)?;
+        self.enable_tpr()?;
         if self.syscall_fixup.is_some()
             && let Some(lstar) = s.msrs.get_value(syscall_fixup::MSR_LSTAR).filter(|v| *v != 0)
         {

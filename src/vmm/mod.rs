@@ -277,14 +277,14 @@ impl Vmm {
         let console_bytes = out.bytes.clone();
         let console_first_byte = out.first_byte.clone();
         let mut devices = build_devices(&kvm, &vm, &mem, config, &control, out, disks, nets)?;
-        let entry = write_guest_tables(&mem, &kernel, config, &cmdline, &devices.acpi_devices())?;
+        let entry = write_guest_tables(&mem, &kernel, config, &cmdline, &devices.acpi_devices(), tpr_variant(config.cpus, &quirks))?;
 
         let failure_bytes = report_failed_instruction_bytes(&vm);
         let vcpus = create_vcpus(&kvm, &vm, config, &mem, &devices.buses, &control, &supported, &base_cpuid, quirks.user_syscall_broken, None)?;
         let (coalescing, doorbells) = setup_fast_paths(&kvm, &vm, config, &vcpus, &mut devices);
         let mut vcpus = vcpus;
         attach_hypercalls(&mut vcpus, &devices, &quirks);
-        let (tpr, tpr_why) = decide_tpr(&kvm, config.tpr_patch, &quirks);
+        let (tpr, tpr_why) = decide_tpr(&kvm, config.tpr_patch, config.cpus, &quirks);
         for v in &mut vcpus {
             v.tpr = tpr.clone();
         }
@@ -528,7 +528,7 @@ fn guest_cpuid(supported: &CpuId, quirks: &HostQuirks) -> CpuId {
 }
 
 /// Whether to patch TPR accesses (`--tpr-patch`), and the `--stats` reason.
-fn decide_tpr(kvm: &Kvm, mode: crate::tpr::Mode, quirks: &HostQuirks) -> (Option<Arc<crate::tpr::Tpr>>, String) {
+fn decide_tpr(kvm: &Kvm, mode: crate::tpr::Mode, cpus: u8, quirks: &HostQuirks) -> (Option<Arc<crate::tpr::Tpr>>, String) {
     use crate::tpr::Mode;
     let measured = quirks.tpr_cost.as_ref().map(|c| c.describe());
     let measured_text = measured.clone().unwrap_or_else(|| "not measured on this host".into());
@@ -538,14 +538,24 @@ fn decide_tpr(kvm: &Kvm, mode: crate::tpr::Mode, quirks: &HostQuirks) -> (Option
     if kvm.check_extension_raw(crate::tpr::KVM_CAP_VAPIC as libc::c_ulong) <= 0 {
         return (None, "off: KVM lacks KVM_CAP_VAPIC (TPR-access reports and the vAPIC page)".into());
     }
+    // With several vCPUs the helper finds its vCPU's slot by CPUID's initial APIC ID:
+    // where the guest sees the host's CPUID instead of skiff's, it would pick a
+    // wrong slot (another vCPU's TPR), so nothing is patched, even when forced.
+    if cpus > 1 && !quirks.cpuid_honoured {
+        return (None, "off: the guest sees the host's CPUID here, so the helper could not tell the vCPUs apart".into());
+    }
     let engaged = |why: String| {
         let t = Arc::new(crate::tpr::Tpr::new(why.clone()));
         (Some(t), why)
     };
+    let helper = tpr_variant(cpus, quirks).describe();
     match mode {
-        Mode::On => engaged(format!("on (--tpr-patch=on; probe: {measured_text})")),
+        Mode::On => engaged(format!("on (--tpr-patch=on; probe: {measured_text}; {helper})")),
         _ => match &quirks.tpr_cost {
-            Some(c) if c.patched_ns < c.mmio_ns => engaged(format!("on (auto: the patched path is cheaper here: {measured_text})")),
+            // Where KVM takes the vAPIC TPR late every patched write exits: the
+            // measured helper (no exit) would understate the patched path.
+            Some(c) if !c.vapic_at_exit => (None, format!("off (auto: KVM takes the vAPIC TPR late here, so every patched write would exit: {measured_text})")),
+            Some(c) if c.patched_ns < c.mmio_ns => engaged(format!("on (auto: the patched path is cheaper here: {measured_text}; {helper})")),
             Some(_) => (None, format!("off (auto: patching would cost more here: {measured_text})")),
             None => (None, format!("off (auto: {measured_text})")),
         },
@@ -612,18 +622,27 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
+/// The TPR helper this machine gets: by its vCPU count, and polling after every write
+/// where the probe found KVM taking the vAPIC TPR late (or did not measure it).
+fn tpr_variant(cpus: u8, quirks: &HostQuirks) -> crate::tpr::Variant {
+    let at_exit = quirks.tpr_cost.is_some_and(|c| c.vapic_at_exit);
+    crate::tpr::Variant { cpus, poll_every_write: !at_exit }
+}
+
 /// Loads what the guest needs beside its kernel: ACPI tables and the boot information
-/// (boot_params or PVH start info, command line, initrd). Returns the boot entry.
+/// (boot_params or PVH start info, command line, initrd), and the TPR helper. Returns
+/// the boot entry.
 fn write_guest_tables(
     mem: &GuestMemoryMmap,
     kernel: &loader::LoadedKernel,
     config: &VmConfig,
     cmdline: &str,
     acpi_devices: &[acpi::AcpiDevice],
+    tpr: crate::tpr::Variant,
 ) -> Result<BootEntry, VmmError> {
     let rsdp = acpi::create_acpi_tables(mem, config.cpus, acpi_devices)?;
     crate::hypercall::write_page(mem).map_err(VmmError::Device)?;
-    crate::tpr::write_helper(mem, config.cpus).map_err(VmmError::Device)?;
+    crate::tpr::write_helper(mem, tpr).map_err(VmmError::Device)?;
     Ok(loader::write_boot_info(mem, kernel, config, cmdline, rsdp.0)?)
 }
 

@@ -341,7 +341,7 @@ impl Vmm {
             .put(&self.vm)
             .map_err(|e| VmmError::Device(format!("resetting the chipset: {e}")))?;
         let kernel = loader::load_kernel_for(&self.mem, &self.config)?;
-        let entry = write_guest_tables(&self.mem, &kernel, &self.config, &self.cmdline, &self.devices.acpi_devices())?;
+        let entry = write_guest_tables(&self.mem, &kernel, &self.config, &self.cmdline, &self.devices.acpi_devices(), tpr_variant(self.config.cpus, &self.quirks))?;
         memory::register_with_kvm(&self.vm, &self.mem)?;
         set.power_on_all(entry, diagnose).map_err(|e| VmmError::Device(e.to_string()))
     }

@@ -262,7 +262,7 @@ struct StoredQuirks {
     xsave_kept: Option<StoredResult>,
     guest_xcr0: u64,
     pv: StoredPv,
-    tpr_cost: Option<(f64, f64, u32)>,
+    tpr_cost: Option<super::tpr::TprCost>,
     probe_ms: f64,
 }
 
@@ -296,7 +296,7 @@ impl StoredQuirks {
                 enforced: q.pv.enforced,
                 clock_stable: q.pv.clock_stable,
             },
-            tpr_cost: q.tpr_cost.map(|c| (c.mmio_ns, c.patched_ns, c.iterations)),
+            tpr_cost: q.tpr_cost,
             probe_ms: q.probe_ms,
         })
     }
@@ -331,7 +331,7 @@ impl StoredQuirks {
             xsave_kept: self.xsave_kept.map(StoredResult::result),
             guest_xcr0: self.guest_xcr0,
             pv: PvFindings { offered: self.pv.offered, verdicts: self.pv.verdicts, enforced: self.pv.enforced, clock_stable: self.pv.clock_stable },
-            tpr_cost: self.tpr_cost.map(|(mmio_ns, patched_ns, iterations)| super::tpr::TprCost { mmio_ns, patched_ns, iterations }),
+            tpr_cost: self.tpr_cost,
             probe_ms: self.probe_ms,
         })
     }
@@ -389,7 +389,7 @@ mod tests {
                 enforced: true,
                 clock_stable: false,
             },
-            tpr_cost: Some(super::super::tpr::TprCost { mmio_ns: 800.5, patched_ns: 17_000.25, iterations: 64 }),
+            tpr_cost: Some(super::super::tpr::TprCost { mmio_ns: 800.5, patched_ns: 17_000.25, iterations: 64, vapic_at_exit: false, exit_ns: 9_500.5 }),
             probe_ms: 0.1 + 0.2,
         }
     }

@@ -10,7 +10,7 @@ use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the cache file's layout or the meaning of a stored field changes.
-pub const PROBE_FORMAT: u32 = 3;
+pub const PROBE_FORMAT: u32 = 5;
 
 /// A hash of the source that decides the probe's results (the probe itself, the
 /// gated-feature table, the boot structures its VMs use), fixed at build time: a
