@@ -3,6 +3,9 @@
  *
  *   skiff-vsock connect CID PORT    connect (CID 2 is the host) and copy both ways
  *   skiff-vsock listen PORT         accept one connection and copy both ways
+ *   skiff-vsock echo PORT N         accept N connections, all open at once, and echo
+ *                                   each until its peer shuts its write side (then
+ *                                   shut ours: a half-close); prints "echo N BYTES"
  *
  * When stdin ends, the socket's write side is shut (the peer reads EOF); the program
  * ends when the peer's side ends. Build: gcc -O2 -static -o skiff-vsock skiff-vsock.c
@@ -28,6 +31,50 @@ static int copy(int from, int to) {
         off += w;
     }
     return 1;
+}
+
+#define MAX_ECHO 256
+
+/* Echoes N connections at once on one poll loop: what a peer sends comes back; a
+ * peer's half-close is answered with ours once its data went back. */
+static int echo(int l, int n) {
+    struct pollfd p[MAX_ECHO + 1];
+    int accepted = 0, open = 0;
+    long long bytes = 0;
+    if (n < 1 || n > MAX_ECHO || listen(l, n) < 0)
+        return 2;
+    p[0] = (struct pollfd){.fd = l, .events = POLLIN};
+    for (int i = 1; i <= n; i++)
+        p[i] = (struct pollfd){.fd = -1, .events = POLLIN};
+    while (accepted < n || open > 0) {
+        if (poll(p, (nfds_t)n + 1, -1) < 0 && errno != EINTR)
+            return 1;
+        if (p[0].revents && accepted < n) {
+            int c = accept(l, 0, 0);
+            if (c >= 0) {
+                p[++accepted].fd = c;
+                open++;
+            }
+            if (accepted == n)
+                p[0].fd = -1;
+        }
+        for (int i = 1; i <= accepted; i++) {
+            if (p[i].fd < 0 || !p[i].revents)
+                continue;
+            char buf[65536];
+            ssize_t r = read(p[i].fd, buf, sizeof buf);
+            if (r > 0 && write(p[i].fd, buf, (size_t)r) == r) {
+                bytes += r;
+                continue;
+            }
+            shutdown(p[i].fd, SHUT_WR);
+            close(p[i].fd);
+            p[i].fd = -1;
+            open--;
+        }
+    }
+    printf("echo %d %lld\n", accepted, bytes);
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -58,8 +105,16 @@ int main(int argc, char **argv) {
             return 1;
         }
         close(l);
+    } else if (argc == 4 && !strcmp(argv[1], "echo")) {
+        sa.svm_cid = VMADDR_CID_ANY;
+        sa.svm_port = (unsigned)strtoul(argv[2], 0, 10);
+        if (bind(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
+            perror("bind");
+            return 1;
+        }
+        return echo(s, atoi(argv[3]));
     } else {
-        fprintf(stderr, "usage: skiff-vsock connect CID PORT | listen PORT\n");
+        fprintf(stderr, "usage: skiff-vsock connect CID PORT | listen PORT | echo PORT N\n");
         return 2;
     }
     struct pollfd p[2] = {{.fd = 0, .events = POLLIN}, {.fd = s, .events = POLLIN}};

@@ -5,7 +5,7 @@
 //! whole `kvm_guest_debug` is composed from all of them, so neither undoes the other.
 
 use kvm_bindings::{
-    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_guest_debug,
+    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_guest_debug,
 };
 
 /// Debug address registers the architecture has.
@@ -86,6 +86,8 @@ pub struct VcpuDebug {
     pub gdb_attached: bool,
     /// gdb asked for one instruction.
     pub gdb_step: bool,
+    /// KVM can hold interrupts back during a single step (KVM_GUESTDBG_BLOCKIRQ).
+    pub block_irq_on_step: bool,
     /// Set by the run loop when the vCPU stopped for gdb; taken by its thread.
     pub stop: Option<DebugStop>,
 }
@@ -166,6 +168,10 @@ impl VcpuDebug {
         if self.fixup_stepping || self.gdb_step {
             dbg.control |= KVM_GUESTDBG_SINGLESTEP;
         }
+        // gdb's step is one instruction of the code it stopped in, as on QEMU.
+        if self.gdb_step && self.block_irq_on_step {
+            dbg.control |= KVM_GUESTDBG_BLOCKIRQ;
+        }
         if self.gdb_attached {
             dbg.control |= KVM_GUESTDBG_USE_SW_BP;
         }
@@ -240,6 +246,18 @@ mod tests {
         d.clear_gdb();
         assert_eq!(d.owners(), [Some(Owner::SyscallFixup), None, None, None]);
         assert_eq!(d.guest_debug().arch.debugreg[7], 1 | DR7_FIXED);
+    }
+
+    #[test]
+    fn gdb_steps_with_interrupts_held_back_where_kvm_can() {
+        let mut d = VcpuDebug { gdb_attached: true, gdb_step: true, ..Default::default() };
+        assert_eq!(d.guest_debug().control & KVM_GUESTDBG_BLOCKIRQ, 0);
+        d.block_irq_on_step = true;
+        assert_ne!(d.guest_debug().control & KVM_GUESTDBG_BLOCKIRQ, 0);
+        // The fix-up's own step is not gdb's: interrupts are not held for it.
+        d.gdb_step = false;
+        d.fixup_stepping = true;
+        assert_eq!(d.guest_debug().control & KVM_GUESTDBG_BLOCKIRQ, 0);
     }
 
     #[test]

@@ -42,6 +42,9 @@ static WAKE: OnceLock<EventFd> = OnceLock::new();
 
 pub struct EventLoop {
     epoll: Epoll,
+    /// The wake-up eventfd this loop consumes: the process's, except in unit tests,
+    /// which run in parallel in one process and must not see each other's wake-ups.
+    wake: &'static EventFd,
     sources: Vec<Source>,
     timer: Option<TimerFd>,
     events: Vec<EpollEvent>,
@@ -57,10 +60,15 @@ impl EventLoop {
             }
         };
         crate::control::set_wake_fd(wake.as_raw_fd());
-        let mut lp = EventLoop { epoll: Epoll::new()?, sources: Vec::new(), timer: None, events: vec![EpollEvent::default(); 64] };
-        lp.add(wake.as_raw_fd(), Source::Wake)?;
+        let lp = Self::with_wake(wake)?;
         // A request made before the loop existed (a signal during the build) is not lost.
         crate::control::wake_event_loop();
+        Ok(lp)
+    }
+
+    fn with_wake(wake: &'static EventFd) -> std::io::Result<Self> {
+        let mut lp = EventLoop { epoll: Epoll::new()?, wake, sources: Vec::new(), timer: None, events: vec![EpollEvent::default(); 64] };
+        lp.add(wake.as_raw_fd(), Source::Wake)?;
         Ok(lp)
     }
 
@@ -106,9 +114,7 @@ impl EventLoop {
             let Some(&source) = usize::try_from(ev.data()).ok().and_then(|i| self.sources.get(i)) else { continue };
             match source {
                 Source::Wake => {
-                    if let Some(w) = WAKE.get() {
-                        let _ = w.read();
-                    }
+                    let _ = self.wake.read();
                 }
                 Source::ProfileTick => {
                     if let Some(t) = self.timer.as_mut() {
@@ -129,14 +135,16 @@ mod tests {
 
     #[test]
     fn a_ready_fd_is_reported_with_its_source_and_wake_ups_are_consumed() {
-        let mut lp = EventLoop::new().unwrap();
+        // A private wake-up eventfd: other tests in this process wake the global one.
+        let wake: &'static EventFd = Box::leak(Box::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut lp = EventLoop::with_wake(wake).unwrap();
         let bell = EventFd::new(EFD_NONBLOCK).unwrap();
         lp.add(bell.as_raw_fd(), Source::Doorbell(3)).unwrap();
-        // The loop's creation wakes it once (a request may predate it).
+        wake.write(1).unwrap();
         assert_eq!(lp.wait(Some(Duration::from_millis(100))).unwrap(), vec![Source::Wake]);
-        assert!(lp.wait(Some(Duration::from_millis(10))).unwrap().is_empty());
+        assert!(lp.wait(Some(Duration::from_millis(10))).unwrap().is_empty(), "the wake-up was consumed");
         bell.write(1).unwrap();
-        crate::control::wake_event_loop();
+        wake.write(1).unwrap();
         let mut got = lp.wait(Some(Duration::from_millis(100))).unwrap();
         got.sort_by_key(|s| format!("{s:?}"));
         assert_eq!(got, vec![Source::Doorbell(3), Source::Wake]);

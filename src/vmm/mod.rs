@@ -608,6 +608,10 @@ fn create_vcpus(
         };
         let mut vcpu = Vcpu::new(index, fd, mem.clone(), buses.clone(), control.clone(), xsave_layout.clone(), spec);
         vcpu.pv_enforced = enforced;
+        // gdb's single step keeps interrupts out where KVM can (KVM_GUESTDBG_BLOCKIRQ):
+        // else a step from a breakpoint lands in whatever interrupt was pending.
+        let debug_flags = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2));
+        vcpu.debug.block_irq_on_step = u32::try_from(debug_flags).is_ok_and(|f| f & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0);
         if syscall_fixup {
             vcpu.syscall_fixup = Some(Default::default());
             // Its breakpoint's debug register, held for the machine's life, so a

@@ -1,16 +1,13 @@
-//! NOT CALLED YET: its kallsyms read took over 5 minutes of emulated guest kernel work
-//! on a 2-vCPU restored guest here (the command timeout), so the boot test does not
-//! run it until the addresses come cheaper (e.g. decoded from vmlinux's own kallsyms
-//! tables on the host).
-//!
 //! Debian's gdb against the Debian guest's kernel: a snapshot of the booted guest is
 //! restored under `--gdb`, gdb breaks in the write system call (the shell and the
 //! counter of snapshot.rs write all the time), reads `jiffies`, steps one
 //! instruction, sets a hardware watchpoint on `jiffies` and detaches; the guest keeps
 //! running and answers a command. Debian ships its kernel's symbols only in a
 //! debug package of about a gigabyte (its System.map is a placeholder), so the
-//! addresses come from the guest's own /proc/kallsyms (no KASLR: skiff enters the
-//! uncompressed vmlinux, past the decompressor that would randomise it).
+//! addresses come from the System.map scripts/fetch-guest decodes from the kernel's
+//! own kallsyms tables (reading /proc/kallsyms in the guest took over 5 minutes of
+//! emulated kernel work here). No KASLR: skiff enters the uncompressed vmlinux, past
+//! the decompressor that would randomise it.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -18,38 +15,36 @@ use std::time::{Duration, Instant};
 
 use super::CMD_TIMEOUT;
 use super::common::Guest;
+use super::net::Netns;
 
-/// The addresses of `__x64_sys_write` and `jiffies`, from the guest's
-/// /proc/kallsyms, read once and only up to the second (each line of it costs guest
-/// kernel work, emulated here).
-fn kallsyms(g: &mut Guest) -> (u64, u64) {
-    let out = g.run(
-        "awk '$3 == \"__x64_sys_write\" { w = $1 } $3 == \"jiffies\" { j = $1 } w && j { print w, j; exit }' /proc/kallsyms",
-        CMD_TIMEOUT,
-    );
-    let hex = |s: Option<&str>| s.and_then(|a| u64::from_str_radix(a, 16).ok()).filter(|&a| a != 0);
-    let line = out.first().map(|l| l.split_whitespace().collect::<Vec<_>>()).unwrap_or_default();
-    match (hex(line.first().copied()), hex(line.get(1).copied())) {
-        (Some(w), Some(j)) => (w, j),
-        _ => panic!("__x64_sys_write and jiffies in /proc/kallsyms: {out:?}"),
-    }
+/// The addresses of `__x64_sys_write` and `jiffies`, from the guest's System.map.
+fn symbols() -> (u64, u64) {
+    let path = super::common::guest_dir().join("System.map");
+    let map = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let find = |name: &str| {
+        map.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(2) == Some(&name))
+            .and_then(|f| u64::from_str_radix(f[0], 16).ok())
+            .unwrap_or_else(|| panic!("{name} in {} (run scripts/fetch-guest)", path.display()))
+    };
+    (find("__x64_sys_write"), find("jiffies"))
 }
 
 /// Restores `snap` (a snapshot of the booted 2-vCPU Debian guest, as
 /// snapshot::take writes it; the skiff that took it must have ended) with `--gdb`
-/// and drives it with gdb in batch mode, then powers the guest off.
-/// Call it where snapshot::restore_and_check is called, before that removes the
-/// snapshot: `gdb::check_restored(&taken.snap)`.
-pub fn check_restored(snap: &Path) {
+/// inside the namespace `ns` (the snapshot's TAP is there) and drives it with gdb in
+/// batch mode, then powers the guest off.
+pub fn check_restored(snap: &Path, ns: &Netns) {
     let sock = std::env::temp_dir().join(format!("skiff-boot-gdb-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let gdb_arg = format!("unix:{}", sock.display());
-    let mut r = Guest::restore(&["--snapshot", snap.to_str().expect("utf-8"), "--resume", "--gdb", &gdb_arg]);
+    let mut r = Guest::restore_in_netns(&ns.name, &["--snapshot", snap.to_str().expect("utf-8"), "--resume", "--gdb", &gdb_arg]);
     let t = Instant::now();
     while !sock.exists() && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (write, jiffies) = kallsyms(&mut r);
+    let (write, jiffies) = symbols();
     // Where guest kernel mode is emulated (PVM), KVM's emulator checks no data
     // breakpoints: the watchpoint is set and removed there, not waited for.
     let emulated = Path::new("/sys/module/kvm_pvm").exists();

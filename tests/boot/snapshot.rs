@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::CMD_TIMEOUT;
 use super::common::{Guest, api};
 use super::disk;
+use super::net::{self, Netns};
 
 pub struct Taken {
     /// The snapshot file (its memory file beside it); gdb.rs restores it too.
@@ -42,10 +43,10 @@ pub fn take(g: &mut Guest, sock: &Path) -> Taken {
 }
 
 /// Restores the snapshot (the original skiff has ended) and checks the guest goes on.
-pub fn restore_and_check(t: &Taken, raw_sum: &str) {
+pub fn restore_and_check(t: &Taken, raw_sum: &str, ns: &Netns) {
     let sock = disk::scratch("restored.sock");
     let sock_arg = sock.display().to_string();
-    let mut r = Guest::restore(&[
+    let mut r = Guest::restore_in_netns(&ns.name, &[
         "--snapshot",
         t.snap.to_str().expect("utf-8"),
         "--resume",
@@ -67,6 +68,7 @@ pub fn restore_and_check(t: &Taken, raw_sum: &str) {
     let dd = r.run("while [ ! -e /tmp/dd ]; do sleep 0.2; done; cat /tmp/dd", CMD_TIMEOUT);
     assert_eq!(dd, vec!["done".to_string()], "the disk reads in flight at the snapshot");
     assert_eq!(disk::read_raw(&mut r, "vda"), raw_sum, "vda's data in the restored guest");
+    net::after_restore(&mut r, ns);
     let echo = r.run("echo restored-and-answering", CMD_TIMEOUT);
     assert_eq!(echo, vec!["restored-and-answering".to_string()]);
     r.send("poweroff\n");

@@ -73,6 +73,13 @@ impl Guest {
         Self::start_with(&["ip", "netns", "exec", ns, SKIFF], "run", args, env)
     }
 
+    /// Restores a snapshot inside the network namespace `ns` (its TAP devices are
+    /// opened again by name there).
+    #[allow(dead_code)]
+    pub fn restore_in_netns(ns: &str, args: &[&str]) -> Guest {
+        Self::start_with(&["ip", "netns", "exec", ns, SKIFF], "restore", args, &[])
+    }
+
     fn start(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Guest {
         Self::start_with(&[SKIFF], subcommand, args, env)
     }
