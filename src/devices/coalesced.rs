@@ -273,19 +273,25 @@ mod tests {
         let device = Arc::new(AtomicBool::new(false));
         assert!(ring.push(true, 0x80, &[0x55]));
         let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let slow = {
             let (ring, device) = (ring.clone(), device.clone());
             std::thread::spawn(move || {
                 ring.drain(|_| {
                     started_tx.send(()).unwrap();
+                    // Held mid-delivery until the other side has looked (no timing:
+                    // a loaded host may stall either thread for any time).
+                    go_rx.recv().unwrap();
                     std::thread::sleep(std::time::Duration::from_millis(50));
                     device.store(true, Ordering::SeqCst);
                 })
             })
         };
         started_rx.recv().unwrap();
-        // The other consumer is mid-delivery: this one must wait for it.
+        // The other consumer is mid-delivery: the ring is not empty, and a drain
+        // waits for it (when it gets there within the 50 ms; else it finds it done).
         assert!(!ring.is_empty());
+        go_tx.send(()).unwrap();
         assert_eq!(ring.drain(|_| panic!("delivered twice")), 0);
         assert!(device.load(Ordering::SeqCst), "drain returned before the device had the write");
         assert_eq!(slow.join().unwrap(), 1);
