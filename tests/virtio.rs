@@ -8,6 +8,15 @@
 //! must be handled (an error completion, an error status or NEEDS_RESET, as its line
 //! says), a good request must work after each, skiff must exit 0, the disk image must
 //! keep its size and the read-only one every byte.
+//!
+//! A second run gives the same kernel only a virtio-net device (on a TAP in a network
+//! namespace the test creates) and a virtio-vsock device: transmit chains with loops,
+//! short headers, buffers outside RAM or device-writable, nested indirect tables,
+//! lengths that overflow, frames too long; vsock packets shorter than their header or
+//! with a len past the chain, an unknown type or op, CIDs that are not the host's or
+//! the guest's; receive buffers outside RAM, device-readable or too short. After each
+//! a good frame must go out (the TAP counts exactly one per case: no bad frame got
+//! out) and a REQUEST to a host port nobody listens on must get its RST.
 
 mod common;
 
@@ -79,6 +88,42 @@ const CASES: &[&str] = &[
     "ro-discard",
 ];
 
+/// The network and vsock cases, in order (virtio-hostile-net.inc, -vsock.inc).
+const NET_CASES: &[&str] = &[
+    "net-present",
+    "net-good",
+    "net-tx-desc-loop",
+    "net-tx-header-short",
+    "net-tx-buffer-outside-ram",
+    "net-tx-buffer-past-ram-end",
+    "net-tx-device-writable-buffer",
+    "net-tx-indirect-in-indirect",
+    "net-tx-length-overflows",
+    "net-tx-frame-too-long",
+    "net-tx-head-out-of-table",
+    "net-rx-device-readable-buffer",
+    "net-rx-buffer-outside-ram",
+    "net-rx-buffer-shorter-than-header",
+    "vsock-present",
+    "vsock-good",
+    "vsock-tx-header-short",
+    "vsock-tx-len-past-chain",
+    "vsock-tx-len-huge",
+    "vsock-tx-unknown-type",
+    "vsock-tx-unknown-op",
+    "vsock-tx-dst-cid-not-host",
+    "vsock-tx-src-cid-not-guest",
+    "vsock-tx-device-writable-buffer",
+    "vsock-tx-desc-loop",
+    "vsock-tx-header-outside-ram",
+    "vsock-tx-indirect-in-indirect",
+    "vsock-rx-buffer-outside-ram",
+    "vsock-rx-buffer-past-ram-end",
+    "vsock-rx-device-readable-buffer",
+    "vsock-rx-buffer-shorter-than-header",
+    "net-good-after-vsock",
+];
+
 /// Bounds a hang: a case the device never answers costs the kernel a few seconds
 /// (its wait is bounded by the TSC), so even all of them stay well inside this.
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -114,7 +159,14 @@ impl Drop for Disk {
 
 /// Runs skiff to completion (killed after `timeout`): exit status, console, stderr.
 fn run_bounded(args: &[&str], timeout: Duration) -> (std::process::ExitStatus, String, String) {
-    let mut child = Command::new(common::SKIFF)
+    run_bounded_in(&[common::SKIFF], args, timeout)
+}
+
+/// The same, skiff started by `cmd` (its last element skiff's path).
+fn run_bounded_in(cmd: &[&str], args: &[&str], timeout: Duration) -> (std::process::ExitStatus, String, String) {
+    let (program, before) = cmd.split_first().expect("a command");
+    let mut child = Command::new(program)
+        .args(before)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -161,28 +213,100 @@ fn hostile_virtio_driver_is_handled() {
     let (status, console, stderr) = run_bounded(&args, TIMEOUT);
     assert!(status.success(), "skiff failed ({status}):\nconsole:\n{console}\nstderr:\n{stderr}");
 
+    check_cases(CASES, &console, &stderr);
+    let size = std::fs::metadata(&disk.0).expect("disk image").len();
+    assert_eq!(size, DISK_SIZE, "the disk image changed size (a write past its end went through)");
+    let after = std::fs::read(&ro.0).expect("read-only disk image");
+    assert!(after.len() == RO_SIZE && after.iter().all(|&b| b == RO_BYTE), "the read-only disk image changed");
+}
+
+/// Every case of `cases` printed "ok", in order, and nothing more; then "done N ok".
+fn check_cases(cases: &[&str], console: &str, stderr: &str) {
     let lines: Vec<&str> = console
         .lines()
         .filter_map(|l| l.strip_prefix("virtio-hostile: "))
         .filter(|l| *l != "start" && !l.starts_with("done "))
         .collect();
     let mut wrong = Vec::new();
-    for (i, name) in CASES.iter().enumerate() {
+    for (i, name) in cases.iter().enumerate() {
         match lines.get(i) {
             Some(line) if line.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).is_some_and(|r| r.starts_with("ok")) => {}
             Some(line) => wrong.push(format!("  {name}: {line}")),
             None => wrong.push(format!("  {name}: no line")),
         }
     }
-    if lines.len() > CASES.len() {
-        wrong.push(format!("  {} lines more than the {} cases", lines.len() - CASES.len(), CASES.len()));
+    if lines.len() > cases.len() {
+        wrong.push(format!("  {} lines more than the {} cases", lines.len() - cases.len(), cases.len()));
     }
     assert!(wrong.is_empty(), "cases not handled:\n{}\nconsole:\n{console}\nstderr:\n{stderr}", wrong.join("\n"));
-    let done = format!("virtio-hostile: done {} ok", CASES.len());
+    let done = format!("virtio-hostile: done {} ok", cases.len());
     assert!(console.lines().any(|l| l == done), "no {done:?} line:\n{console}");
+}
 
-    let size = std::fs::metadata(&disk.0).expect("disk image").len();
-    assert_eq!(size, DISK_SIZE, "the disk image changed size (a write past its end went through)");
-    let after = std::fs::read(&ro.0).expect("read-only disk image");
-    assert!(after.len() == RO_SIZE && after.iter().all(|&b| b == RO_BYTE), "the read-only disk image changed");
+/// A network namespace with one TAP device in it, up; removed when dropped (with the
+/// vsock socket path). Nothing of the host's own network is touched.
+struct Netns {
+    name: String,
+    tap: &'static str,
+    uds: PathBuf,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!("skiff-{}-hostile", std::process::id());
+        let tap = "skh0";
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ns = Netns { uds: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("virtio-hostile-{}.vsock", std::process::id())), name, tap };
+        for args in [
+            vec!["netns", "add", &ns.name],
+            vec!["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"],
+            vec!["-n", &ns.name, "link", "set", tap, "up"],
+        ] {
+            let out = Command::new("ip").args(&args).output().expect("run ip");
+            assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        ns
+    }
+
+    /// Frames the TAP took from skiff (its receive count, as the host sees it).
+    fn tap_rx_packets(&self) -> u64 {
+        let out = Command::new("ip").args(["-n", &self.name, "-s", "link", "show", self.tap]).output().expect("run ip");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "    RX:  bytes packets errors ..." then the figures on the next line.
+        let mut lines = text.lines();
+        while let Some(l) = lines.next() {
+            if l.trim_start().starts_with("RX:") {
+                let figures: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+                return figures.get(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no RX packets in:\n{text}"));
+            }
+        }
+        panic!("no RX line in:\n{text}");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+#[test]
+fn hostile_net_and_vsock_drivers_are_handled() {
+    common::require_kvm();
+    let kernel = common::tiny_kernel("virtio-hostile");
+    let kernel = kernel.to_string_lossy().into_owned();
+    let ns = Netns::new();
+    let net = format!("tap={}", ns.tap);
+    let vsock = format!("cid=3,uds={}", ns.uds.display());
+    let args = ["run", "--kernel", &kernel, "--boot", "pvh", "--no-rng", "--net", &net, "--vsock", &vsock];
+    let (status, console, stderr) = run_bounded_in(&["ip", "netns", "exec", &ns.name, common::SKIFF], &args, TIMEOUT);
+    assert!(status.success(), "skiff failed ({status}):\nconsole:\n{console}\nstderr:\n{stderr}");
+    check_cases(NET_CASES, &console, &stderr);
+
+    // One good frame after each network case but net-present, and none of the bad ones.
+    let good = NET_CASES.iter().filter(|c| c.starts_with("net-") && **c != "net-present").count() as u64;
+    assert_eq!(ns.tap_rx_packets(), good, "frames that reached the TAP (one good frame per network case)");
+    // Nothing answered at the port nobody listens on, and skiff removed its socket.
+    assert!(!ns.uds.exists(), "skiff left its vsock socket behind");
 }

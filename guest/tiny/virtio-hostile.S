@@ -1,7 +1,10 @@
 /*
  * skiff's hostile virtio driver: a test kernel that drives the virtio-mmio devices
  * of slot 0 (virtio-rng, at 0xd0000000), slot 1 (a virtio-blk disk, 0xd0001000) and
- * slot 2 (a read-only disk, 0xd0002000) the way a broken or malicious guest would. Each case starts from a freshly reset
+ * slot 2 (a read-only disk, 0xd0002000), and a virtio-net and a virtio-vsock device
+ * wherever they are, the way a broken or malicious guest would. A device that is not
+ * there is skipped (skiff runs this kernel once with rng and the disks, once with
+ * the network and vsock devices). Each case starts from a freshly reset
  * and initialised device, submits one bad thing, notifies, waits a bounded time and
  * records what the device did: a used entry (with the virtio-blk status byte) or
  * DEVICE_NEEDS_RESET. Then, after a reset if the device needed one, a good request
@@ -11,7 +14,8 @@
  *     virtio-hostile: <case> FAIL: <why> [outcome, used len, status byte, Status]
  * and at the end "virtio-hostile: done N ok" (", M FAILED" when some failed), then
  * it powers off. tests/virtio.rs runs it with a 1 MiB disk and a 64 KiB read-only
- * one.
+ * one, and again with only a virtio-net device (on a TAP in a network namespace)
+ * and a virtio-vsock device.
  *
  * What counts as handled: a malformed chain ends in an error completion (rng: used
  * length 0; blk: an error status, or no status when the status buffer itself is
@@ -54,6 +58,8 @@ _start:
         movl    $4, want_id
         movl    $SLOT0, base
         call    find_slot
+        test    %eax, %eax
+        jnz     2f
         movl    $good_rng, good_fn
         mov     $n_rng_present, %esi
         call    probe
@@ -65,10 +71,12 @@ _start:
         call    run_case
         .endr
 1:      call    vq_reset                /* quiet: the disk uses the same memory */
-
+2:
         movl    $2, want_id
         movl    $SLOT1, base
         call    find_slot
+        test    %eax, %eax
+        jnz     2f
         movl    $good_blk, good_fn
         mov     $n_blk_present, %esi
         call    probe
@@ -84,13 +92,15 @@ _start:
         call    run_case
         .endr
 1:      call    vq_reset
-
+2:
         /* slot 2: a read-only disk whose every byte is 0x5a (tests/virtio.rs checks
            that none changed) */
         movl    $2, want_id
         movl    $BLK_F_RO, want_ro
         movl    $SLOT2, base
         call    find_slot
+        test    %eax, %eax
+        jnz     2f
         movl    $good_ro, good_fn
         mov     $n_ro_present, %esi
         call    probe
@@ -102,6 +112,52 @@ _start:
         call    run_case
         .endr
 1:      call    vq_reset
+2:
+        /* virtio-net and virtio-vsock, wherever they are: two queues each */
+        movl    $2, nq
+        movl    $1, scan
+        movl    $1, want_id
+        call    find_slot
+        test    %eax, %eax
+        jnz     2f
+        movl    $good_net, good_fn
+        mov     $n_net_present, %esi
+        call    probe
+        test    %eax, %eax
+        jnz     1f
+        .irp    c, good, tx_loop, tx_hdr_short, tx_outside, tx_straddle, tx_writable, tx_ind_nested, tx_len_overflow, tx_too_long, tx_head_oob, rx_readable, rx_outside, rx_short
+        mov     $n_net_\c, %esi
+        mov     $c_net_\c, %edi
+        call    run_case
+        .endr
+1:      call    vq_reset
+2:
+        movl    $19, want_id
+        call    find_slot
+        test    %eax, %eax
+        jnz     2f
+        movl    $good_vsock, good_fn
+        mov     $n_vs_present, %esi
+        call    probe
+        test    %eax, %eax
+        jnz     1f
+        .irp    c, good, hdr_short, len_past, len_huge, type, op, dst_cid, src_cid, tx_writable, tx_loop, tx_outside, tx_ind_nested, rx_outside, rx_straddle, rx_readable, rx_short
+        mov     $n_vs_\c, %esi
+        mov     $c_vs_\c, %edi
+        call    run_case
+        .endr
+1:      call    vq_reset
+        /* the network device still works after all that happened to vsock */
+        movl    $1, want_id
+        call    find_slot
+        test    %eax, %eax
+        jnz     2f
+        movl    $good_net, good_fn
+        mov     $n_net_again, %esi
+        mov     $c_net_good, %edi
+        call    run_case
+        call    vq_reset
+2:      movl    $1, nq
 
         mov     $s_done, %esi
         call    puts
@@ -127,33 +183,59 @@ _start:
 2:      hlt
         jmp     2b
 
-/* find_slot: skiff's slots are fixed (base stays as set). Built with
-   --defsym QEMU_MICROVM=1 the kernel instead looks for a device of type want_id
-   (offering VIRTIO_BLK_F_RO or not, as want_ro says) among QEMU microvm's
-   virtio-mmio slots, to check these cases against another implementation (QEMU
-   needs -global virtio-mmio.force-legacy=false). */
+/* find_slot: EAX = 0 when a virtio device of type want_id (a disk: offering
+   VIRTIO_BLK_F_RO or not, as want_ro says) is at `base`, else 1 (the phase is
+   skipped: its cases print nothing, so a test that expects them fails). skiff's slots
+   are fixed for rng and the disks; with `scan` set (virtio-net, virtio-vsock) skiff's
+   eight slots are searched and base set to the first match. Built with
+   --defsym QEMU_MICROVM=1 the kernel always searches QEMU microvm's virtio-mmio
+   slots, to check these cases against another implementation (QEMU needs
+   -global virtio-mmio.force-legacy=false). */
 find_slot:
-.ifdef QEMU_MICROVM
         pusha
+.ifdef QEMU_MICROVM
         mov     $0xfeb00000, %ebx
+        mov     $0x200, %esi
         mov     $24, %edx
-1:      cmpl    $VIRTIO_MAGIC, R_MAGIC(%ebx)
-        jne     2f
+.else
+        mov     base, %ebx
+        mov     $1, %edx
+        cmpl    $0, scan
+        je      1f
+        mov     $SLOT0, %ebx
+        mov     $0x1000, %esi
+        mov     $8, %edx
+.endif
+1:      call    slot_match
+        je      3f
+        add     %esi, %ebx
+        dec     %edx
+        jnz     1b
+        popa
+        mov     $1, %eax
+        ret
+3:      mov     %ebx, base
+        popa
+        xor     %eax, %eax
+        ret
+
+/* slot_match: ZF set when the virtio-mmio registers at EBX are want_id's device */
+slot_match:
+        pusha
+        cmpl    $VIRTIO_MAGIC, R_MAGIC(%ebx)
+        jne     9f
         mov     want_id, %eax
         cmp     %eax, R_DEVICE_ID(%ebx)
-        jne     2f
-        movl    $0, R_DEV_FEAT_SEL(%ebx)
+        jne     9f
+        cmp     $2, %eax
+        je      1f
+        xor     %eax, %eax              /* ZF set: matched */
+        jmp     9f
+1:      movl    $0, R_DEV_FEAT_SEL(%ebx)
         mov     R_DEV_FEAT(%ebx), %eax
         and     $BLK_F_RO, %eax
         cmp     want_ro, %eax
-        jne     2f
-        mov     %ebx, base
-        jmp     3f
-2:      add     $0x200, %ebx
-        dec     %edx
-        jnz     1b
-3:      popa
-.endif
+9:      popa
         ret
 
 /* find_ramtop: ramtop = the end of the PVH memory map's RAM entry holding 1 MiB
@@ -461,12 +543,15 @@ submit_wait:
         .include "virtio-hostile-rng.inc"
         .include "virtio-hostile-blk.inc"
         .include "virtio-hostile-ro.inc"
+        .include "virtio-hostile-net.inc"
+        .include "virtio-hostile-vsock.inc"
         .include "console.inc"
 
         .section .data
         .p2align 2
 want_id:        .long   0
 want_ro:        .long   0
+scan:           .long   0
 good_fn:        .long   0
 ramtop:         .long   0
 cap:            .quad   0
