@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 
-from skiffbench import GUEST, SKIFF, spread
+from skiffbench import GUEST, SKIFF, require, spread
 
 KERNEL = os.path.join(GUEST, "hcbench.elf")
 OPS = ["trap", "direct", "patched", "ring1", "ring8", "ring64", "u_direct", "u_ring1", "u_ring8", "u_ring64"]
@@ -56,9 +56,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    for f in (SKIFF, KERNEL):
-        if not os.path.exists(f):
-            sys.exit(f"{f} missing: cargo build --release; guest/tiny/build")
+    require("bench/hypercall.py", SKIFF, KERNEL)
     results = {op: [] for op in OPS}
     for i in range(args.runs):
         r, tpn, hc = run_once()

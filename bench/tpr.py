@@ -25,10 +25,9 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("SKIFF_GUEST_DIR", os.path.join(ROOT, "guest", "out"))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-SKIFF = os.path.join(TARGET, "release", "skiff")
+from skiffbench import GUEST, SKIFF, require
+from skiffbench import spread as spread3
+
 KERNEL = os.path.join(GUEST, "tprbench.elf")
 FORMS = ["mov[tpr],r32", "movr32,[tpr]", "moveax,[tpr]", "mov[tpr],eax", "mov[tpr],imm32", "push[tpr]"]
 NAMES = {f: f.replace("mov[", "mov [").replace("movr32", "mov r32").replace("moveax", "mov eax").replace("push[", "push [") for f in FORMS}
@@ -56,16 +55,14 @@ def run_once(mode):
 
 
 def spread(v):
-    return f"{min(v):>8.0f} {statistics.median(v):>8.0f} {max(v):>8.0f}"
+    return spread3(v, "{min:>8.0f} {median:>8.0f} {max:>8.0f}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    for f in (SKIFF, KERNEL):
-        if not os.path.exists(f):
-            sys.exit(f"{f} missing: cargo build --release; guest/tiny/build")
+    require("bench/tpr.py", SKIFF, KERNEL)
     results = {mode: {f: [] for f in FORMS} for mode in ("off", "on")}
     unpatched_sites = set()
     stats_on = ""
@@ -113,9 +110,9 @@ def main():
         print("\n(no exit cost in --stats: no model)")
         return
     exit_ns = float(exit_m.group(1))
-    print(f"\nMODEL, NOT A MEASUREMENT: a host where every TPR access exits to the VMM (no TPR virtualisation).")
+    print("\nMODEL, NOT A MEASUREMENT: a host where every TPR access exits to the VMM (no TPR virtualisation).")
     print(f"  An unpatched access there costs about one exit to skiff and back: {exit_ns:.0f} ns (skiff's host probe, --stats).")
-    print(f"  A patched one costs the patched path, taken as measured here (median above).")
+    print("  A patched one costs the patched path, taken as measured here (median above).")
     print(f"  {'form':<16} {'exit':>8} {'patched':>8} {'saving':>8}  per access")
     for f in FORMS:
         if f in med:

@@ -13,21 +13,12 @@
         .set    APIC, 0xfee00000
         .set    WAIT_LOOPS, 3000000
 
+        .include "fwcfg_cpus.inc"
         .include "multiboot.inc"
         cmp     $0x2badb002, %eax
         jne     bad_magic
 
-        /* CPU count from fw_cfg: select 0x0005, read two bytes */
-        mov     $0x510, %dx
-        mov     $0x0005, %ax
-        out     %ax, %dx
-        inc     %dx
-        in      %dx, %al
-        movzbl  %al, %ebx
-        in      %dx, %al
-        movzbl  %al, %eax
-        shl     $8, %eax
-        or      %eax, %ebx              /* EBX = CPUs */
+        fwcfg_cpus                      /* EBX = CPUs */
         lea     -1(%ebx), %edi          /* EDI = APs expected */
 
         movl    $0, COUNTER

@@ -44,6 +44,7 @@
         .set    MAX_APS, 2              /* values stay below 0x100 */
         .set    WAIT_LOOPS, 3000000
 
+        .include "fwcfg_cpus.inc"
         .include "pvh_entry.inc"
         /* IDT: VEC, the self-IPI. */
         mov     $ipi_handler, %eax
@@ -254,17 +255,7 @@ tpr_get:
 
 /* With more than one vCPU: start the APs (INIT, SIPI, SIPI to all but self). */
 start_aps:
-        /* The CPU count from fw_cfg: select 0x0005, read two bytes. */
-        mov     $0x510, %dx
-        mov     $0x0005, %ax
-        out     %ax, %dx
-        inc     %dx
-        in      %dx, %al
-        movzbl  %al, %ebx
-        in      %dx, %al
-        movzbl  %al, %eax
-        shl     $8, %eax
-        or      %eax, %ebx
+        fwcfg_cpus
         dec     %ebx                    /* APs */
         jle     9f
         cmp     $MAX_APS, %ebx
@@ -482,16 +473,7 @@ ap_gdt_desc:
 ap_trampoline_end:
         .code32
 
-        .section .data
-        .p2align 3
-gdt:
-        .quad   0
-        .quad   0x00cf9a000000ffff      /* 0x08 kernel code */
-        .quad   0x00cf92000000ffff      /* 0x10 kernel data */
-gdt_end:
-gdt_desc:
-        .word   gdt_end - gdt - 1
-        .long   gdt
+        .include "flat_gdt.inc"
 idt_desc:
         .word   0x81 * 8 - 1
         .long   idt

@@ -245,16 +245,7 @@ base_push:
 
         .include "console.inc"
 
-        .section .data
-        .p2align 3
-gdt:
-        .quad   0
-        .quad   0x00cf9a000000ffff      /* 0x08 kernel code */
-        .quad   0x00cf92000000ffff      /* 0x10 kernel data */
-gdt_end:
-gdt_desc:
-        .word   gdt_end - gdt - 1
-        .long   gdt
+        .include "flat_gdt.inc"
 
 /* Per form: name, loop, baseline, accesses per iteration, its sites (the second
    0 when there is one) and their original first byte. */
