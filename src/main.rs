@@ -164,6 +164,16 @@ struct RestoreArgs {
     /// Its guest-memory file, where it is no longer where the snapshot says.
     #[arg(long, value_name = "PATH")]
     mem_file: Option<PathBuf>,
+    /// A copy of a disk to use instead of the file the snapshot names: once for
+    /// each of the machine's disks, in its order (a clone beside the original, which
+    /// holds its disks locked). Only its size is checked: it must be the disk as it
+    /// was when the snapshot was taken.
+    #[arg(long = "disk", value_name = "PATH", requires = "snapshot")]
+    disks: Vec<PathBuf>,
+    /// The vsock device's host socket instead of the snapshot's (guest connections to
+    /// host port P go to PATH_P).
+    #[arg(long, value_name = "PATH", requires = "snapshot")]
+    vsock_uds: Option<PathBuf>,
     /// Run the guest at once; otherwise it stays paused until `PATCH /vm` resumes
     /// it (which needs --api-sock).
     #[arg(long)]
@@ -409,7 +419,8 @@ fn restore(args: RestoreArgs, started: Instant) -> Result<ExitCode, String> {
     };
     let vmm = match (args.snapshot, api.as_mut()) {
         (Some(snapshot), _) => interruptible("restoring the snapshot", move || {
-            let opts = skiff::vmm::RestoreOptions { snapshot: &snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume, on_reboot };
+            let relocate = skiff::snapshot::Relocation { disks: &args.disks, vsock_uds: args.vsock_uds.as_deref() };
+            let opts = skiff::vmm::RestoreOptions { snapshot: &snapshot, mem_file: args.mem_file.as_deref(), resume: args.resume, on_reboot, relocate };
             Vmm::restore(&opts, &like, Box::new(output::RawStdout)).map_err(|e| e.to_string())
         })?,
         (None, Some(server)) => skiff::vmm::wait_for_load(server, &like, on_reboot)?,

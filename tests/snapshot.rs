@@ -124,6 +124,40 @@ fn one_snapshot_restores_in_two_processes_at_once_and_its_memory_file_is_untouch
     assert!(std::fs::read(dir.join("vm.mem")).unwrap() == mem, "a restore wrote to the memory file");
 }
 
+/// A clone beside the original, which still runs and holds its disk locked: the
+/// snapshot's own disk is refused as in use, a copy of another size is refused with
+/// one line, and a copy made while the original was paused restores and goes on.
+#[test]
+fn a_clone_restores_on_a_disk_copy_beside_the_running_original() {
+    let dir = scratch("clone");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("{},id=d0", disk.display());
+    let (mut g, sock) = chatter(&dir, &["--disk", &disk_arg]);
+    api::pause(&sock);
+    let (code, body) = api::snapshot(&sock, &dir.join("vm.snap"), &dir.join("vm.mem"));
+    assert_eq!(code, 204, "snapshot: {body}");
+    let copy = dir.join("copy.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    let before = g.transcript.clone();
+    api::resume(&sock);
+    let snap = dir.join("vm.snap");
+    let snap = snap.to_str().unwrap();
+    let (status, _, err) = skiff(&["restore", "--snapshot", snap, "--resume"]);
+    assert!(!status.success() && err.trim_end().lines().count() == 1, "the original's locked disk: {err}");
+    let short = dir.join("short.img");
+    std::fs::write(&short, vec![0u8; 4096]).unwrap();
+    let (status, _, err) = skiff(&["restore", "--snapshot", snap, "--disk", short.to_str().unwrap(), "--resume"]);
+    assert!(!status.success() && err.trim_end().lines().count() == 1 && err.contains("4096 bytes"), "{err}");
+    let (status, _, err) = skiff(&["restore", "--disk", copy.to_str().unwrap(), "--resume"]);
+    assert!(!status.success() && err.contains("--snapshot"), "--disk without --snapshot: {err}");
+    let mut r = Guest::restore(&["--snapshot", snap, "--disk", copy.to_str().unwrap(), "--resume"]);
+    goes_on_from(&mut r, &before, 50);
+    // The original ran on beside it.
+    let last = last_number(&g.transcript);
+    g.wait_for(&format!("chatter: {} ", last + 20), WAIT);
+}
+
 /// Restored paused, resumed through the API, snapshotted again, and that snapshot
 /// restored: the count goes on through both.
 #[test]

@@ -3,7 +3,7 @@
 //! kernel a later reboot loads), and how to tell that a disk changed since.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,72 @@ impl DiskRecord {
 
     pub fn config(&self) -> DiskConfig {
         DiskConfig { path: self.path.clone().into(), read_only: self.read_only, id: self.id.clone(), direct: self.direct }
+    }
+}
+
+/// Host files a restore puts in place of the ones the snapshot names, so that a clone
+/// can run beside the machine it was taken of (which keeps its disks locked and its
+/// vsock socket bound): a copy of each disk, in the snapshotted machine's order, and
+/// the vsock device's socket.
+#[derive(Clone, Copy, Default)]
+pub struct Relocation<'a> {
+    pub disks: &'a [PathBuf],
+    pub vsock_uds: Option<&'a Path>,
+}
+
+impl Machine {
+    /// Applies `r` and checks every disk: one the snapshot names must be unchanged
+    /// since; a copy given instead must have the recorded size (its content is the
+    /// user's word: as the disk was when the snapshot was taken).
+    pub fn relocate_and_check(&mut self, r: &Relocation) -> Result<(), String> {
+        if !r.disks.is_empty() && r.disks.len() != self.disks.len() {
+            return Err(format!("--disk given {} times; the snapshotted machine has {} disks (give one copy for each, in order)", r.disks.len(), self.disks.len()));
+        }
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            match r.disks.get(i) {
+                Some(copy) => d.take_copy(copy)?,
+                None => d.check_unchanged()?,
+            }
+        }
+        if let Some(uds) = r.vsock_uds {
+            let Some((_, path)) = self.network.vsock.as_mut() else {
+                return Err("--vsock-uds: the snapshotted machine has no vsock device".into());
+            };
+            *path = uds.to_str().ok_or_else(|| format!("--vsock-uds {}: not a UTF-8 path", uds.display()))?.to_string();
+        }
+        Ok(())
+    }
+}
+
+impl DiskRecord {
+    /// The serial the original disk had without `id=`: from the recorded identity of
+    /// a file, from the node itself for a block device (whose record holds its device
+    /// number instead).
+    fn original_serial(&self) -> Result<String, String> {
+        if self.ino != 0 {
+            return Ok(crate::devices::virtio::block::default_serial(self.dev, self.ino));
+        }
+        let m = std::fs::metadata(&self.path).map_err(|e| format!("disk {}: {e} (its serial comes from it; or start it with id=)", self.path))?;
+        Ok(crate::devices::virtio::block::default_serial(m.dev(), m.ino()))
+    }
+
+    /// Uses `copy` for this disk: the recorded file itself is checked as unchanged,
+    /// any other must be as long as the disk was.
+    fn take_copy(&mut self, copy: &Path) -> Result<(), String> {
+        let now = identity(copy)?;
+        if (now.0, now.1) == (self.dev, self.ino) {
+            return self.check_unchanged();
+        }
+        if now.2 != self.size {
+            return Err(format!("disk {}: {} bytes; the disk it stands for ({}) was {} bytes at the snapshot", copy.display(), now.2, self.path, self.size));
+        }
+        // The guest read the original's serial: the copy answers with it.
+        if self.id.is_none() {
+            self.id = Some(self.original_serial()?);
+        }
+        self.path = absolute(copy)?;
+        (self.dev, self.ino, self.mtime_ns) = (now.0, now.1, now.3);
+        Ok(())
     }
 }
 

@@ -35,7 +35,7 @@ use crate::vmm::devices::SavedDevice;
 
 pub use atomic::write_atomic;
 pub use host::check_host;
-pub use machine::{Boot, DiskRecord, Machine, NetworkRecord};
+pub use machine::{Boot, DiskRecord, Machine, NetworkRecord, Relocation};
 pub use format::{FORMAT_VERSION, MAGIC, SectionKind, decode, encode, read_snapshot, write_snapshot};
 pub use pages::changed_since;
 pub use memory::{MEMORY_TRAILER_SIZE, MemoryWritten, PAGE_SIZE, map_memory, write_memory_diff, write_memory_full};

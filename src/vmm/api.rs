@@ -168,7 +168,7 @@ impl Controller for Loader<'_> {
         // track_dirty_pages needs nothing: a diff is found by comparing with its
         // parent (snapshot/pages.rs), so it is always available.
         let opts =
-            RestoreOptions { snapshot: &p.snapshot_path, mem_file: Some(&p.mem_file_path), resume: p.resume_vm, on_reboot: self.on_reboot };
+            RestoreOptions { snapshot: &p.snapshot_path, mem_file: Some(&p.mem_file_path), resume: p.resume_vm, on_reboot: self.on_reboot, relocate: Default::default() };
         let vmm = Vmm::restore(&opts, self.like, Box::new(crate::output::RawStdout)).map_err(|e| ControlError::Refused(e.to_string()))?;
         self.vmm = Some(vmm);
         Ok(())

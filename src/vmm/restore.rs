@@ -24,6 +24,8 @@ pub struct RestoreOptions<'a> {
     pub resume: bool,
     /// What a guest reboot does, where not what the snapshotted machine had.
     pub on_reboot: Option<OnReboot>,
+    /// Copies of the disks and a vsock socket to use instead of the snapshot's.
+    pub relocate: snapshot::Relocation<'a>,
 }
 
 impl Vmm {
@@ -45,12 +47,10 @@ impl Vmm {
             .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let host: Vec<CpuidEntry> = supported.as_slice().iter().map(CpuidEntry::from).collect();
         snapshot::check_host(&snap.header, &snapshot::host_cpu_vendor(), &host).map_err(fail)?;
+        snap.machine.relocate_and_check(&opts.relocate).map_err(|e| VmmError::Snapshot(format!("{}: {e}", opts.snapshot.display())))?;
         let mut config = snap.machine.config(like);
         if let Some(on_reboot) = opts.on_reboot {
             config.on_reboot = on_reboot;
-        }
-        for d in &snap.machine.disks {
-            d.check_unchanged().map_err(|e| VmmError::Snapshot(format!("{}: {e}", opts.snapshot.display())))?;
         }
         let guest_cpuid = cpuid_of(&snap)?;
         // The MSRs that make up a vCPU's state are the snapshot's (no discovery).

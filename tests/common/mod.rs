@@ -49,6 +49,22 @@ pub struct Guest {
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
+/// Where a long test spends its time: each guest command that took 10 s or more,
+/// with the seconds since the test process started.
+fn log_if_slow(pid: u32, cmd: &str, started: std::time::Instant) {
+    let took = started.elapsed().as_secs_f64();
+    if took >= 10.0 {
+        let short: String = cmd.chars().take(70).collect();
+        eprintln!("[{:.0} s] skiff {pid}: {took:.1} s: {short}", since_first_guest());
+    }
+}
+
+/// Seconds since this test process started its first guest.
+pub fn since_first_guest() -> f64 {
+    static FIRST: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    FIRST.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+}
+
 impl Guest {
     pub fn boot(args: &[&str]) -> Guest {
         Self::boot_env(args, &[])
@@ -86,6 +102,7 @@ impl Guest {
 
     fn start_with(program: &[&str], subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Guest {
         require_kvm();
+        since_first_guest();
         let (exe, pre) = program.split_first().expect("a program");
         let mut child = Command::new(exe)
             .args(pre)
@@ -173,7 +190,9 @@ impl Guest {
     /// instruction"...) fails the test at once with the console: such a death is a
     /// defect of skiff's until shown otherwise, never something to run again.
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> Vec<String> {
+        let started = std::time::Instant::now();
         let out = self.run_once(cmd, timeout);
+        log_if_slow(self.child.id(), cmd, started);
         if let Some(line) = out.iter().find(|l| fault_signal_report(l).is_some()) {
             panic!("a guest process died of a fault signal running {cmd:?}: {line:?}\nconsole:\n{}", self.tail());
         }

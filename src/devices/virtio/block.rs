@@ -111,8 +111,7 @@ impl Block {
         let id = match id {
             Some(s) if s.len() > ID_BYTES => return Err(BlockError::IdTooLong { path: shown, id: s }),
             Some(s) => pad_id(s.as_bytes()),
-            // Unique per file on this host, and stable across runs.
-            None => pad_id(format!("{:x}-{:x}", meta.dev(), meta.ino()).as_bytes()),
+            None => pad_id(default_serial(meta.dev(), meta.ino()).as_bytes()),
         };
         let direct = match direct {
             true => Some(DirectIo::open(path, read_only).map_err(|err| BlockError::Direct { path: shown.clone(), err })?),
@@ -270,6 +269,15 @@ enum Refusal {
 
 fn bit(b: u32) -> u64 {
     1 << b
+}
+
+/// The serial (GET_ID) of a disk given no `id=`: unique per file on this host, and
+/// stable across runs (cut to the field's 20 bytes). A restore on a copy keeps the
+/// original's.
+pub fn default_serial(dev: u64, ino: u64) -> String {
+    let mut s = format!("{dev:x}-{ino:x}");
+    s.truncate(ID_BYTES);
+    s
 }
 
 fn pad_id(bytes: &[u8]) -> [u8; ID_BYTES] {

@@ -3,6 +3,7 @@
 mod kvm;
 mod memory;
 mod refusals;
+mod relocate;
 
 use std::path::PathBuf;
 
