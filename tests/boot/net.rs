@@ -21,6 +21,10 @@ pub const TRANSFER: u64 = 1 << 20;
 pub const HOST_IP: &str = "10.0.2.1";
 pub const GUEST_IP: &str = "10.0.2.2";
 pub const GUEST_MAC: &str = "06:00:ac:10:00:02";
+/// The host end's MAC, the same in every namespace: a clone restored into another
+/// namespace finds the host where its ARP cache says (as a cloned VM's network would
+/// be set up).
+pub const HOST_MAC: &str = "06:00:ac:10:00:01";
 pub const GUEST_CID: u32 = 3;
 
 /// A network namespace with a TAP `skt0` at 10.0.2.1/24 in it, removed when dropped.
@@ -42,7 +46,8 @@ impl Netns {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         sh(&format!(
             "ip netns add {name} && ip -n {name} link set lo up && ip -n {name} tuntap add skt0 mode tap && \
-             ip -n {name} addr add {HOST_IP}/24 dev skt0 && ip -n {name} link set skt0 up"
+             ip -n {name} link set skt0 address {HOST_MAC} && ip -n {name} addr add {HOST_IP}/24 dev skt0 && \
+             ip -n {name} link set skt0 up"
         ));
         let uds = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("vsock-{}-{tag}.sock", std::process::id()));
         Netns { name, uds }
@@ -318,7 +323,8 @@ pub fn held_connection_ended(mut held: UnixStream) {
 /// guest's listener ended, as with Firecracker), the network answers again, and new
 /// vsock and TCP connections work.
 pub fn after_restore(r: &mut Guest, ns: &Netns) {
-    let out = r.run("n=0; while pidof skiff-vsock >/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; pidof skiff-vsock || echo reset", CMD_TIMEOUT);
+    // (Each round forks twice: a second or more of emulated guest kernel work.)
+    let out = r.run("n=0; while pidof skiff-vsock >/dev/null && [ $n -lt 30 ]; do sleep 1; n=$((n+1)); done; pidof skiff-vsock || echo reset", CMD_TIMEOUT);
     assert_eq!(out, vec!["reset".to_string()], "the vsock connection open at the snapshot");
     ping_both_ways(r, ns);
     vsock_each_way(r, ns, TRANSFER / 4);
