@@ -46,6 +46,7 @@
 
         .include "fwcfg_cpus.inc"
         .include "pvh_entry.inc"
+        mov     %ebx, start_info
         /* IDT: VEC, the self-IPI. */
         mov     $ipi_handler, %eax
         mov     $(VEC * 8), %ebx
@@ -64,6 +65,7 @@
         mov     %edi, mismatches
         call    wait_aps
         call    report_cpus
+        call    hold_if_asked
 
         /* ESP 0: a TPR write that must never be patched (the patch would push). */
         mov     $LOOPS, %esi
@@ -330,6 +332,35 @@ report_cpus:
         jbe     1b
         ret
 
+/* With the command line "hold" (tests/tpr.rs snapshots the machine here): "tpr:
+   holding", then read the TPR through tpr_get's site until a byte arrives on COM1,
+   each read checked against the BSP's last write (0x30, part 1's imm32 form): "tpr:
+   reads while holding ok". */
+hold_if_asked:
+        mov     start_info, %ebx
+        mov     0x18(%ebx), %ebx        /* hvm_start_info.cmdline_paddr (low half) */
+        test    %ebx, %ebx
+        jz      9f
+        cmpl    $0x646c6f68, (%ebx)     /* "hold" */
+        jne     9f
+        mov     $s_holding, %esi
+        call    puts
+1:      call    tpr_get
+        cmp     $0x30, %eax
+        je      2f
+        incl    hold_mismatches
+2:      mov     $0x3fd, %dx             /* line status: data ready? */
+        in      %dx, %al
+        test    $1, %al
+        jz      1b
+        mov     $0x3f8, %dx
+        in      %dx, %al
+        mov     hold_mismatches, %eax
+        mov     $n_hold, %esi
+        xor     %edx, %edx
+        call    check
+9:      ret
+
 /* Which sites were rewritten. */
 report_sites:
         mov     $site_store_reg, %ebx
@@ -480,6 +511,8 @@ idt_desc:
 got:    .long   0
 ipi_return: .long 0
 failures: .long 0
+start_info: .long 0
+hold_mismatches: .long 0
 aps_expected: .long 0
 aps_started: .long 0
 aps_done: .long 0
@@ -520,6 +553,8 @@ s_after:        .asciz "tpr: irq arrived after "
 s_loops:        .asciz " loops\n"
 n_irq_once:     .asciz "irq delivered once"
 n_read_back:    .asciz "read back 0x40"
+s_holding:      .asciz "tpr: holding\n"
+n_hold:         .asciz "reads while holding"
 
         .section .bss
         .p2align 12

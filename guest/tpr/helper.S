@@ -21,6 +21,7 @@
         .code32
         .text
         .set    HC_TPR_POLL, 0x5309
+        .set    HC_TPR_READ, 0x530a
 
 base:
 /* 0x00: set TPR from the stack: `push VALUE; call` (replaces mov [TPR], reg and
@@ -85,8 +86,8 @@ get_tpr_eax:
         ret
 
 /* 0xb0: where skiff selects a variant (16-bit offsets in this page): the `jmp`
-   that starts `slot` and its two targets, then the `jmp` after a TPR write and its
-   two targets. */
+   that starts `slot` and its two targets, the `jmp` after a TPR write and its two
+   targets, then the `jmp` before a TPR read and its two targets. */
         .org    0xb0
 layout:
         .word   slot - base
@@ -95,13 +96,26 @@ layout:
         .word   after_write - base
         .word   poll_if_unmasked - base
         .word   poll - base
+        .word   before_read - base
+        .word   read_slot - base
+        .word   read_poll - base
 
-        .org    0xc0
-/* EAX = this vCPU's TPR (zero-extended, as the register reads). */
+        .org    0xc8
+/* EAX = this vCPU's TPR (zero-extended, as the register reads). Where KVM takes
+   the slot's TPR late (see after_write), an access through a site not yet patched
+   may have changed the APIC's TPR since the slot was written, with no report yet:
+   skiff points this jump at `read_poll`, and the read asks skiff first, which
+   copies the APIC's TPR into the slot. */
 read_tpr:
         pushfl
         push    %ecx
         push    %edx
+before_read:
+        jmp     read_slot
+read_poll:
+        mov     $HC_TPR_READ, %eax
+        call    hypercall
+read_slot:
         call    slot
         movzbl  (%edx), %eax
         pop     %edx

@@ -105,6 +105,9 @@ pub const HC_SET_PAGE_VA: u64 = HC_BASE + 8;
 /// (KVM takes the vAPIC's new TPR at every exit and then delivers what it unmasked);
 /// returns 0.
 pub const HC_TPR_POLL: u64 = HC_BASE + 9;
+/// The TPR helper's read poll, where KVM takes the vAPIC TPR late: skiff copies the
+/// APIC's TPR into the calling vCPU's vAPIC slot before the helper reads it; returns 0.
+pub const HC_TPR_READ: u64 = HC_BASE + 10;
 
 /// KVM's error numbers (include/uapi/linux/kvm_para.h), returned negated.
 pub const KVM_ENOSYS: i64 = 1000;
@@ -300,7 +303,7 @@ impl Hypercalls {
         }
         .fetch_add(1, Ordering::Relaxed);
         let r: i64 = match nr {
-            HC_NOP | HC_TPR_POLL => 0,
+            HC_NOP | HC_TPR_POLL | HC_TPR_READ => 0,
             HC_CONSOLE_WRITE => self.console_write(args[0], args[1]),
             HC_READY => {
                 self.marker.write(0, &[0]);

@@ -154,9 +154,8 @@ pub struct DiffOf {
     pub pages: Vec<(u64, u64)>,
 }
 
-/// A place in guest memory skiff patched (seed 000's TPR accesses, seed 003's
-/// hypercalls). No mechanism fills it yet; its section is written from the start so
-/// the first one that does needs no format change, only a section version.
+/// A place in guest memory skiff patched (seed 000's TPR accesses, src/tpr/): a
+/// restored machine with any turns TPR reports and the vAPIC slots on again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PatchedSite {
     pub guest_addr: u64,

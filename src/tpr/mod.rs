@@ -12,7 +12,15 @@
 //! hypercall, through skiff's hypercall page) so KVM takes the new TPR and delivers
 //! it at once. Where KVM takes the byte too late for that (guest kernel mode run
 //! through KVM's emulator: the probe checks), every write polls and skiff gives the
-//! TPR to KVM itself ([`give_tpr_to_kvm`]).
+//! TPR to KVM itself ([`give_tpr_to_kvm`]), and every read asks skiff first
+//! ([`apic_tpr_to_slot`]).
+//!
+//! One TPR, two homes: the APIC's register (what MMIO accesses through sites not
+//! yet patched reach) and the vAPIC slot (what the helper reads and writes). KVM
+//! copies the slot into the APIC after every exit, so a slot left behind by an MMIO
+//! write would undo that write. Every TPR-access report therefore copies the APIC's
+//! TPR into the slot (its access went to the APIC), unless the exit before it was a
+//! helper's write poll: then the slot holds the newer value ([`on_report`]).
 //!
 //! Guest-physical layout, three pages in the BIOS area the e820 map reserves:
 //!   [`HELPER_GPA`] the helper's code; [`VAPIC_GPA`] the vAPIC slots, 16 bytes per
@@ -131,6 +139,12 @@ pub struct Tpr {
     pub why: String,
     pub reports: AtomicU64,
     pub polls: AtomicU64,
+    /// Read polls: the helper's reads that asked skiff first (where KVM takes the
+    /// slot late).
+    pub read_polls: AtomicU64,
+    /// Reports and read polls where the APIC's TPR was not the slot's, and skiff
+    /// copied it into the slot.
+    pub from_apic: AtomicU64,
     /// Polls where KVM's TPR class was not the vAPIC byte's, and skiff set it.
     pub synced: AtomicU64,
     patched: [AtomicU64; 6],
@@ -151,6 +165,8 @@ impl Tpr {
             why,
             reports: AtomicU64::new(0),
             polls: AtomicU64::new(0),
+            read_polls: AtomicU64::new(0),
+            from_apic: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             patched: Default::default(),
             refused: Default::default(),
@@ -253,7 +269,7 @@ impl Tpr {
             .map(|((_, why), c)| format!("{why} {}", n(c)))
             .collect();
         let mut out = format!(
-            "tpr: reports {}, sites patched {} ({}), live sites {}, refused {} ({}), helper polls {} (TPR given to KVM {})\n",
+            "tpr: reports {}, sites patched {} ({}), live sites {}, refused {} ({}), helper polls {} (TPR given to KVM {}), read polls {}, slot set from the APIC {}\n",
             n(&self.reports),
             self.patched_total(),
             if forms.is_empty() { "none".into() } else { forms.join(", ") },
@@ -262,6 +278,8 @@ impl Tpr {
             if refused.is_empty() { "none".into() } else { refused.join(", ") },
             n(&self.polls),
             n(&self.synced),
+            n(&self.read_polls),
+            n(&self.from_apic),
         );
         for (i, lapic, vapic) in lock(&self.final_tpr).iter() {
             out.push_str(&format!("tpr: vCPU {i} TPR {lapic:#04x} (KVM_GET_LAPIC), vAPIC byte {vapic:#04x}\n"));
@@ -290,6 +308,12 @@ pub struct Layout {
     pub poll_if_unmasked: usize,
     /// Its target where KVM takes it late: poll after every write.
     pub poll: usize,
+    /// The 2-byte `jmp rel8` before a TPR read.
+    pub before_read: usize,
+    /// Its target where KVM takes the slot at once: read the slot.
+    pub read_slot: usize,
+    /// Its target where KVM takes it late: ask skiff first (HC_TPR_READ).
+    pub read_poll: usize,
 }
 
 impl Layout {
@@ -302,6 +326,9 @@ impl Layout {
             after_write: word(3)?,
             poll_if_unmasked: word(4)?,
             poll: word(5)?,
+            before_read: word(6)?,
+            read_slot: word(7)?,
+            read_poll: word(8)?,
         })
     }
 }
@@ -312,8 +339,8 @@ impl Layout {
 pub struct Variant {
     pub cpus: u8,
     /// KVM takes a TPR written into the vAPIC slot only late here (probe/tpr.rs):
-    /// every write is handed to skiff.
-    pub poll_every_write: bool,
+    /// every write and every read is handed to skiff.
+    pub late: bool,
 }
 
 impl Variant {
@@ -322,7 +349,7 @@ impl Variant {
         format!(
             "helper: {}, {}",
             if self.cpus <= 1 { "one vCPU (slot 0)" } else { "vCPU slot by CPUID's initial APIC ID" },
-            if self.poll_every_write { "every write handed to skiff (KVM takes the vAPIC TPR late here)" } else { "polls only when a lowering unmasks an interrupt" }
+            if self.late { "every access handed to skiff (KVM takes the vAPIC TPR late here)" } else { "polls only when a lowering unmasks an interrupt" }
         )
     }
 }
@@ -341,12 +368,13 @@ fn aim(h: &mut [u8], at: usize, target: usize) -> bool {
 }
 
 /// The helper as `v` says: with one vCPU the lookup of the vCPU's slot is skipped;
-/// where KVM takes the vAPIC TPR late, every write polls.
+/// where KVM takes the vAPIC TPR late, every write and every read polls.
 pub fn helper_for(v: Variant) -> Vec<u8> {
     let mut h = HELPER.to_vec();
     if let Some(l) = Layout::of(HELPER) {
         aim(&mut h, l.slot, if v.cpus <= 1 { l.slot_one } else { l.slot_cpuid });
-        aim(&mut h, l.after_write, if v.poll_every_write { l.poll } else { l.poll_if_unmasked });
+        aim(&mut h, l.after_write, if v.late { l.poll } else { l.poll_if_unmasked });
+        aim(&mut h, l.before_read, if v.late { l.read_poll } else { l.read_slot });
     }
     h
 }
@@ -396,6 +424,57 @@ pub fn give_tpr_to_kvm(fd: &kvm_ioctls::VcpuFd, mem: &GuestMemoryMmap, index: u8
     sregs.cr8 = class;
     fd.set_sregs(&sregs).map_err(|e| format!("vCPU {index}: KVM_SET_SREGS: {e}"))?;
     Ok(true)
+}
+
+/// Copies the APIC's TPR (KVM_GET_LAPIC) into vCPU `index`'s vAPIC slot, byte 0:
+/// on a report, whose access went to the APIC, and on a read poll, where the APIC is
+/// the newer home (see the module's note). Returns whether the slot changed.
+pub fn apic_tpr_to_slot(fd: &kvm_ioctls::VcpuFd, mem: &GuestMemoryMmap, index: u8) -> Result<bool, String> {
+    let lapic = fd.get_lapic().map_err(|e| format!("vCPU {index}: KVM_GET_LAPIC: {e}"))?;
+    let tpr = lapic.regs.get(TPR_OFFSET as usize).map_or(0, |b| *b as u8);
+    let at = GuestAddress(vapic_gpa(index));
+    let mut byte = [0u8; 1];
+    mem.read_slice(&mut byte, at).map_err(|e| format!("vCPU {index}: the vAPIC slot: {e}"))?;
+    if byte[0] == tpr {
+        return Ok(false);
+    }
+    mem.write_slice(&[tpr], at).map_err(|e| format!("vCPU {index}: the vAPIC slot: {e}"))?;
+    Ok(true)
+}
+
+/// A report's effect on the slot. `after_write_poll`: the exit just before this one
+/// was the helper's write poll, so no guest instruction ran since ([`give_tpr_to_kvm`]
+/// gave KVM only the class, and the slot holds the whole byte): the slot is the newer
+/// home and stays. Otherwise the reported access (and any other since the last exit,
+/// all MMIO: patched accesses poll where reports come late) went to the APIC.
+pub fn on_report(t: &Tpr, fd: &kvm_ioctls::VcpuFd, mem: &GuestMemoryMmap, index: u8, after_write_poll: bool) -> Result<(), String> {
+    if !after_write_poll && apic_tpr_to_slot(fd, mem, index)? {
+        t.from_apic.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// The helper's hypercalls (`nr`, the call's number), on the vCPU that made them:
+/// the write poll gives the slot's TPR to KVM, the read poll the APIC's TPR to the
+/// slot. Returns whether this was a write poll.
+pub fn on_poll(t: &Tpr, fd: &kvm_ioctls::VcpuFd, mem: &GuestMemoryMmap, index: u8, nr: u64) -> Result<bool, String> {
+    match nr {
+        crate::hypercall::HC_TPR_POLL => {
+            t.polls.fetch_add(1, Ordering::Relaxed);
+            if give_tpr_to_kvm(fd, mem, index)? {
+                t.synced.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(true)
+        }
+        crate::hypercall::HC_TPR_READ => {
+            t.read_polls.fetch_add(1, Ordering::Relaxed);
+            if apic_tpr_to_slot(fd, mem, index)? {
+                t.from_apic.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// KVM_TPR_ACCESS_REPORTING on: every TPR access through the APIC page exits.
@@ -486,7 +565,7 @@ mod tests {
             }
             out
         };
-        let v = |cpus, poll_every_write| helper_for(Variant { cpus, poll_every_write });
+        let v = |cpus, late| helper_for(Variant { cpus, late });
         let one = walk(&v(1, false), l.slot);
         assert!(!one.contains(&Mnemonic::Cpuid) && one.contains(&Mnemonic::Xor), "{one:?}");
         for n in [2, 8, 255] {
@@ -502,10 +581,18 @@ mod tests {
         let always = walk(&v(1, true), l.after_write);
         assert_eq!(always, [Mnemonic::Jmp, Mnemonic::Mov, Mnemonic::Call, Mnemonic::Pop, Mnemonic::Ret]);
         assert_eq!(walk(HELPER, l.after_write), checked);
-        // Both choices together, and nothing else changed.
-        let both = v(2, true);
-        let differ = both.iter().zip(HELPER).filter(|(a, b)| a != b).count();
-        assert_eq!(differ, 1, "only the after-write jump's displacement");
+        // Before a read: the slot at once, or the read poll first.
+        assert!(l.before_read < l.read_poll && l.read_poll < l.read_slot, "{l:?}");
+        let plain = walk(&v(1, false), l.before_read);
+        assert_eq!(plain.first(), Some(&Mnemonic::Jmp));
+        assert!(!plain.contains(&Mnemonic::Mov) || plain.iter().filter(|m| **m == Mnemonic::Call).count() == 1, "{plain:?}");
+        let asks = walk(&v(1, true), l.before_read);
+        assert_eq!(asks.get(..3), Some(&[Mnemonic::Jmp, Mnemonic::Mov, Mnemonic::Call][..]), "{asks:?}");
+        assert_eq!(walk(HELPER, l.before_read), plain);
+        // Every choice together, and nothing else changed.
+        let all = v(2, true);
+        let differ = all.iter().zip(HELPER).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 2, "only the after-write and before-read jumps' displacements");
     }
 
     #[test]

@@ -90,6 +90,9 @@ impl Vcpu {
 
     /// Does what an exit calls for, after `run_once` handled what it could itself.
     fn on_exit(&mut self, next: Next) {
+        // Any exit but the write poll's own (set again below) means the guest may
+        // have run since: KVM has taken the slot into the APIC.
+        let after_write_poll = std::mem::take(&mut self.tpr_after_write_poll);
         match next {
             Next::Continue => {}
             Next::Sample => {
@@ -132,7 +135,7 @@ impl Vcpu {
                     self.control.request_stop(StopReason::Error(e));
                 }
             }
-            Next::TprAccess(rip, is_write) => self.tpr_report(rip, is_write),
+            Next::TprAccess(rip, is_write) => self.tpr_report(rip, is_write, after_write_poll),
             Next::Stop(reason) => self.control.request_stop(reason),
             Next::TripleFault => {
                 if self.diagnose_shutdown {
@@ -191,13 +194,8 @@ impl Vcpu {
     fn hypercall(&mut self, path: crate::hypercall::Path, port_says: Option<crate::hypercall::Width>) -> Result<(), String> {
         let Some(h) = self.hypercalls.clone() else { return Ok(()) };
         let mut regs = self.fd.get_regs().map_err(|e| format!("vCPU {}: KVM_GET_REGS: {e}", self.index))?;
-        if regs.rax & 0xffff_ffff == crate::hypercall::HC_TPR_POLL
-            && let Some(t) = &self.tpr
-        {
-            t.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if crate::tpr::give_tpr_to_kvm(&self.fd, &self.mem, self.index)? {
-                t.synced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        if let Some(t) = &self.tpr {
+            self.tpr_after_write_poll = crate::tpr::on_poll(t, &self.fd, &self.mem, self.index, regs.rax & 0xffff_ffff)?;
         }
         let width = crate::hypercall::Width::of_port_call(port_says, &regs, || {
             h.counters.mode_asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -210,9 +208,13 @@ impl Vcpu {
 
     /// A TPR-access report: when it names a real TPR access (src/tpr/site.rs checks),
     /// its rewrite is queued and the event loop applies it with every vCPU paused.
-    fn tpr_report(&mut self, rip: u64, is_write: bool) {
+    fn tpr_report(&mut self, rip: u64, is_write: bool, after_write_poll: bool) {
         let Some(t) = self.tpr.clone() else { return };
         t.reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = crate::tpr::on_report(&t, &self.fd, &self.mem, self.index, after_write_poll) {
+            self.control.request_stop(StopReason::Error(e));
+            return;
+        }
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
         let verdict = crate::tpr::site::examine(&self.mem, &regs, &sregs, rip, is_write);
         if std::env::var_os("SKIFF_TPR_DEBUG").is_some() {

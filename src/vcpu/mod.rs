@@ -144,6 +144,9 @@ pub struct Vcpu {
     pub pv_enforced: bool,
     /// TPR patching (src/tpr/), when engaged.
     pub tpr: Option<Arc<crate::tpr::Tpr>>,
+    /// The last exit was the TPR helper's write poll: the vAPIC slot holds a newer
+    /// TPR than the APIC (tpr::on_report).
+    pub tpr_after_write_poll: bool,
 }
 
 impl Vcpu {
@@ -179,6 +182,7 @@ impl Vcpu {
             hypercalls: None,
             pv_enforced: false,
             tpr: None,
+            tpr_after_write_poll: false,
         }
     }
 

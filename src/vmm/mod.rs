@@ -630,7 +630,7 @@ fn create_vcpus(
 /// where the probe found KVM taking the vAPIC TPR late (or did not measure it).
 fn tpr_variant(cpus: u8, quirks: &HostQuirks) -> crate::tpr::Variant {
     let at_exit = quirks.tpr_cost.is_some_and(|c| c.vapic_at_exit);
-    crate::tpr::Variant { cpus, poll_every_write: !at_exit }
+    crate::tpr::Variant { cpus, late: !at_exit }
 }
 
 /// Loads what the guest needs beside its kernel: ACPI tables and the boot information

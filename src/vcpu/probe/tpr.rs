@@ -153,7 +153,7 @@ impl TprVm {
 /// exit on the way): then nothing is engaged by `auto`.
 pub(super) fn measure(kvm: &Kvm, cpuid: &CpuId) -> Result<Option<TprCost>, String> {
     // One vCPU; the poll is never reached (TPR 0, nothing requested).
-    let mut vm = TprVm::new(kvm, cpuid, crate::tpr::Variant { cpus: 1, poll_every_write: false }, true)?;
+    let mut vm = TprVm::new(kvm, cpuid, crate::tpr::Variant { cpus: 1, late: false }, true)?;
     let mmio_body = {
         let mut b = vec![0xa3];
         b.extend((APIC + 0x80).to_le_bytes());
@@ -276,7 +276,7 @@ mod tests {
         for cpus in [1u8, 2] {
             let slot = if cpus == 1 { 0 } else { 3 };
             for (bytes, new, every, want_poll) in cases {
-                let variant = crate::tpr::Variant { cpus, poll_every_write: every };
+                let variant = crate::tpr::Variant { cpus, late: every };
                 let mut vm = TprVm::new(&kvm, &cpuid, variant, false).unwrap();
                 vm.mem.write_slice(&bytes, GuestAddress(crate::tpr::vapic_gpa(slot))).unwrap();
                 let (port, _) = vm.run(&code, u32::from(new)).expect("an out");
@@ -291,6 +291,30 @@ mod tests {
                 vm.mem.read_slice(&mut now, GuestAddress(crate::tpr::vapic_gpa(slot))).unwrap();
                 assert_eq!(now[0], new, "{case}: the TPR byte");
                 assert_eq!(now[1..], bytes[1..], "{case}: the helper wrote only the TPR");
+            }
+        }
+    }
+
+    /// The helper's read (`mov eax, [TPR]`'s entry): where KVM takes the slot at the
+    /// next exit it reads the slot and makes no exit; where KVM takes it late it asks
+    /// skiff first (HC_TPR_READ), so an MMIO write through a site not yet patched is
+    /// never missed.
+    #[test]
+    fn the_helper_asks_skiff_before_a_read_exactly_where_kvm_takes_the_slot_late() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        let target = crate::tpr::HELPER_GPA + u64::from(crate::tpr::decode::entry::GET_REG);
+        let rel = (target.wrapping_sub(CODE + 5) as u32).to_le_bytes();
+        let code = [0xe8, rel[0], rel[1], rel[2], rel[3], 0xe6, DONE_PORT];
+        for late in [false, true] {
+            let mut vm = TprVm::new(&kvm, &cpuid, crate::tpr::Variant { cpus: 1, late }, false).unwrap();
+            vm.mem.write_slice(&[0x5a], GuestAddress(crate::tpr::vapic_gpa(0))).unwrap();
+            let (port, _) = vm.run(&code, 0x1234_5678).expect("an out");
+            let rax = vm.vcpu.get_regs().unwrap().rax & 0xffff_ffff;
+            if late {
+                assert_eq!((port, rax), (crate::hypercall::PORT_DIRECT, crate::hypercall::HC_TPR_READ));
+            } else {
+                assert_eq!((port, rax), (u16::from(DONE_PORT), 0x5a), "the slot's byte, zero-extended");
             }
         }
     }
