@@ -10,8 +10,10 @@ measured in the same run, interleaved:
 - vsock guest -> host and host -> guest (skiff-vsock in the guest, Firecracker's
   CONNECT on the host) against a Unix socket between two host processes, and a
   vsock round trip (1-byte echo) against the same over a Unix socket;
-- skiff's own CPU (every thread but the vCPUs) per GiB moved, and the guest's
-  user-space exits per packet (from --stats' exit counts: goal 0 in steady state).
+- skiff's own CPU (every thread but the vCPUs) per GiB moved, and user-space exits
+  per TCP packet the guest counted (eth0's tx + rx) and per MiB of vsock, from
+  GET /stats around each transfer, less the serial console's (the typed command's
+  echo): goal 0 in steady state.
 
 Needs root (ip netns), `cargo build --release`, the default guest (or
 SKIFF_GUEST_DIR) with /bin/skiff-vsock (guest/checks/skiff-vsock.c), python3 and ping
@@ -30,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 
-from skiffbench import SKIFF, Console, skiff_cpu, spread
+import json
+
+from skiffbench import SKIFF, Console, api, skiff_cpu, spread
 
 NS = f"skiffbench{os.getpid()}"
 NS_A, NS_B = NS + "a", NS + "b"
@@ -75,21 +79,36 @@ while True:
 print(n, time.monotonic() - (t or time.monotonic()), flush=True)
 """
 
-SOURCE = r"""
+# Connects to "tcp:HOST:PORT" or "unix:PATH:PORT" (Firecracker's CONNECT; PORT "-":
+# a plain Unix socket), retrying for up to a minute while nobody listens yet: the
+# guest's listener starts in the background, and a vsock CONNECT to a port nobody
+# listens on is closed by skiff without "OK" (Firecracker's behaviour).
+CONNECT = r"""
 import socket, sys, time
-kind, _, where = sys.argv[1].partition(":"); n = int(sys.argv[2])
-for _ in range(600):
-    try:
-        if kind == "tcp":
-            h, p = where.rsplit(":", 1); c = socket.create_connection((h, int(p)))
-        else:
+def connect(arg):
+    kind, _, where = arg.partition(":")
+    for _ in range(600):
+        try:
+            if kind == "tcp":
+                h, p = where.rsplit(":", 1); return socket.create_connection((h, int(p)))
             path, port = where.rsplit(":", 1); c = socket.socket(socket.AF_UNIX); c.connect(path)
-            if port != "-":
-                c.sendall(b"CONNECT %s\n" % port.encode()); l = b""
-                while not l.endswith(b"\n"): l += c.recv(1)
-        break
-    except OSError:
+            if port == "-":
+                return c
+            c.sendall(b"CONNECT %s\n" % port.encode()); l = b""
+            while not l.endswith(b"\n"):
+                b = c.recv(1)
+                if not b: raise ConnectionRefusedError("closed before OK")
+                l += b
+            if l.startswith(b"OK "): return c
+            c.close()
+        except OSError:
+            pass
         time.sleep(0.1)
+    sys.exit("no connection to " + arg)
+"""
+
+SOURCE = CONNECT + r"""
+n = int(sys.argv[2]); c = connect(sys.argv[1])
 buf = b"\0" * (1 << 20); t = time.monotonic(); sent = 0
 while sent < n:
     c.sendall(buf[: min(len(buf), n - sent)]); sent += min(len(buf), n - sent)
@@ -97,6 +116,33 @@ c.shutdown(socket.SHUT_WR)
 while c.recv(65536): pass
 print(sent, time.monotonic() - t, flush=True)
 """
+
+
+# Round trips of one byte through an echo peer: the median in microseconds.
+ROUND_TRIP = CONNECT + r"""
+import statistics
+c = connect(sys.argv[1]); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) if sys.argv[1].startswith("tcp") else None
+times = []
+for _ in range(int(sys.argv[2])):
+    t = time.monotonic(); c.sendall(b"x")
+    if c.recv(1) != b"x": sys.exit("echo lost")
+    times.append(time.monotonic() - t)
+c.shutdown(socket.SHUT_WR)
+while c.recv(64): pass
+print(len(times), statistics.median(times) * 1e6, flush=True)
+"""
+
+# The floor's echo peer on a Unix socket.
+ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1); print("ready", flush=True)
+c, _ = s.accept()
+while True:
+    d = c.recv(64)
+    if not d: break
+    c.sendall(d)
+"""
+ROUND_TRIPS = 200
 
 
 def py(ns, prog, *args):
@@ -113,6 +159,34 @@ def last(p):
 def skiff_cpu_total(pid):
     """Seconds on CPU of skiff's threads that are not vCPUs, all roles together."""
     return sum(skiff_cpu(pid).values())
+
+
+SERIAL = range(0x3f8, 0x400)
+
+
+def exits_now(sock):
+    """(all user-space exits, those to the serial console's ports, exits by kind) so
+    far (GET /stats)."""
+    code, body = api(sock, "GET", "/stats")
+    if code != 200:
+        sys.exit(f"bench/net.py: GET /stats: {code} {body}")
+    st = json.loads(body)
+    serial = sum(n for p, n in st.get("port_exits", {}).items() if p.startswith("0x") and int(p, 16) in SERIAL)
+    return sum(st["exits"].values()), serial, dict(st["exits"])
+
+
+def add_kinds(into, before, after, per):
+    """Adds each exit kind's count between two exits_now() readings, divided by `per`."""
+    for k, n in after[2].items():
+        d = n - before[2].get(k, 0)
+        if d:
+            into.setdefault(k, []).append(d / per)
+
+
+def packets_now(g):
+    """eth0's packets so far, sent and received, as the guest counts them."""
+    out = g.run("cat /sys/class/net/eth0/statistics/tx_packets /sys/class/net/eth0/statistics/rx_packets")
+    return sum(int(w) for w in out.split() if w.isdigit())
 
 
 def skiff_pid(g):
@@ -133,15 +207,21 @@ def main():
     tmp = tempfile.mkdtemp(prefix="skiff-netbench-")
     uds = os.path.join(tmp, "v.sock")
     res = {k: [] for k in ("tcp g->h", "tcp h->g", "tcp floor", "vsock g->h", "vsock h->g", "unix floor",
-                           "ping guest us", "ping floor us", "cpu s/GiB tcp", "cpu s/GiB vsock")}
+                           "ping guest us", "ping floor us", "vsock rtt us", "unix rtt us", "cpu s/GiB tcp", "cpu s/GiB vsock",
+                           "tcp packets", "exits/packet tcp", "exits/MiB vsock")}
+    sock = os.path.join(tmp, "api.sock")
+    kinds = {"tcp": {}, "vsock": {}}  # exits by kind, per TCP packet and per vsock MiB
     try:
         g = Console(["ip", "netns", "exec", NS, SKIFF, "run", "--stats", "--memory", "1G",
-                     "--net", "tap=skt0,mac=06:00:ac:10:00:02", "--vsock", f"cid=3,uds={uds}"], "bench/net.py")
+                     "--net", "tap=skt0,mac=06:00:ac:10:00:02", "--vsock", f"cid=3,uds={uds}", "--api-sock", sock], "bench/net.py")
         g.read_until("skiff-guest: ready", 3000)
         g.run(f"modprobe virtio_net; modprobe vmw_vsock_virtio_transport; ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0")
         pid = skiff_pid(g)
         for run in range(a.runs):
-            # TCP guest -> host.
+            # TCP guest -> host. Exits counted over both transfers, less the console's
+            # (the typed command's echo), per packet the guest sent or received.
+            p0 = packets_now(g)
+            e0 = exits_now(sock)
             s = py(NS, SINK, f"tcp:{HOST_IP}:5001"); s.stdout.readline()
             c0 = skiff_cpu_total(pid)
             g.run(f"dd if=/dev/zero bs=1M count={a.mib} 2>/dev/null | nc {HOST_IP} 5001")
@@ -153,6 +233,11 @@ def main():
             c2 = skiff_cpu_total(pid)
             b2, t2 = last(src); res["tcp h->g"].append(b2 / t2 / 2**20)
             res["cpu s/GiB tcp"].append((c1 - c0 + skiff_cpu_total(pid) - c2) / (2 * n / 2**30))
+            e1 = exits_now(sock)
+            packets = packets_now(g) - p0
+            res["tcp packets"].append(packets)
+            res["exits/packet tcp"].append(((e1[0] - e0[0]) - (e1[1] - e0[1])) / max(packets, 1))
+            add_kinds(kinds["tcp"], e0, e1, max(packets, 1))
             # The veth floor.
             s = py(NS_B, SINK, "tcp:10.0.3.2:5005"); s.stdout.readline()
             src = py(NS_A, SOURCE, "tcp:10.0.3.2:5005", str(n)); last(src)
@@ -167,6 +252,7 @@ def main():
             if os.path.exists(path):
                 os.unlink(path)
             s = py(None, SINK, f"unix:{path}"); s.stdout.readline()
+            e0 = exits_now(sock)
             c0 = skiff_cpu_total(pid)
             g.run(f"dd if=/dev/zero bs=1M count={a.mib} 2>/dev/null | skiff-vsock connect 2 5003")
             c1 = skiff_cpu_total(pid)
@@ -177,6 +263,9 @@ def main():
             c2 = skiff_cpu_total(pid)
             b2, t2 = last(src); res["vsock h->g"].append(b2 / t2 / 2**20)
             res["cpu s/GiB vsock"].append((c1 - c0 + skiff_cpu_total(pid) - c2) / (2 * n / 2**30))
+            e1 = exits_now(sock)
+            res["exits/MiB vsock"].append(((e1[0] - e0[0]) - (e1[1] - e0[1])) / (2 * n / 2**20))
+            add_kinds(kinds["vsock"], e0, e1, 2 * n / 2**20)
             # The Unix socket floor.
             fl = os.path.join(tmp, "floor.sock")
             if os.path.exists(fl):
@@ -184,6 +273,15 @@ def main():
             s = py(None, SINK, f"unix:{fl}"); s.stdout.readline()
             last(py(None, SOURCE, f"unix:{fl}:-", str(n)))
             b, t = last(s); res["unix floor"].append(b / t / 2**20)
+            # vsock round trip (1 byte, echoed by the guest) against a Unix socket's.
+            g.run("(skiff-vsock echo 5006 1 > /dev/null &)")
+            res["vsock rtt us"].append(last(py(None, ROUND_TRIP, f"unix:{uds}:5006", str(ROUND_TRIPS)))[1])
+            ef = os.path.join(tmp, "echo.sock")
+            if os.path.exists(ef):
+                os.unlink(ef)
+            e = py(None, ECHO, ef); e.stdout.readline()
+            res["unix rtt us"].append(last(py(None, ROUND_TRIP, f"unix:{ef}:-", str(ROUND_TRIPS)))[1])
+            e.wait(timeout=60)
             print(f"run {run + 1}/{a.runs} done", flush=True)
         err = g.finish()
     finally:
@@ -191,7 +289,11 @@ def main():
     print("MiB/s unless named:")
     for k, v in res.items():
         if v:
-            print(f"  {k:16} " + spread(v, "min {min:.1f} median {median:.1f} max {max:.1f}"))
+            print(f"  {k:16} " + spread(v, "min {min:.3f} median {median:.3f} max {max:.3f}"))
+    for what, unit in (("tcp", "per TCP packet"), ("vsock", "per vsock MiB")):
+        print(f"exits by kind {unit} (the console's included; medians over runs):")
+        for k, v in sorted(kinds[what].items()):
+            print(f"  {k:24} " + spread(v, "min {min:.3f} median {median:.3f} max {max:.3f}"))
     exits = [l for l in err.splitlines() if "exit" in l.lower()][:12]
     print("skiff --stats exit lines (exits per packet: divide by the packets the guest counted):")
     for l in exits:

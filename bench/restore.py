@@ -32,32 +32,9 @@ import sys
 import tempfile
 import time
 
-from skiffbench import GUEST, SKIFF, Console, exit_on_signals, require, spread
+from skiffbench import GUEST, SKIFF, Console, api, exit_on_signals, require, spread
 
 SPREAD = "{min:8.2f} {median:8.2f} {max:8.2f}"
-
-
-def api(sock, method, path, body=None):
-    """One HTTP request on the API socket; (status, body)."""
-    data = json.dumps(body).encode() if body is not None else b""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(600)
-    s.connect(sock)
-    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        buf += s.recv(65536)
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.decode().split("\r\n")[1:]:
-        k, _, v = line.partition(":")
-        if k.strip().lower() == "content-length":
-            length = int(v)
-    while len(rest) < length:
-        rest += s.recv(65536)
-    s.close()
-    return int(head.split()[1]), rest.decode(errors="replace")
 
 
 def wait_socket(sock, timeout=30):

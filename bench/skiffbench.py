@@ -6,8 +6,10 @@ Not a command: the scripts run as bench/NAME.py, so Python puts bench/ first on
 sys.path and their `import skiffbench` finds this file, from any working directory.
 """
 
+import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -137,3 +139,26 @@ def skiff_cpu(pid):
 def spread(xs, fmt):
     """min, median and max of xs, put into fmt's {min}, {median} and {max}."""
     return fmt.format(min=min(xs), median=statistics.median(xs), max=max(xs))
+
+
+def api(sock, method, path, body=None):
+    """One HTTP request on the API socket; (status, body)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(600)
+    s.connect(sock)
+    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.decode().split("\r\n")[1:]:
+        k, _, v = line.partition(":")
+        if k.strip().lower() == "content-length":
+            length = int(v)
+    while len(rest) < length:
+        rest += s.recv(65536)
+    s.close()
+    return int(head.split()[1]), rest.decode(errors="replace")

@@ -99,7 +99,7 @@ def main():
         print("instruction by instruction, so a TPR MMIO access costs about what a RAM store does (no exit), while the")
         print("patched path runs the helper's ~20 instructions through the emulator", end="")
         if helper and "handed to skiff" in helper.group(1):
-            print(" and, because KVM takes the vAPIC TPR late\nhere, every patched write also exits to skiff (the poll).")
+            print(" and, because KVM takes the vAPIC TPR late\nhere, every patched access also exits to skiff (the write and read polls).")
         else:
             print(".")
     if helper:
