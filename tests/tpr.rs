@@ -153,7 +153,7 @@ fn a_snapshot_with_patched_sites_restores_and_goes_on_patched() {
     let sock = dir.join("api.sock");
     let kernel = common::tiny_kernel("tpr");
     let args = ["--kernel", kernel.to_str().unwrap(), "--boot", "pvh", "--cpus", "2", "--tpr-patch=on", "--cmdline", "hold", "--api-sock", sock.to_str().unwrap()];
-    let mut g = Guest::boot(&args);
+    let mut g = Guest::boot_kernel(&args);
     let wait = Duration::from_secs(120);
     g.wait_for("tpr: holding", wait);
     api::pause(&sock);

@@ -76,6 +76,13 @@ impl Guest {
         Self::start("run", args, env)
     }
 
+    /// Boots a kernel `args` name themselves (a test kernel): the default guest is
+    /// not needed.
+    #[allow(dead_code)]
+    pub fn boot_kernel(args: &[&str]) -> Guest {
+        Self::start("run", args, &[])
+    }
+
     /// Restores a snapshot (`skiff restore ARGS`), its console on pipes.
     pub fn restore(args: &[&str]) -> Guest {
         Self::start("restore", args, &[])
