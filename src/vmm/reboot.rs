@@ -25,14 +25,16 @@ pub struct RebootRecord {
     /// skiff's own resources right after the reset: they must not grow per reboot.
     pub threads: u64,
     pub fds: u64,
-    pub vmm_rss_kib: Option<u64>,
+    pub rss: Option<super::RssReport>,
 }
 
 impl RebootRecord {
     /// One line for `--stats`.
     pub fn describe(&self) -> String {
         let marker = self.marker_ms.map_or(String::new(), |m| format!(", /init marker {m:.1} ms after the request"));
-        let rss = self.vmm_rss_kib.map_or(String::new(), |k| format!(", RSS {k} KiB without guest RAM"));
+        let rss = self.rss.map_or(String::new(), |r| {
+            format!(", RSS {} KiB without guest RAM ({} KiB anonymous)", r.vmm_kib(), r.vmm_anon_kib())
+        });
         format!(
             "reboot {} ({}): machine reset in place in {:.1} ms{marker}; threads {}, fds {}{rss}",
             self.n, self.source, self.reset_ms, self.threads, self.fds
@@ -83,14 +85,14 @@ pub struct RebootSummary {
 
 impl RebootSummary {
     /// Counts a reboot whose reset just finished (its marker time comes later).
-    pub fn push(&mut self, source: &'static str, reset_ms: f64, threads: u64, fds: u64, vmm_rss_kib: Option<u64>) {
+    pub fn push(&mut self, source: &'static str, reset_ms: f64, threads: u64, fds: u64, rss: Option<super::RssReport>) {
         self.count += 1;
         match self.by_source.iter_mut().find(|(s, _)| *s == source) {
             Some((_, n)) => *n += 1,
             None => self.by_source.push((source, 1)),
         }
         self.reset_ms.add(reset_ms);
-        let r = RebootRecord { n: self.count, source, reset_ms, marker_ms: None, threads, fds, vmm_rss_kib };
+        let r = RebootRecord { n: self.count, source, reset_ms, marker_ms: None, threads, fds, rss };
         if self.first.len() < KEEP_FIRST {
             self.first.push(r);
         } else {
@@ -198,7 +200,7 @@ mod tests {
         let mut s = RebootSummary::default();
         for i in 0..100_000u64 {
             let source = if i % 2 == 0 { "i8042 reset line" } else { "triple fault" };
-            s.push(source, i as f64 % 7.0, 3, 12, Some(4000));
+            s.push(source, i as f64 % 7.0, 3, 12, Some(crate::vmm::RssReport { total_kib: 9000, anon_kib: 6000, guest_kib: 4000 }));
             if i % 4 == 0 {
                 s.set_latest_marker(10.0);
             }
@@ -217,6 +219,7 @@ mod tests {
         assert!(report.contains("... 99968 reboots not kept in detail ..."), "{report}");
         assert!(report.contains("reboots: 100000 in place (i8042 reset line 50000, triple fault 50000)"), "{report}");
         assert!(report.lines().next().is_some_and(|l| l.starts_with("reboot 1 (i8042 reset line)")), "{report}");
+        assert!(report.contains("RSS 5000 KiB without guest RAM (2000 KiB anonymous)"), "{report}");
     }
 
     #[test]

@@ -300,7 +300,7 @@ impl Vmm {
         self.reset_machine(set, diagnose)?;
         let reset_ms = t.elapsed().as_secs_f64() * 1e3;
         let (threads, fds) = thread_and_fd_counts(Some(life.idle_threads));
-        life.reboots.push(source, reset_ms, threads, fds, rss_report(&self.mem).map(|r| r.vmm_kib()));
+        life.reboots.push(source, reset_ms, threads, fds, rss_report(&self.mem));
         life.pending = Some(t);
         life.console_before = self.console_bytes.load(Ordering::Relaxed);
         if self.config.stats || self.config.boot_time {
